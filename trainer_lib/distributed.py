@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration
 
 from trainer_lib.config import Config
@@ -11,6 +12,11 @@ from trainer_lib.config import Config
 
 def build_accelerator(config: Config) -> Accelerator:
     t = config.train
+    # accelerate keeps its settings in process-wide singletons; a second run in the same process
+    # (a notebook, a test) may use other settings, so they start afresh. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
