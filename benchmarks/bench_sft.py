@@ -1,0 +1,226 @@
+"""SFT throughput, padding and memory: trainer_lib against TRL's SFTTrainer, side by side.
+
+    pip install -e ".[bench]"
+    python benchmarks/bench_sft.py                      # 3 rounds, alternating the systems
+    python benchmarks/bench_sft.py --rounds 1 --examples 256   # a quick look
+
+One process tree: this driver writes the workload once (a random-init Llama with hidden 256,
+4 layers, 4 heads, intermediate 704, the Phi-3 tokenizer's 32k vocabulary; instruction data
+from GSM8K and Alpaca in the Alpaca prompt format), then runs each system in a fresh child
+process per round, alternating them so that machine noise spreads evenly. Every system trains
+one epoch over the same examples with seq_length 512 and 8 sequences per step, prompt/completion
+loss, fp32. Each child reports:
+
+- tokens/s: non-padding tokens of the epoch / wall time of the training loop (setup excluded);
+- padding: the share of token positions fed to the model that are padding;
+- peak RSS: the child's peak resident memory (ru_maxrss);
+- MFU: model FLOPs per second (6 x parameters per token, plus attention) over the measured
+  matmul peak of the machine (`--peak_gflops`, 190 GFLOP/s fp32 on the 2-core CI machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+SYSTEMS = ["trainer_lib", "trl_default", "trl_packing"]
+SEQ_LENGTH, BATCH_SIZE = 512, 8
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[Path, Path]:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trainer_lib.data.samples import alpaca_prompt
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=704,
+                         max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model_dir = folder / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    gsm = json.loads((FIXTURES / "instruction_alpaca" / "gsm_8k_train_alpaca_format.json").read_text())
+    alpaca = json.loads((FIXTURES / "instruction_alpaca" / "alpaca_en_demo.json").read_text())
+    n_alpaca = n_examples // 4  # the long tail comes from Alpaca
+    rows = gsm[: n_examples - n_alpaca] + alpaca[:n_alpaca]
+    data = folder / "data.jsonl"
+    with open(data, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": alpaca_prompt(r["instruction"], r.get("input")),
+                                "completion": r["output"]}) + "\n")
+    return model_dir, data
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class FeedCounter:
+    """Counts the token positions fed to the model in training forward passes."""
+
+    def __init__(self, model):
+        self.positions = 0
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and ids is not None:
+            self.positions += ids.numel()
+
+
+def flops_per_token(config, avg_context: float) -> float:
+    """6 x (parameters touched per token: every matrix but the embedding lookup) plus the
+    attention scores and values (causal: a token attends to half its context on average)."""
+    h, layers, inter, vocab = (config.hidden_size, config.num_hidden_layers,
+                               config.intermediate_size, config.vocab_size)
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+    matmul_params = layers * per_layer + h * vocab
+    attention = 2 * 2 * layers * h * avg_context / 2
+    return 6 * matmul_params + 3 * attention
+
+
+def run_trainer_lib(model_dir: str, data: str) -> dict:
+    from trainer_lib import default_sft_config
+    from trainer_lib.trainers.sft import SFTTrainer
+
+    config = default_sft_config().evolve(
+        model=dict(model_path=model_dir, attn_implementation="sdpa"),
+        train=dict(seq_length=SEQ_LENGTH, batch_size=BATCH_SIZE, epochs=1, total_steps=10**6,
+                   log_interval=10**6, eval_interval=10**6, checkpoint_interval=10**6,
+                   progress_bar=False),
+        optimizer=dict(kwargs=dict(lr=1e-4)),
+    )
+    trainer = SFTTrainer(config, samples=data)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    counter = FeedCounter(model)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return dict(seconds=seconds, positions=counter.positions, model=model,
+                tokens=sum(len(e["input_ids"]) for e in trainer.data_examples))
+
+
+def run_trl(model_dir: str, data: str, packing: bool) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    dataset = datasets.load_dataset("json", data_files=data, split="train")
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=SEQ_LENGTH,
+                     per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
+                     learning_rate=1e-4, packing=packing, logging_steps=10**6,
+                     save_strategy="no", report_to=[], use_cpu=True,
+                     dataloader_num_workers=0, disable_tqdm=True, seed=1000)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    counter = FeedCounter(model)
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return dict(seconds=seconds, positions=counter.positions, model=model, tokens=tokens)
+
+
+def worker(system: str, model_dir: str, data: str, peak_gflops: float) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if system == "trainer_lib":
+        out = run_trainer_lib(model_dir, data)
+    else:
+        out = run_trl(model_dir, data, packing=system == "trl_packing")
+    model = out.pop("model")
+    n_docs = sum(1 for _ in open(data))
+    avg_context = out["tokens"] / n_docs
+    flops = flops_per_token(model.config, avg_context) * out["tokens"]
+    result = dict(
+        system=system,
+        tokens=out["tokens"],
+        tokens_per_second=out["tokens"] / out["seconds"],
+        padding=1 - out["tokens"] / max(out["positions"], 1),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        mfu=flops / out["seconds"] / (peak_gflops * 1e9),
+        seconds=out["seconds"],
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--examples", type=int, default=1024)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--peak_gflops", type=float, default=190.0,
+                   help="measured fp32 matmul peak of the machine")
+    p.add_argument("--tokenizer", default=str(FIXTURES / "tokenizers" / "phi-3-mini-instruct"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model_dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.model_dir, args.data, args.peak_gflops)
+        return
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_sft_"))
+    model_dir, data = write_workload(folder, args.examples, Path(args.tokenizer))
+    systems = args.systems.split(",")
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1"}
+    for r in range(args.rounds):
+        order = systems if r % 2 == 0 else systems[::-1]
+        for system in order:
+            cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
+                   "--data", str(data), "--peak_gflops", str(args.peak_gflops)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"{system} failed:\n{proc.stderr[-4000:]}")
+            res = json.loads(line[len("RESULT "):])
+            results[system].append(res)
+            print(f"round {r + 1} {system:12s} {res['tokens_per_second']:9,.0f} tok/s "
+                  f"padding {100 * res['padding']:5.1f}%  peak {res['peak_rss_mb']:7,.0f} MB  "
+                  f"MFU {100 * res['mfu']:4.1f}%", flush=True)
+
+    print(f"\nmedian of {args.rounds} rounds, {args.examples} examples, seq_length {SEQ_LENGTH}, "
+          f"{BATCH_SIZE} sequences per step, fp32, {os.cpu_count()} cores")
+    print(f"{'system':14s} {'tokens/s':>10s} {'padding':>8s} {'peak RSS':>10s} {'MFU':>6s}")
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in
+               ("tokens_per_second", "padding", "peak_rss_mb", "mfu")} for s, rs in results.items()}
+    for s, m in med.items():
+        print(f"{s:14s} {m['tokens_per_second']:10,.0f} {100 * m['padding']:7.1f}% "
+              f"{m['peak_rss_mb']:8,.0f} MB {100 * m['mfu']:5.1f}%")
+    if "trainer_lib" in med:
+        base = med["trainer_lib"]
+        for s in med:
+            if s != "trainer_lib":
+                print(f"trainer_lib vs {s}: {base['tokens_per_second'] / med[s]['tokens_per_second']:.2f}x "
+                      f"tokens/s, {base['peak_rss_mb'] / med[s]['peak_rss_mb']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
