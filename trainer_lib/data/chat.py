@@ -1,0 +1,446 @@
+"""Conversations: normalise what users write, render it with a chat template, mark the assistant's tokens.
+
+The assistant's spans are found from the rendered text itself, so any Jinja template works without
+`{% generation %}` markers or a list of model families:
+
+- an assistant turn starts where the conversation before it, rendered with `add_generation_prompt=True`,
+  ends (the template's own role header is therefore never trained on);
+- it ends where the conversation through it, rendered alone, ends; text the template writes only when
+  the conversation stops there (Phi-3 appends `eos_token`) and the trailing newline after the
+  end-of-turn token are left out: the separator is the template's, not the model's output.
+- Both renders must be string prefixes of the full render. Templates that re-render earlier turns once
+  later messages follow (Qwen3 drops `<think>` reasoning from past turns) break that; such a turn is
+  then located by searching the full render for the assistant header and for the end-of-turn marker
+  the template writes after an assistant's content (learnt from a probe turn). The mask follows the
+  full render, which is what the model sees at inference: reasoning a template drops from past turns
+  is not trained on; split such conversations into one sample per assistant turn to train it.
+
+Passthrough (no template) concatenates the contents in order with nothing added, loss on the
+assistant's contents. Rendered text is tokenized without special tokens since templates write BOS
+themselves; BOS is prepended only when the render lacks it and the tokenizer adds one to plain text.
+"""
+
+import json
+import os
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant", "tool")
+LOSS_ON = ("assistant", "last_assistant", "all")
+IGNORE_INDEX = -100
+TEMPLATE_OPTIONS = (
+    '"default" (the tokenizer\'s own template), None (passthrough: contents concatenated), '
+    "a Jinja template string, or a path to a .jinja file"
+)
+_SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
+}
+_PROBE = "\u2063PROBE\u2063"  # content no real turn contains, used to learn a template's end-of-turn marker
+
+
+class ChatError(ValueError):
+    """A conversation or chat template that cannot be used; the message names the sample and the fix."""
+
+
+def _err(index, text):
+    return ChatError(f"{'conversation' if index is None else f'sample {index}'}: {text}")
+
+
+# ---------------------------------------------------------------- rows read back from a datasets.Dataset
+
+
+def _drop_none(value):
+    """Remove None-valued dict keys at every depth; list items are kept (Arrow never invents those)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def clean_dataset_row(row: dict) -> dict:
+    """Undo Arrow's struct unification in a row read back from a `datasets.Dataset`.
+
+    Arrow gives every struct in a column the union of all keys, filled with None: one tool's argument
+    names appear in every other tool, `tool_calls=None` in every user turn. None-valued keys are
+    dropped from messages (templates treat a None and a missing key alike; transformers drops them
+    too) and, at every depth, from `tools` and `tool_calls`. Arrow cannot tell those from a None the
+    user wrote (a JSON-schema `"default": null`, an argument set to null), nor restore key order where
+    two dicts list shared keys differently: store tools and arguments as JSON strings to keep them exact.
+    """
+    out = {k: v for k, v in row.items() if v is not None}
+    if isinstance(out.get("tools"), list):
+        out["tools"] = _drop_none(out["tools"])
+    if isinstance(out.get("conversations"), list):
+        out["conversations"] = [_drop_none(t) if isinstance(t, dict) else t for t in out["conversations"]]
+    if isinstance(out.get("messages"), list):
+        messages = []
+        for message in out["messages"]:
+            if isinstance(message, dict):
+                message = {k: v for k, v in message.items() if v is not None}
+                if isinstance(message.get("tool_calls"), list):
+                    message["tool_calls"] = _drop_none(message["tool_calls"])
+            messages.append(message)
+        out["messages"] = messages
+    return out
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def _json_object(value, field, index):
+    """Tool-call arguments as a dict: templates `tojson` them, so a JSON string would be encoded twice."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise _err(index, f"{field} is not valid JSON ({err}); expected a JSON object") from None
+    if not isinstance(value, dict):
+        raise _err(index, f"{field} is a {type(value).__name__}; expected a JSON object (dict)")
+    return value
+
+
+def _parse_tools(tools, index):
+    """Tools as a list of dicts, each kept exactly as written; a JSON string (or list of them) is parsed."""
+    if tools is None or (isinstance(tools, str) and not tools.strip()):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise _err(index, f"tools is not valid JSON ({err}); expected a list of tool schemas") from None
+        if tools is None:  # "null": a row without tools in a column of JSON strings
+            return None
+    if not isinstance(tools, list):
+        raise _err(index, f"tools is a {type(tools).__name__}; expected a list of tool schemas")
+    parsed = []
+    for pos, tool in enumerate(tools):
+        if isinstance(tool, str):
+            tool = _json_object(tool, f"tools[{pos}]", index)
+        if not isinstance(tool, dict):
+            raise _err(index, f"tools[{pos}] is a {type(tool).__name__}; expected a tool schema dict")
+        parsed.append(tool)
+    return parsed or None
+
+
+def _normalize_tool_call(call, field, index):
+    """OpenAI form `{"type": "function", "function": {"name", "arguments": dict}}`; a flat call is wrapped."""
+    if not isinstance(call, dict):
+        raise _err(index, f"{field} is a {type(call).__name__}; expected a tool call dict")
+    function = call.get("function", call if "name" in call else None)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        expected = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+        raise _err(index, f"{field} has no function name; expected {expected}")
+    arguments = _json_object(function.get("arguments"), f"{field}.function.arguments", index)
+    function = {**function, "arguments": arguments}
+    if "function" in call:
+        return {**call, "function": function}
+    return {"type": "function", "function": function}
+
+
+def _normalize_message(message, field, index):
+    if not isinstance(message, dict):
+        raise _err(index, f"{field} is a {type(message).__name__}; expected a dict with role and content")
+    role = message.get("role")
+    if role not in ROLES:
+        raise _err(index, f"{field}.role is {role!r}; expected one of {', '.join(ROLES)}")
+    out = {k: v for k, v in message.items() if v is not None}
+    calls = out.pop("tool_calls", None) or None
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise _err(index, f"{field}.tool_calls must be a list on an assistant turn (role is {role!r})")
+        out["tool_calls"] = [_normalize_tool_call(c, f"{field}.tool_calls[{j}]", index) 
+                             for j, c in enumerate(calls)]
+    content = out.get("content")
+    if content is None:
+        if calls is None:
+            raise _err(
+                index,
+                f"{field}.content is missing; every {role} turn needs a 'content' string "
+                "(only an assistant turn with tool_calls may leave it empty)"
+            )
+        out["content"] = ""  # templates test or concatenate content; "" renders as "no text" everywhere
+    elif not isinstance(content, str):
+        kind = type(content).__name__
+        raise _err(index, f"{field}.content is a {kind}; expected a string (join text parts into one)")
+    if not isinstance(out.get("reasoning_content", ""), str):
+        raise _err(index, f"{field}.reasoning_content must be a string")
+    return out
+
+
+def _sharegpt_calls(value, field, index):
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _err(index, f"{field} is not valid JSON ({err}); expected {{\"name\", \"arguments\"}}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    return [_normalize_tool_call(c, field, index) for c in calls]
+
+
+def _from_sharegpt(sample, index):
+    turns = sample["conversations"]
+    if not isinstance(turns, list):
+        raise _err(index, f"conversations is a {type(turns).__name__}; expected a list of turns")
+    messages = [{"role": "system", "content": sample["system"]}] if sample.get("system") else []
+    for pos, turn in enumerate(turns):
+        field = f"conversations[{pos}]"
+        source = turn.get("from") if isinstance(turn, dict) else None
+        if source not in _SHAREGPT_ROLES:
+            raise _err(index, f"{field}.from is {source!r}; expected one of {', '.join(_SHAREGPT_ROLES)}")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise _err(index, f"{field}.value is missing; every turn needs a 'value' string")
+        if source == "function_call":
+            calls = _sharegpt_calls(value, f"{field}.value", index)
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "assistant" and "tool_calls" not in previous:
+                previous["tool_calls"] = calls  # text then a call is one assistant turn, as OpenAI writes it
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": _SHAREGPT_ROLES[source], "content": value})
+    return messages
+
+
+def normalize_conversation(sample: dict, index: int) -> dict:
+    """OpenAI `messages` or ShareGPT `conversations` as `{"messages": [...], "tools": [...] or None}`."""
+    if not isinstance(sample, dict):
+        raise _err(index, f"expected a dict with 'messages', got a {type(sample).__name__}")
+    if "messages" in sample:
+        raw = sample["messages"]
+        if not isinstance(raw, list):
+            raise _err(index, f"messages is a {type(raw).__name__}; expected a list of turns")
+        messages = [_normalize_message(m, f"messages[{pos}]", index) for pos, m in enumerate(raw)]
+    elif "conversations" in sample:
+        messages = _from_sharegpt(sample, index)
+    else:
+        keys = sorted(sample)
+        raise _err(index, f"no 'messages' (OpenAI) or 'conversations' (ShareGPT) key; got keys {keys}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _err(index, "the conversation has no assistant turn, so nothing would be trained on; add one")
+    return {"messages": messages, "tools": _parse_tools(sample.get("tools"), index)}
+
+
+# ---------------------------------------------------------------- templates
+
+
+def resolve_chat_template(tokenizer, spec) -> str | None:
+    """The Jinja template to render with, or None for passthrough. See TEMPLATE_OPTIONS."""
+    if spec is None:
+        return None
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ChatError(f"chat_template is a {type(spec).__name__}; expected {TEMPLATE_OPTIONS}")
+    spec = os.fspath(spec)
+    if spec == "default":
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the one transformers uses by default
+            template = template.get("default")
+        if not template:
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ChatError(
+                f"tokenizer {name!r} has no chat template, so chat_template='default' cannot be used; "
+                f"set tokenizer.chat_template to {TEMPLATE_OPTIONS}"
+            )
+        return template
+    if spec.endswith(".jinja"):
+        if not os.path.isfile(spec):
+            raise ChatError(f"chat template file {spec!r} does not exist; expected {TEMPLATE_OPTIONS}")
+        return Path(spec).read_text(encoding="utf-8")
+    if "{{" not in spec and "{%" not in spec:  # a typo such as "defualt" would otherwise render as literal text
+        raise ChatError(
+            f"chat_template {spec!r} is neither a Jinja template nor a .jinja file; expected {TEMPLATE_OPTIONS}"
+        )
+    return spec
+
+
+def apply_template_to_tokenizer(tokenizer, template):
+    """Store the template used on the tokenizer so it is saved with the model. Passthrough (None) leaves
+    the tokenizer's own template in place: removing it would lose the base model's format."""
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _render(tokenizer, messages, tools, template, index, add_generation_prompt=False):
+    try:
+        if not messages:  # apply_chat_template refuses empty conversations; an assistant may speak first
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, _ = render_jinja_template(
+                conversations=[[]], tools=tools, chat_template=template,
+                add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map,
+            )
+            return rendered[0]
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as err:  # Jinja errors, raise_exception(), TypeErrors on unexpected fields
+        raise _err(
+            index,
+            f"the chat template cannot render this conversation: {type(err).__name__}: {err}. "
+            "Use the roles and turn order the template accepts, or another chat_template"
+        ) from err
+
+
+def render_generation_prompt(tokenizer, messages, tools, template, index=None) -> str:
+    """The prompt text a model continues with its answer (evaluation generation, KTO prompts)."""
+    if template is None:
+        return _passthrough(messages, tools, index)[0]
+    return _render(tokenizer, messages, tools, template, index, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------- assistant spans
+
+
+def _common_prefix(a, b):
+    return len(os.path.commonprefix([a, b]))
+
+
+def _without_trailer(render, tokenizer, messages, tools, template, index):
+    """Cut text written only because the conversation ends here: what differs from the same messages
+    followed by a generation prompt (Phi-3's closing eos_token)."""
+    with_prompt = _render(tokenizer, messages, tools, template, index, add_generation_prompt=True)
+    cut = _common_prefix(render, with_prompt)
+    if cut < len(render):  # both may start different tokens with the same characters ("<|"): cut at a token
+        offsets = tokenizer(render, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cut = max([b for _, b in offsets if b <= cut], default=0)
+    return render[:cut]
+
+
+def _search_turn(tokenizer, messages, i, tools, template, full, before, lower, index):
+    """Locate assistant turn i in `full` when prefix renders do not line up, by its header and end marker."""
+    header = before[_common_prefix(before, _render(tokenizer, messages[:i], tools, template, index)) :]
+    probing = messages[:i] + [{"role": "assistant", "content": _PROBE}]
+    probe = _render(tokenizer, probing, tools, template, index)
+    probe = _without_trailer(probe, tokenizer, probing, tools, template, index)
+    marker = probe[probe.rfind(_PROBE) + len(_PROBE) :].rstrip() if _PROBE in probe else ""
+    found = full.find(header, max(lower, _common_prefix(before, full) - len(header))) if header else -1
+    start = found + len(header)
+    end = full.find(marker, start) if marker and found >= 0 else -1
+    tail = messages[i]["content"].strip()[-20:]
+    if end < 0 or (tail and tail not in full[start:end]):
+        raise _err(
+            index,
+            f"cannot locate assistant turn messages[{i}] in the rendered conversation: the template "
+            "renders earlier turns differently once later messages follow (e.g. it drops past reasoning), and no "
+            "assistant header / end-of-turn marker could be matched. Split the conversation into one sample per "
+            "assistant turn, or use a template that renders past turns unchanged"
+        )
+    return start, end + len(marker)
+
+
+def _assistant_spans(tokenizer, messages, tools, template, full, index, first=0):
+    """Character spans of assistant turns `first..` in the full render `full`."""
+    spans = []
+    lower = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < first:
+            continue
+        try:
+            before = _render(tokenizer, messages[:i], tools, template, index, add_generation_prompt=True)
+        except ChatError:
+            if i:
+                raise
+            raise _err(
+                index,
+                "messages[0] is an assistant turn and this template cannot render the empty "
+                "conversation before it, so its start cannot be found; begin with a system or user turn"
+            ) from None
+        through = _render(tokenizer, messages[: i + 1], tools, template, index)
+        through = _without_trailer(through, tokenizer, messages[: i + 1], tools, template, index)
+        if full.startswith(before) and full.startswith(through) and len(before) < len(through):
+            start, end = len(before), len(through)
+        else:
+            start, end = _search_turn(tokenizer, messages, i, tools, template, full, before, lower, index)
+        while end > start and full[end - 1].isspace():  # the newline after end-of-turn is the template's
+            end -= 1
+        if start < lower or end <= start:
+            raise _err(index, f"assistant turn messages[{i}] renders to no text with this template")
+        spans.append((start, end))
+        lower = end
+    return spans
+
+
+def _passthrough(messages, tools, index):
+    """No template: contents concatenated in order, nothing added; spans of the assistant contents."""
+    if tools or any(m.get("tool_calls") for m in messages):
+        raise _err(index, "tools and tool_calls need a chat template to be rendered; chat_template is None")
+    text, spans = "", []
+    for message in messages:
+        if message["role"] == "assistant":
+            spans.append((len(text), len(text) + len(message["content"])))
+        text += message["content"]
+    return text, spans
+
+
+def _tokenize_spans(tokenizer, text, spans, loss_on_all=False):
+    """Token ids of `text` and labels carrying loss on tokens that overlap a span."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatError("assistant masks need a fast tokenizer (offsets mapping); load it with use_fast=True")
+    # Templates write BOS themselves, so special tokens are not added; but a tokenizer that adds BOS to
+    # plain text (SentencePiece models) expects one, so it is prepended when the render lacks it.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    labels = []
+    k = 0
+    for token, (a, b) in zip(ids, offsets):  # offsets increase, so one pass over the sorted spans
+        while k < len(spans) and spans[k][1] <= a:
+            k += 1
+        inside = k < len(spans) and (b > spans[k][0] or a == b >= spans[k][0])
+        labels.append(token if loss_on_all or inside else IGNORE_INDEX)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and _adds_bos(tokenizer):
+        ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
+    return {"input_ids": ids, "labels": labels}
+
+
+def _adds_bos(tokenizer):
+    plain = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(plain) and plain[0] == tokenizer.bos_token_id
+
+
+def tokenize_conversation(tokenizer, messages, tools, template, loss_on="assistant", index=None) -> dict:
+    """`input_ids` of the rendered conversation and `labels` (-100 where no loss, not shifted).
+
+    loss_on: "assistant" (every assistant turn: content, tool calls, end-of-turn token), "last_assistant"
+    (the final assistant turn only) or "all" (every token).
+    """
+    if loss_on not in LOSS_ON:
+        raise ChatError(f"loss_on is {loss_on!r}; expected one of {', '.join(LOSS_ON)}")
+    if template is None:
+        text, spans = _passthrough(messages, tools, index)
+    else:
+        text = _render(tokenizer, messages, tools, template, index)
+        spans = []
+        if loss_on != "all":
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            first = turns[-1] if loss_on == "last_assistant" and turns else 0  # skip renders of unused turns
+            spans = _assistant_spans(tokenizer, messages, tools, template, text, index, first)
+    if loss_on == "last_assistant":
+        spans = spans[-1:]
+    return _tokenize_spans(tokenizer, text, spans, loss_on_all=loss_on == "all")
+
+
+def _as_messages(value, role):
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def tokenize_prompt_completion_messages(
+    tokenizer, prompt_messages, completion_messages, tools, template, index=None
+) -> dict:
+    """Loss on the assistant turns of the completion only; a string prompt or completion is one turn."""
+    prompt = _as_messages(prompt_messages, "user")
+    completion = _as_messages(completion_messages, "assistant")
+    if not any(m.get("role") == "assistant" for m in completion):
+        raise _err(index, "the completion has no assistant turn; nothing would be trained on")
+    messages = prompt + completion
+    if template is None:
+        text, spans = _passthrough(messages, tools, index)
+        spans = spans[sum(m["role"] == "assistant" for m in prompt) :]
+    else:
+        text = _render(tokenizer, messages, tools, template, index)
+        spans = _assistant_spans(tokenizer, messages, tools, template, text, index, first=len(prompt))
+    return _tokenize_spans(tokenizer, text, spans)
