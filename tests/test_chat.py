@@ -14,15 +14,13 @@ import pytest
 import torch
 
 from trainer_lib.data.chat import (
-    ChatError,
     apply_template_to_tokenizer,
-    clean_dataset_row,
-    normalize_conversation,
     render_generation_prompt,
     resolve_chat_template,
     tokenize_conversation,
     tokenize_prompt_completion_messages,
 )
+from trainer_lib.data.conversations import ChatError, clean_dataset_row, normalize_conversation
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Conversations: normalise what users write, render it with a chat template, mark the assistant's tokens.
+"""Chat templates: render conversations and mark exactly the assistant's tokens.
 
 The assistant's spans are found from the rendered text itself, so any Jinja template works without
 `{% generation %}` markers or a list of model families:
@@ -20,207 +20,20 @@ assistant's contents. Rendered text is tokenized without special tokens since te
 themselves; BOS is prepended only when the render lacks it and the tokenizer adds one to plain text.
 """
 
-import json
 import os
 from pathlib import Path
 
-ROLES = ("system", "user", "assistant", "tool")
+from trainer_lib.data.conversations import ChatError, _err
+
 LOSS_ON = ("assistant", "last_assistant", "all")
 IGNORE_INDEX = -100
 TEMPLATE_OPTIONS = (
     '"default" (the tokenizer\'s own template), None (passthrough: contents concatenated), '
     "a Jinja template string, or a path to a .jinja file"
 )
-_SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
-}
 _PROBE = "\u2063PROBE\u2063"  # content no real turn contains, used to learn a template's end-of-turn marker
 
 
-class ChatError(ValueError):
-    """A conversation or chat template that cannot be used; the message names the sample and the fix."""
-
-
-def _err(index, text):
-    return ChatError(f"{'conversation' if index is None else f'sample {index}'}: {text}")
-
-
-# ---------------------------------------------------------------- rows read back from a datasets.Dataset
-
-
-def _drop_none(value):
-    """Remove None-valued dict keys at every depth; list items are kept (Arrow never invents those)."""
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def clean_dataset_row(row: dict) -> dict:
-    """Undo Arrow's struct unification in a row read back from a `datasets.Dataset`.
-
-    Arrow gives every struct in a column the union of all keys, filled with None: one tool's argument
-    names appear in every other tool, `tool_calls=None` in every user turn. None-valued keys are
-    dropped from messages (templates treat a None and a missing key alike; transformers drops them
-    too) and, at every depth, from `tools` and `tool_calls`. Arrow cannot tell those from a None the
-    user wrote (a JSON-schema `"default": null`, an argument set to null), nor restore key order where
-    two dicts list shared keys differently: store tools and arguments as JSON strings to keep them exact.
-    """
-    out = {k: v for k, v in row.items() if v is not None}
-    if isinstance(out.get("tools"), list):
-        out["tools"] = _drop_none(out["tools"])
-    if isinstance(out.get("conversations"), list):
-        out["conversations"] = [_drop_none(t) if isinstance(t, dict) else t for t in out["conversations"]]
-    if isinstance(out.get("messages"), list):
-        messages = []
-        for message in out["messages"]:
-            if isinstance(message, dict):
-                message = {k: v for k, v in message.items() if v is not None}
-                if isinstance(message.get("tool_calls"), list):
-                    message["tool_calls"] = _drop_none(message["tool_calls"])
-            messages.append(message)
-        out["messages"] = messages
-    return out
-
-
-# ---------------------------------------------------------------- normalisation
-
-
-def _json_object(value, field, index):
-    """Tool-call arguments as a dict: templates `tojson` them, so a JSON string would be encoded twice."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as err:
-            raise _err(index, f"{field} is not valid JSON ({err}); expected a JSON object") from None
-    if not isinstance(value, dict):
-        raise _err(index, f"{field} is a {type(value).__name__}; expected a JSON object (dict)")
-    return value
-
-
-def _parse_tools(tools, index):
-    """Tools as a list of dicts, each kept exactly as written; a JSON string (or list of them) is parsed."""
-    if tools is None or (isinstance(tools, str) and not tools.strip()):
-        return None
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise _err(index, f"tools is not valid JSON ({err}); expected a list of tool schemas") from None
-        if tools is None:  # "null": a row without tools in a column of JSON strings
-            return None
-    if not isinstance(tools, list):
-        raise _err(index, f"tools is a {type(tools).__name__}; expected a list of tool schemas")
-    parsed = []
-    for pos, tool in enumerate(tools):
-        if isinstance(tool, str):
-            tool = _json_object(tool, f"tools[{pos}]", index)
-        if not isinstance(tool, dict):
-            raise _err(index, f"tools[{pos}] is a {type(tool).__name__}; expected a tool schema dict")
-        parsed.append(tool)
-    return parsed or None
-
-
-def _normalize_tool_call(call, field, index):
-    """OpenAI form `{"type": "function", "function": {"name", "arguments": dict}}`; a flat call is wrapped."""
-    if not isinstance(call, dict):
-        raise _err(index, f"{field} is a {type(call).__name__}; expected a tool call dict")
-    function = call.get("function", call if "name" in call else None)
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-        expected = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
-        raise _err(index, f"{field} has no function name; expected {expected}")
-    arguments = _json_object(function.get("arguments"), f"{field}.function.arguments", index)
-    function = {**function, "arguments": arguments}
-    if "function" in call:
-        return {**call, "function": function}
-    return {"type": "function", "function": function}
-
-
-def _normalize_message(message, field, index):
-    if not isinstance(message, dict):
-        raise _err(index, f"{field} is a {type(message).__name__}; expected a dict with role and content")
-    role = message.get("role")
-    if role not in ROLES:
-        raise _err(index, f"{field}.role is {role!r}; expected one of {', '.join(ROLES)}")
-    out = {k: v for k, v in message.items() if v is not None}
-    calls = out.pop("tool_calls", None) or None
-    if calls is not None:
-        if role != "assistant" or not isinstance(calls, list):
-            raise _err(index, f"{field}.tool_calls must be a list on an assistant turn (role is {role!r})")
-        out["tool_calls"] = [_normalize_tool_call(c, f"{field}.tool_calls[{j}]", index) 
-                             for j, c in enumerate(calls)]
-    content = out.get("content")
-    if content is None:
-        if calls is None:
-            raise _err(
-                index,
-                f"{field}.content is missing; every {role} turn needs a 'content' string "
-                "(only an assistant turn with tool_calls may leave it empty)"
-            )
-        out["content"] = ""  # templates test or concatenate content; "" renders as "no text" everywhere
-    elif not isinstance(content, str):
-        kind = type(content).__name__
-        raise _err(index, f"{field}.content is a {kind}; expected a string (join text parts into one)")
-    if not isinstance(out.get("reasoning_content", ""), str):
-        raise _err(index, f"{field}.reasoning_content must be a string")
-    return out
-
-
-def _sharegpt_calls(value, field, index):
-    try:
-        calls = json.loads(value)
-    except json.JSONDecodeError as err:
-        raise _err(index, f"{field} is not valid JSON ({err}); expected {{\"name\", \"arguments\"}}") from None
-    calls = calls if isinstance(calls, list) else [calls]
-    return [_normalize_tool_call(c, field, index) for c in calls]
-
-
-def _from_sharegpt(sample, index):
-    turns = sample["conversations"]
-    if not isinstance(turns, list):
-        raise _err(index, f"conversations is a {type(turns).__name__}; expected a list of turns")
-    messages = [{"role": "system", "content": sample["system"]}] if sample.get("system") else []
-    for pos, turn in enumerate(turns):
-        field = f"conversations[{pos}]"
-        source = turn.get("from") if isinstance(turn, dict) else None
-        if source not in _SHAREGPT_ROLES:
-            raise _err(index, f"{field}.from is {source!r}; expected one of {', '.join(_SHAREGPT_ROLES)}")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise _err(index, f"{field}.value is missing; every turn needs a 'value' string")
-        if source == "function_call":
-            calls = _sharegpt_calls(value, f"{field}.value", index)
-            previous = messages[-1] if messages else None
-            if previous and previous["role"] == "assistant" and "tool_calls" not in previous:
-                previous["tool_calls"] = calls  # text then a call is one assistant turn, as OpenAI writes it
-            else:
-                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
-        else:
-            messages.append({"role": _SHAREGPT_ROLES[source], "content": value})
-    return messages
-
-
-def normalize_conversation(sample: dict, index: int) -> dict:
-    """OpenAI `messages` or ShareGPT `conversations` as `{"messages": [...], "tools": [...] or None}`."""
-    if not isinstance(sample, dict):
-        raise _err(index, f"expected a dict with 'messages', got a {type(sample).__name__}")
-    if "messages" in sample:
-        raw = sample["messages"]
-        if not isinstance(raw, list):
-            raise _err(index, f"messages is a {type(raw).__name__}; expected a list of turns")
-        messages = [_normalize_message(m, f"messages[{pos}]", index) for pos, m in enumerate(raw)]
-    elif "conversations" in sample:
-        messages = _from_sharegpt(sample, index)
-    else:
-        keys = sorted(sample)
-        raise _err(index, f"no 'messages' (OpenAI) or 'conversations' (ShareGPT) key; got keys {keys}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise _err(index, "the conversation has no assistant turn, so nothing would be trained on; add one")
-    return {"messages": messages, "tools": _parse_tools(sample.get("tools"), index)}
 
 
 # ---------------------------------------------------------------- templates

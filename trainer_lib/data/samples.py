@@ -29,7 +29,7 @@ def load_samples(source: Any, what: str = "samples") -> list:
     if isinstance(source, (str, Path)):
         return _read_json_file(Path(source), what)
     if _is_hf_dataset(source):
-        from trainer_lib.data.chat import clean_dataset_row
+        from trainer_lib.data.conversations import clean_dataset_row
 
         return [clean_dataset_row(row) for row in source]
     if isinstance(source, dict):
@@ -127,7 +127,7 @@ def _normalize(sample: Any, i: int, kind: str, text_key: str, input_key: str,
         _require_string(text, i, text_key if isinstance(sample, dict) else "text")
         return {"kind": "text", "text": text}
     if kind == "conversation":
-        from trainer_lib.data.chat import normalize_conversation
+        from trainer_lib.data.conversations import normalize_conversation
 
         record = normalize_conversation(sample, i)
         return {"kind": "conversation", **record}
@@ -151,7 +151,7 @@ def _normalize(sample: Any, i: int, kind: str, text_key: str, input_key: str,
         prompt, completion = sample[input_key], sample[output_key]
         pname, cname = input_key, output_key
     if isinstance(prompt, list) or isinstance(completion, list):
-        from trainer_lib.data.chat import normalize_conversation
+        from trainer_lib.data.conversations import normalize_conversation
 
         p_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         c_msgs = (completion if isinstance(completion, list)
