@@ -117,7 +117,7 @@ def run_trainer_lib(model_dir: str, data: str) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     return dict(seconds=seconds, positions=counter.positions, model=model,
-                tokens=sum(len(e["input_ids"]) for e in trainer.data_examples))
+                tokens=trainer.data_report.num_tokens)
 
 
 def run_trl(model_dir: str, data: str, packing: bool) -> dict:
