@@ -48,19 +48,14 @@ def load_config(method: Optional[str], path: Optional[str], overrides: Sequence[
     `method` (the command, "sft" or "kto") must agree with `method.name` in the file, if any;
     None takes the method from the file.
     """
-    data: dict = {}
-    if path is not None:
-        data = _read_yaml(path)
-    file_method = (data.get("method") or {}).get("name") if isinstance(data.get("method"), dict) else None
-    if method is not None and file_method not in (None, method):
-        raise CLIError(f"{path} is a '{file_method}' config; run `trainer-lib {file_method}` with it")
-    if method is not None and data:
-        data.setdefault("method", {})
-        if data["method"] is None:
-            data["method"] = {}
-        data["method"]["name"] = method
-    config = Config.from_dict(data) if data else DEFAULT_CONFIGS[method or "sft"]()
-    config = config.apply_overrides(overrides)
+    data = _read_yaml(path) if path is not None else {}
+    section = data.get("method") or {}
+    if method is not None and isinstance(section, dict):
+        named = section.get("name", method)
+        if named != method:
+            raise CLIError(f"{path} is a '{named}' config; run `trainer-lib {named}` with it")
+        data["method"] = {**section, "name": method}
+    config = Config.from_dict(data).apply_overrides(overrides)
     if method is not None and config.method.name != method:
         raise CLIError(f"method.name={config.method.name} does not fit the '{method}' command; "
                        f"run `trainer-lib {config.method.name}` instead")
