@@ -3,6 +3,7 @@
     python examples/sft_alpaca.py                       # offline: the embedded tiny model and data
     python examples/sft_alpaca.py --model_path HuggingFaceTB/SmolLM2-135M --data my.jsonl
     accelerate launch examples/sft_alpaca.py            # the same script, several processes
+    python examples/sft_alpaca.py --config configs/sft_alpaca.yaml train.batch_size=8
 
 With no --model_path (or one that cannot be reached), a tiny Llama is built deterministically on
 the spot from the instruction set that ships with trainer_lib, and the output says so.
@@ -13,7 +14,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer_lib import default_sft_config, train
+from trainer_lib import Config, default_sft_config, train
 from trainer_lib.data.samples import alpaca_prompt
 from trainer_lib.defaults import DEFAULT_DATA, tiny_model
 
@@ -35,6 +36,8 @@ def pick_model(model_path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None,
+                        help="a YAML config (e.g. configs/sft_alpaca.yaml) instead of the settings below")
     parser.add_argument("--model_path", default=None)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help=".json/.jsonl, Alpaca format")
     parser.add_argument("--output", default="outputs/sft_alpaca")
@@ -42,7 +45,8 @@ def main():
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=4")
     args = parser.parse_args()
 
-    model_path, embedded = pick_model(args.model_path)
+    recipe = Config.load_yaml(args.config, args.overrides) if args.config else None
+    model_path, embedded = pick_model(args.model_path or (recipe and recipe.model.model_path))
     config = default_sft_config().evolve(
         model=dict(model_path=model_path),
         train=dict(seq_length=256, batch_size=16, epochs=args.epochs or (60 if embedded else 3),
@@ -51,6 +55,10 @@ def main():
         optimizer=dict(kwargs=dict(lr=3e-3 if embedded else 2e-5, weight_decay=0.01)),
         scheduler=dict(name="cosine", kwargs=dict(warmup_steps=20)),
     ).apply_overrides(args.overrides)
+    if recipe is not None:  # the YAML config replaces the settings above
+        config = recipe.evolve(model=dict(model_path=model_path))
+        if args.epochs:
+            config = config.evolve(train=dict(epochs=args.epochs))
 
     trainer = train(samples=args.data, config=config)
     trainer.save_pretrained(args.output)

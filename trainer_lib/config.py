@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,25 @@ _SECTIONS = {
 _FREE_DICTS = {"kwargs", "gen_kwargs", "deepspeed_config", "peft_config"}
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but `1e-5` is a float (YAML 1.1 reads it as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[0-9][0-9_]*[eE][-+]?[0-9]+
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -231,7 +251,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
                 return _check_type(value, arm, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not one of the accepted types ({_type_name(tp)})")
+        or_null = " or null" if _allows_none(tp) else ""
+        if len(errors) == 1:  # Optional[X]: X's own message says what was expected
+            raise ConfigError(errors[0].replace(", got ", f"{or_null}, got ", 1))
+        arms = ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+        raise ConfigError(f"{where}: {value!r} is not one of the accepted types ({arms}{or_null})")
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
@@ -287,8 +311,10 @@ def _update_dataclass(obj: Any, updates: dict, where: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{where}.{key}'{_suggest(key, names)}")
         current = getattr(obj, key)
-        if isinstance(value, dict) and isinstance(current, dict) and key == "kwargs":
-            value = {**current, **value}  # optimizer/scheduler kwargs merge, like nested sections
+        if isinstance(value, dict) and isinstance(current, dict) and key in _FREE_DICTS:
+            # kwargs, gen_kwargs, peft_config...: a partial dict (e.g. the override
+            # `model.peft_config.r=16`) updates the current one, like nested sections
+            value = {**current, **value}
         changes[key] = _check_type(value, hints[key], f"{where}.{key}")
     new = dataclasses.replace(obj, **changes)
     if hasattr(new, "validate"):
@@ -316,7 +342,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -397,7 +423,8 @@ class Config:
         name = method.get("name", "sft") if isinstance(method, dict) else "sft"
         if name not in METHOD_CONFIGS:
             raise ConfigError(f"unknown method '{name}'{_suggest(name, METHOD_CONFIGS)}")
-        base = cls(method=METHOD_CONFIGS[name]())
+        # start from the method's own defaults, so a short KTO file gets the KTO learning rate
+        base = _DEFAULT_CONFIGS[name]()
         return base.evolve(**d)
 
     @classmethod
@@ -406,7 +433,11 @@ class Config:
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = _load_yaml_text(f.read())
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        data = {} if data is None else data
         return cls.from_dict(data).apply_overrides(overrides)
 
     def to_yaml(self) -> str:
@@ -430,3 +461,6 @@ def default_kto_config() -> Config:
         train=TrainConfig(batch_size=8),
         method=KTOConfig(),
     )
+
+
+_DEFAULT_CONFIGS = {"sft": default_sft_config, "kto": default_kto_config}

@@ -1,0 +1,270 @@
+"""The command line: `trainer-lib sft|kto [--config FILE] [--data ...] [key=value ...]` and
+`trainer-lib config show|validate`.
+
+A run is: read the YAML config, apply the `section.key=value` overrides, find the data and the
+model, call `train()`, then `save_pretrained()`. Nothing here depends on how the processes were
+launched, so `accelerate launch -m trainer_lib sft ...` and `deepspeed --module trainer_lib sft ...`
+run the same code as `trainer-lib sft ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from trainer_lib.config import (
+    METHOD_CONFIGS,
+    Config,
+    ConfigError,
+    _load_yaml_text,
+    default_kto_config,
+    default_sft_config,
+)
+from trainer_lib.data.samples import DataError
+
+DEFAULT_CONFIGS = {"sft": default_sft_config, "kto": default_kto_config}
+LOCAL_SUFFIXES = (".json", ".jsonl")
+
+EPILOG = """\
+overrides: section.key=value, the value read as YAML, e.g.
+  train.batch_size=4  optimizer.kwargs.lr=2e-5  model.model_path=HuggingFaceTB/SmolLM2-135M
+  train.tags=[a,b]  train.progress_bar=false  train.tracker=null  model.peft_config.r=16
+"""
+
+
+class CLIError(Exception):
+    """A problem with the command line: printed without a traceback, exit status 2."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def load_config(method: Optional[str], path: Optional[str], overrides: Sequence[str]) -> Config:
+    """The config for a run: the method's defaults, then the YAML file, then the overrides.
+
+    `method` (the command, "sft" or "kto") must agree with `method.name` in the file, if any;
+    None takes the method from the file.
+    """
+    data = _read_yaml(path) if path is not None else {}
+    section = data.get("method") or {}
+    if method is not None and isinstance(section, dict):
+        named = section.get("name", method)
+        if named != method:
+            raise CLIError(f"{path} is a '{named}' config; run `trainer-lib {named}` with it")
+        data["method"] = {**section, "name": method}
+    config = Config.from_dict(data).apply_overrides(overrides)
+    if method is not None and config.method.name != method:
+        raise CLIError(f"method.name={config.method.name} does not fit the '{method}' command; "
+                       f"run `trainer-lib {config.method.name}` instead")
+    return config.validate()
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    try:
+        data = _load_yaml_text(p.read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - a YAML syntax error, said with the file name
+        raise CLIError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def resolve_data(source: str, split: str) -> Any:
+    """A local .json/.jsonl path as it is (train() reads it), anything else that exists on disk
+    or a hub name through `datasets.load_dataset`."""
+    path = Path(source)
+    if path.is_file() and path.suffix in LOCAL_SUFFIXES:
+        return str(path)
+    if not path.exists() and (path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))):
+        raise CLIError(f"data file {source} does not exist")
+    try:
+        import datasets
+
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, a wrong name or split: say which and why
+        hint = ("; offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so only local files "
+                "and cached datasets can be used" if _offline() else "")
+        raise CLIError(f"could not load the dataset '{source}' (split '{split}') with "
+                       f"datasets.load_dataset: {type(e).__name__}: {e}{hint}. For a local "
+                       "file, give an existing .json or .jsonl path") from None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _say(message: str) -> None:
+    # launchers set RANK; one copy of each note is enough
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trainer-lib: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from trainer_lib.api import train
+    from trainer_lib.defaults import DEFAULT_DATA, tiny_model
+    from trainer_lib.registry import get_trainer_class
+
+    config = load_config(args.command, args.config, args.overrides)
+    try:
+        get_trainer_class(config.method)
+    except ValueError as e:  # no trainer registered for this method
+        raise CLIError(f"`trainer-lib {args.command}` cannot train: {e}") from None
+
+    if args.data is None:
+        if args.command != "sft":
+            raise CLIError(f"`trainer-lib {args.command}` needs --data (a .json/.jsonl file or a "
+                           "datasets hub name)")
+        samples = str(DEFAULT_DATA)
+        _say(f"--data not given: training on the instruction set shipped with trainer_lib "
+             f"({DEFAULT_DATA})")
+    else:
+        samples = resolve_data(args.data, args.split)
+        _say(f"data: {args.data}")
+    eval_samples = resolve_data(args.eval_data, args.eval_split) if args.eval_data else None
+
+    if config.model.model_path is None:
+        path = tiny_model()
+        _say(f"model.model_path is not set: training the embedded tiny Llama (built at {path}); "
+             "set model.model_path=<folder or hub id> for a real model")
+        config = config.evolve(model=dict(model_path=path))
+    else:
+        _say(f"model: {config.model.model_path}")
+
+    output = args.output or str(Path(config.train.checkpoint_dir) / "final")
+    trainer = train(samples=samples, eval_samples=eval_samples, config=config)
+    trainer.save_pretrained(output)
+    if trainer.accelerator.is_main_process:
+        print(_summary(trainer.log_history, output), flush=True)
+    return 0
+
+
+def _summary(history: list[dict], output: str) -> str:
+    losses = [h for h in history if "loss" in h]
+    parts = []
+    if len(losses) == 1:
+        parts.append(f"loss {losses[0]['loss']:.4f} at step {losses[0]['step']}")
+    elif losses:
+        first, last = losses[0], losses[-1]
+        parts.append(f"loss {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} "
+                     f"at step {last['step']}")
+    evals = [h for h in history if "eval/loss" in h]
+    if evals:
+        parts.append(f"eval/loss {evals[-1]['eval/loss']:.4f}")
+    parts.append(f"saved to {output}")
+    return "trainer-lib: " + "; ".join(parts)
+
+
+def config_show(args: argparse.Namespace) -> int:
+    config = DEFAULT_CONFIGS[args.method]().apply_overrides(args.overrides).validate()
+    print(f"# trainer-lib {args.method} config. Save it, edit it, and run: "
+          f"trainer-lib {args.method} --config FILE [section.key=value ...]")
+    print(config.to_yaml(), end="")
+    return 0
+
+
+def config_validate(args: argparse.Namespace) -> int:
+    config = load_config(None, args.file, args.overrides)
+    print(f"{args.file}: a valid {config.method.name} config")
+    if args.show:
+        print(config.to_yaml(), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- parsers
+# One standalone parser per command, so that overrides and options can be mixed in any order
+# (argparse's parse_intermixed_args does not work through subparsers).
+
+
+def _method_parser(method: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"trainer-lib {method}", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Train with {method.upper()}: defaults, then --config FILE, then overrides.")
+    p.add_argument("--config", help=f"a YAML config (start from `trainer-lib config show {method}`)")
+    p.add_argument("--data", help="training samples: a .json/.jsonl file or a datasets hub name"
+                   + (" (default: the shipped instruction set)" if method == "sft" else ""))
+    p.add_argument("--split", default="train", help="split of a hub --data (default: train)")
+    p.add_argument("--eval-data", help="evaluation samples for eval/loss, like --data")
+    p.add_argument("--eval-split", default="test", help="split of a hub --eval-data (default: test)")
+    p.add_argument("--output", help="where the final model folder goes "
+                                    "(default: <train.checkpoint_dir>/final)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=run_training, command=method)
+    return p
+
+
+def _config_show_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer-lib config show", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Print a full default config as YAML.")
+    p.add_argument("method", choices=sorted(METHOD_CONFIGS))
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=config_show)
+    return p
+
+
+def _config_validate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer-lib config validate", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Check a YAML config, with overrides applied.")
+    p.add_argument("file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--show", action="store_true", help="also print the resolved config")
+    p.set_defaults(func=config_validate)
+    return p
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    """Only for `trainer-lib --help` and unknown commands; each command parses its own args."""
+    p = argparse.ArgumentParser(
+        prog="trainer-lib", description="Post-train causal LMs with SFT or KTO from a YAML config.",
+        epilog="run `trainer-lib COMMAND --help` for the options of each command\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    for method in METHOD_CONFIGS:
+        commands.add_parser(method, help=f"train with {method.upper()}")
+    cfg = commands.add_parser("config", help="print (show) or check (validate) a config")
+    actions = cfg.add_subparsers(dest="action", required=True)
+    actions.add_parser("show", help="print a full default config as YAML")
+    actions.add_parser("validate", help="check a YAML config and overrides")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    if argv and argv[0] in METHOD_CONFIGS:
+        return _method_parser(argv[0]).parse_intermixed_args(argv[1:])
+    if argv[:2] == ["config", "show"]:
+        return _config_show_parser().parse_intermixed_args(argv[2:])
+    if argv[:2] == ["config", "validate"]:
+        return _config_validate_parser().parse_intermixed_args(argv[2:])
+    _top_parser().parse_args(argv)  # prints help or the usage error, and exits
+    raise SystemExit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError, DataError) as e:
+        print(f"trainer-lib: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
