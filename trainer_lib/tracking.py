@@ -126,7 +126,7 @@ class WandbTracker(Tracker):
         self.run.finish()
 
 
-TRACKERS = {None: Tracker, "jsonl": JsonlTracker, "tensorboard": TensorBoardTracker,
+TRACKERS = {None: lambda config: Tracker(), "jsonl": JsonlTracker, "tensorboard": TensorBoardTracker,
             "wandb": WandbTracker}
 
 
