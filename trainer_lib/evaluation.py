@@ -35,7 +35,7 @@ class MetricFnError(RuntimeError):
 
 
 def function_name(fn: Callable) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 # --------------------------------------------------------------------------- prompts
