@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,8 @@ def _wandb_records(path: Path):
         if length == 0 and kind == 0:  # zero padding to the end of the block
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            return  # a record still being written
         buf += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
@@ -81,8 +84,15 @@ def test_wandb_offline_run_holds_config_metrics_and_table(tiny_config, monkeypat
     monkeypatch.setenv("WANDB_SILENT", "true")
     trainer, folder = _run(tiny_config, "wandb", project_name="proj", tags=["tiny"])
     [run_file] = folder.glob("wandb/offline-run-*/run-*.wandb")
+    # the wandb service process may still be flushing the log when finish() returns
+    deadline = time.monotonic() + 30
+    records = list(_wandb_records(run_file))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "the offline W&B log never got its exit record"
+        time.sleep(0.2)
+        records = list(_wandb_records(run_file))
     history, run = {}, None
-    for record in _wandb_records(run_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
