@@ -238,7 +238,8 @@ class Trainer:
             self.log_history[-1].update(entry)
         else:
             self.log_history.append(entry)
-        self.tracker.log(entry, self.step)
+        if hasattr(self, "tracker"):  # absent while __init__ is still running
+            self.tracker.log(entry, self.step)
         if self.accelerator.is_main_process and not self.config.train.progress_bar:
             print(format_log_line(entry, self.step, self.total_steps), flush=True)
 
