@@ -28,11 +28,14 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from trainer_lib.checkpoint import Checkpointer, check_finite_loss, skip_batches
 from trainer_lib.config import Config
 from trainer_lib.distributed import build_accelerator, reduce_sum
+from trainer_lib.evaluation import GenerationEval, MetricFnError, format_table
 from trainer_lib.modeling import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.optim import build_optimizer, build_scheduler
 from trainer_lib.saving import save_pretrained
+from trainer_lib.tracking import build_tracker, format_log_line
 
 
 class Trainer:
@@ -61,6 +64,9 @@ class Trainer:
         )
         # stepped by hand once per optimiser step (accelerate would step it once per process)
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
+        self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
+        self.checkpoints = Checkpointer(config)
+        self.tracker = build_tracker(config, self.accelerator.is_main_process)
 
     # ------------------------------------------------------------------ method hooks
 
@@ -100,22 +106,25 @@ class Trainer:
     def train(self) -> "Trainer":
         acc, cfg = self.accelerator, self.config.train
         k = cfg.gradient_accumulation_steps
+        epoch, done = self.checkpoints.resume(self)  # (0, 0) unless resuming: where data resumes
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress_bar))
         window = _Window()
         self.num_tokens = getattr(self, "num_tokens", 0)
         self.model.train()
-        epoch = 0
         while self.step < self.total_steps:
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
             batches = iter(self.train_loader)
+            skip_batches(batches, done * k)  # a resumed epoch: the same order, from where it was
             while self.step < self.total_steps:
                 micro = list(itertools.islice(batches, k))
                 if not micro:
                     break
                 out = self.training_step(micro)
+                check_finite_loss(out, micro, self.step + 1, self.checkpoints.last_saved)
                 self.step += 1
+                done += 1
                 window.add(out)
                 self.num_tokens += out["num_tokens"]
                 bar.update(1)
@@ -125,10 +134,14 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or last:
                     self.log({**window.summary(), "num_tokens": self.num_tokens, "epoch": epoch})
                     window = _Window()
-                if self.eval_items and (self.step % cfg.eval_interval == 0 or last):
-                    self.log(self.evaluate())
-            epoch += 1
+                if self.step % cfg.eval_interval == 0 or last:
+                    self.log(self.run_evaluation((epoch, done)))
+                if self.step % cfg.checkpoint_interval == 0 or last:
+                    self.checkpoints.save(self, (epoch, done))
+                self.checkpoints.maybe_save_best(self, (epoch, done))
+            epoch, done = epoch + 1, 0
         bar.close()
+        self.tracker.finish()
         return self
 
     def training_step(self, micro: list[dict]) -> dict:
@@ -174,6 +187,22 @@ class Trainer:
             "metrics": metrics, "seconds": time.perf_counter() - start,
         }
 
+    def run_evaluation(self, position: tuple[int, int]) -> dict:
+        """`eval/loss` on the validation examples and `metrics/*` from generation on the eval
+        prompts. A failing metric_fn stops the run, once this step is checkpointed."""
+        values = self.evaluate() if self.eval_items else {}
+        if self.generation_eval is None:
+            return values
+        try:
+            metrics, columns, rows = self.generation_eval.run(self)
+        except MetricFnError as e:
+            path = self.checkpoints.save(self, position)
+            raise MetricFnError(f"{e} (at step {self.step}; the run is saved in {path})") from e
+        if self.accelerator.is_main_process:
+            print(f"samples at step {self.step}:\n{format_table(columns, rows)}", flush=True)
+        self.tracker.log_table("samples", columns, rows, self.step)
+        return {**values, **metrics}
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss on the validation examples (`eval/loss`), the same mean as in training."""
@@ -203,10 +232,16 @@ class Trainer:
 
     def log(self, values: dict) -> None:
         entry = {"step": self.step, **{k: v for k, v in values.items() if v is not None}}
+        if len(entry) == 1:
+            return  # nothing to record (e.g. an evaluation with nothing to evaluate)
         if self.log_history and self.log_history[-1]["step"] == self.step:
             self.log_history[-1].update(entry)
         else:
             self.log_history.append(entry)
+        if hasattr(self, "tracker"):  # absent while __init__ is still running
+            self.tracker.log(entry, self.step)
+        if self.accelerator.is_main_process and not self.config.train.progress_bar:
+            print(format_log_line(entry, self.step, self.total_steps), flush=True)
 
     def save_pretrained(self, path: str, merge_adapters: bool = False) -> None:
         save_pretrained(self.accelerator, self.model, self.tokenizer, path,

@@ -1,0 +1,116 @@
+"""Trackers: what a run logs can be read back from jsonl, TensorBoard and offline W&B files."""
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer_lib import train
+from trainer_lib.tracking import format_log_line
+
+SAMPLES = [{"prompt": f"word{i} ", "completion": f"token{i}"} for i in range(16)]
+
+
+def _metric(samples, prompts, outputs):
+    return {"length": [float(len(o)) for o in outputs]}
+
+
+def _run(tiny_config, tracker, **train_kw):
+    config = tiny_config.evolve(train=dict(total_steps=3, eval_interval=3, tracker=tracker,
+                                           run_name="run1", **train_kw),
+                                method=dict(gen_kwargs=dict(max_new_tokens=3)))
+    trainer = train(samples=SAMPLES, eval_prompts=["word1", "word2"], metric_fn=_metric,
+                    config=config)
+    return trainer, Path(config.train.logging_dir) / "run1"
+
+
+def test_jsonl_has_every_logged_entry_and_the_samples_table(tiny_config):
+    trainer, folder = _run(tiny_config, "jsonl")
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    merged = {}
+    for line in lines:
+        merged.setdefault(line["step"], {}).update(line)
+    assert [merged[e["step"]] for e in trainer.log_history] == trainer.log_history
+    assert "metrics/length" in merged[3] and "loss" in merged[1]
+    table = json.loads((folder / "tables.jsonl").read_text().splitlines()[-1])
+    assert table["name"] == "samples" and table["columns"][:2] == ["prompt", "output"]
+    assert [row[0] for row in table["rows"]] == ["word1", "word2"]
+
+
+def test_tensorboard_event_files_hold_the_metrics(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, folder = _run(tiny_config, "tensorboard")
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"loss", "learning_rate", "metrics/length"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    expected = [e["loss"] for e in trainer.log_history]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(expected, rel=1e-6)
+    assert any(t.startswith("samples") for t in events.Tags()["tensors"])
+
+
+def _wandb_records(path: Path):
+    """Records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-style blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        if pos + 7 + length > len(data):
+            return  # a record still being written
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def test_wandb_offline_run_holds_config_metrics_and_table(tiny_config, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer, folder = _run(tiny_config, "wandb", project_name="proj", tags=["tiny"])
+    [run_file] = folder.glob("wandb/offline-run-*/run-*.wandb")
+    # the wandb service process may still be flushing the log when finish() returns
+    deadline = time.monotonic() + 30
+    records = list(_wandb_records(run_file))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "the offline W&B log never got its exit record"
+        time.sleep(0.2)
+        records = list(_wandb_records(run_file))
+    history, run = {}, None
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+    assert run.project == "proj" and run.display_name == "run1" and list(run.tags) == ["tiny"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["train"]["total_steps"] == 3
+    assert [history[s]["loss"] for s in (1, 2, 3)] == pytest.approx(
+        [e["loss"] for e in trainer.log_history])
+    assert history[3]["metrics/length"] == trainer.log_history[-1]["metrics/length"]
+    assert history[3]["samples/_type"] == "table-file"
+
+
+def test_a_line_per_log_step_without_the_progress_bar(tiny_config, capsys):
+    train(samples=SAMPLES, config=tiny_config.evolve(train=dict(total_steps=2)))
+    out = capsys.readouterr().out
+    assert "step 1/2 | loss" in out and "step 2/2 | loss" in out
+    assert format_log_line({"step": 5, "loss": 1.23456, "x": None}, 5) == "step 5 | loss 1.2346"
