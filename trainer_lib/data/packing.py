@@ -1,0 +1,171 @@
+"""Packing tokenised examples into rows of at most `seq_length` tokens.
+
+examples -> `pack_dataset` (best-fit-decreasing bins) -> rows -> `PackedCollator` -> batch.
+
+A packed batch carries `position_ids` that restart at 0 for every document and NO
+`attention_mask`. transformers (5.x) reads the restarts and gives SDPA and eager attention a
+block-diagonal causal mask (flash-attention uses them for variable-length attention); an
+all-ones `attention_mask` would switch that off and let documents see each other. The first
+label of every document is -100, so nothing is predicted across a boundary: a packed row gives
+the same per-token losses and gradients as its documents run one by one. The detection only
+runs without a KV cache: call the model with `use_cache=False` (`causal_lm_token_nll` does).
+
+Cost of that mask (tiny Llama, hidden 64, 2 layers, 4 documents in one 2,048-token row,
+forward + backward, 2 threads on a loaded machine): SDPA with the block mask 146 ms, the same
+documents one at a time 53 ms, plain causal (wrong) 56 ms; eager ~1.2 s either way. Correct on
+both backends; per-document attention would be the faster next step.
+
+The tail of a row is padding: pad tokens, labels -100, and positions 0, 1, ... so that the pad
+run is one more "document". Pad queries then attend only to pad keys (never an empty row, so
+no NaN), and real tokens never attend to them.
+
+Rows are padded to the longest row of the batch rounded up to `pad_to_multiple_of`, not always
+to `seq_length`: fewer tokens is never slower on CPU. Pass `pad_to_multiple_of=None` for fixed
+[B, seq_length] shapes (torch.compile, or ZeRO-3 where every rank must call the head the same
+number of times).
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left, insort
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into `lengths`, each summing to at most `capacity`.
+
+    Longest first (ties by index); each goes to the open bin with the least room that still fits
+    it (ties: the earliest bin), else to a new bin. Deterministic; O(n log n).
+    """
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= capacity:
+            raise ValueError(
+                f"item {i} has length {n}; every length must be between 1 and the capacity {capacity}"
+            )
+    bins: list[list[int]] = []
+    room_values: list[int] = []  # sorted, distinct: the room left in some open bin
+    bins_with_room: dict[int, list[int]] = {}  # room -> heap of bin numbers
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        need = lengths[i]
+        k = bisect_left(room_values, need)
+        if k == len(room_values):
+            b = len(bins)
+            bins.append([i])
+            room = capacity - need
+        else:
+            room = room_values[k]
+            heap = bins_with_room[room]
+            b = heapq.heappop(heap)
+            if not heap:
+                del bins_with_room[room]
+                room_values.pop(k)
+            bins[b].append(i)
+            room -= need
+        if room > 0:
+            if room in bins_with_room:
+                heapq.heappush(bins_with_room[room], b)
+            else:
+                bins_with_room[room] = [b]
+                insort(room_values, room)
+    return bins
+
+
+def split_overlong(example: dict, seq_length: int) -> list[dict]:
+    """Cut an example into consecutive pieces of at most `seq_length` tokens, each its own document.
+
+    Each piece loses one labelled token to packing (a document's first token is never predicted).
+    """
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    _check_example(example, None)
+    ids, labels = example["input_ids"], example["labels"]
+    return [
+        dict(input_ids=list(ids[s : s + seq_length]), labels=list(labels[s : s + seq_length]))
+        for s in range(0, len(ids), seq_length)
+    ]
+
+
+def pack_dataset(examples: list[dict], seq_length: int) -> list[list[dict]]:
+    """Group examples into rows of at most `seq_length` tokens (best fit decreasing)."""
+    lengths = []
+    for i, ex in enumerate(examples):
+        _check_example(ex, i)
+        n = len(ex["input_ids"])
+        if n > seq_length:
+            raise ValueError(
+                f"example {i} has {n} tokens, more than seq_length={seq_length}; truncate it, drop it, "
+                "or cut it with split_overlong before packing"
+            )
+        lengths.append(n)
+    return [[examples[i] for i in row] for row in best_fit_decreasing(lengths, seq_length)]
+
+
+class PackedCollator:
+    """Turns a list of rows (each a list of examples) into one packed batch.
+
+    Returns input_ids, labels, position_ids (LongTensor [B, L]) and the counts num_tokens
+    (non-pad tokens) and num_loss_tokens (labels != -100), as Python ints.
+    """
+
+    def __init__(self, pad_token_id: int, seq_length: int, pad_to_multiple_of: int | None = 64):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.seq_length = seq_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[list[dict]]) -> dict:
+        if not rows or any(not row for row in rows):
+            raise ValueError("PackedCollator needs a non-empty list of non-empty rows")
+        row_lengths = [sum(len(ex["input_ids"]) for ex in row) for row in rows]
+        longest = max(row_lengths)
+        if longest > self.seq_length:
+            raise ValueError(
+                f"a row holds {longest} tokens, more than seq_length={self.seq_length}; "
+                "build the rows with pack_dataset"
+            )
+        width = self.seq_length
+        if self.pad_to_multiple_of is not None:
+            m = self.pad_to_multiple_of
+            width = min(self.seq_length, -(-longest // m) * m)
+
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.empty((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for ex in row:
+                _check_example(ex, None)
+                n = len(ex["input_ids"])
+                input_ids[r, start : start + n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+                labels[r, start : start + n] = torch.as_tensor(ex["labels"], dtype=torch.long)
+                labels[r, start] = IGNORE_INDEX  # the previous document must not predict it
+                position_ids[r, start : start + n] = torch.arange(n)
+                start += n
+            position_ids[r, start:] = torch.arange(width - start)  # the pad run: its own segment
+        return dict(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            num_tokens=sum(row_lengths),
+            num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+        )
+
+
+def _check_example(ex: dict, index: int | None) -> None:
+    where = "an example" if index is None else f"example {index}"
+    if "input_ids" not in ex or "labels" not in ex:
+        raise ValueError(f"{where} needs the fields input_ids and labels; it has {sorted(ex)}")
+    if len(ex["input_ids"]) != len(ex["labels"]):
+        raise ValueError(
+            f"{where} has {len(ex['input_ids'])} input_ids but {len(ex['labels'])} labels; "
+            "labels must be aligned with input_ids (not shifted), -100 where there is no loss"
+        )
+    if len(ex["input_ids"]) == 0:
+        raise ValueError(f"{where} has no tokens")
