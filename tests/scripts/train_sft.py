@@ -94,7 +94,8 @@ def check_reference(args, trainer):
     ref = prepare_reference_model(acc, AutoModelForCausalLM.from_pretrained(args.model))
     with torch.no_grad():
         logits = ref(input_ids=ids).logits.float().cpu()
-    torch.save(logits, os.path.join(args.out, f"ref_logits_rank{acc.process_index}.pt"))
+    torch.save({"logits": logits, "type": type(ref).__name__},
+               os.path.join(args.out, f"ref_logits_rank{acc.process_index}.pt"))
 
 
 def main(argv=None):
