@@ -1,5 +1,5 @@
-"""Trains the tiny model on numbered samples and saves it; run under python, `accelerate launch`
-or `deepspeed` by tests/test_distributed.py.
+"""Trains the tiny model (SFT or KTO: --method) on numbered samples and saves it; run under
+python, `accelerate launch` or `deepspeed` by tests/test_distributed.py.
 
 Each process records the ids of the samples it trained on (ids_rank<N>.json in --out) so the test
 can check that every sample was seen exactly once per epoch.
@@ -14,10 +14,14 @@ import sys
 import torch
 
 
-def make_samples(n: int) -> list[dict]:
+def make_samples(n: int, method: str = "sft") -> list[dict]:
+    """Numbered samples: "sample 007" in every one lets a process tell which it trained on."""
     words = ["alpha", "beta", "gamma", "delta", "word1", "token2", "word3", "token4"]
-    return [{"text": f"sample {i:03d} " + " ".join(words[(i + j) % len(words)]
-                                                  for j in range(2 + i % 5))} for i in range(n)]
+    tails = [" ".join(words[(i + j) % len(words)] for j in range(2 + i % 5)) for i in range(n)]
+    if method == "kto":
+        return [{"prompt": f"sample {i:03d}", "completion": " " + tails[i], "label": i % 2 == 0}
+                for i in range(n)]
+    return [{"text": f"sample {i:03d} {tails[i]}"} for i in range(n)]
 
 
 def build_config(args):
@@ -62,7 +66,7 @@ def run(args):
                         seen.extend(int(m) for m in re.findall(r"sample (\d+)", text))
             return super().training_step(micro)
 
-    trainer = Recording(config, samples=make_samples(args.num_samples))
+    trainer = Recording(config, samples=make_samples(args.num_samples, args.method))
     trainer.train()
     acc = trainer.accelerator
     os.makedirs(args.out, exist_ok=True)
