@@ -107,7 +107,7 @@ def run_trainer_lib(model_dir: str, data: str) -> dict:
         model=dict(model_path=model_dir, attn_implementation="sdpa"),
         train=dict(seq_length=SEQ_LENGTH, batch_size=BATCH_SIZE, epochs=1, total_steps=10**6,
                    log_interval=10**6, eval_interval=10**6, checkpoint_interval=10**6,
-                   progress_bar=False),
+                   checkpoint_dir=tempfile.mkdtemp(), progress_bar=False),
         optimizer=dict(kwargs=dict(lr=1e-4)),
     )
     trainer = SFTTrainer(config, samples=data)

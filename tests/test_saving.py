@@ -16,7 +16,8 @@ def trained(tiny_model_dir, tmp_path_factory):
 
     config = default_sft_config().evolve(
         model=dict(model_path=tiny_model_dir),
-        train=dict(seq_length=32, batch_size=2, total_steps=2, progress_bar=False),
+        train=dict(seq_length=32, batch_size=2, total_steps=2, progress_bar=False,
+                   checkpoint_dir=str(tmp_path_factory.mktemp("ckpts"))),
     )
     return train(samples=[["Hello\n", "world"], ["Good\n", "morning"]], config=config)
 

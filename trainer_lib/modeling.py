@@ -55,7 +55,77 @@ def load_model(config: Config):
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if config.model.peft_config is not None:
+        if config.model.num_layers_unfrozen != -1:
+            raise ConfigError("model.peft_config and model.num_layers_unfrozen both limit what "
+                              "trains; set one (num_layers_unfrozen=-1 with LoRA)")
+        from trainer_lib.peft_utils import apply_lora
+
+        if config.model.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpoints need a grad input
+        model = apply_lora(model, config.model.peft_config, base_path=path)
+    elif config.model.num_layers_unfrozen >= 0:
+        freeze_bottom_layers(model, config.model.num_layers_unfrozen)
+    report_trainable_parameters(model)
     return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The stack of transformer blocks (model.model.layers, transformer.h, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and (
+                n is None or len(module) == n):
+            return module
+    raise ConfigError(f"model.num_layers_unfrozen: cannot find the transformer layers of "
+                      f"{type(model).__name__}")
+
+
+def freeze_bottom_layers(model, num_layers_unfrozen: int) -> None:
+    """Trains only the top `num_layers_unfrozen` transformer layers (trlX's rule).
+
+    Frozen: the input embeddings and every layer below the top N. Trainable: the top N layers and
+    everything above them (the final norm and the output head), unless the head is tied to the
+    input embeddings, in which case it stays frozen with them. N = 0 trains only the final norm
+    and the head.
+    """
+    layers = decoder_layers(model)
+    if num_layers_unfrozen > len(layers):
+        raise ConfigError(f"model.num_layers_unfrozen={num_layers_unfrozen} but the model has "
+                          f"only {len(layers)} layers")
+    frozen = [model.get_input_embeddings()] + list(layers[:len(layers) - num_layers_unfrozen])
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps the true size in ds_numel
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += _numel(p)
+        trainable += _numel(p) if p.requires_grad else 0
+    return trainable, total
+
+
+def report_trainable_parameters(model) -> tuple[int, int]:
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise ConfigError("no parameter of the model is trainable: check model.peft_config and "
+                          "model.num_layers_unfrozen")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"trainable parameters: {trainable:,} of {total:,} "
+              f"({100 * trainable / max(total, 1):.4f}%)", flush=True)
+    return trainable, total
 
 
 def align_special_tokens(model, tokenizer) -> None:

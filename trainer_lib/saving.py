@@ -48,11 +48,20 @@ def _fsync_tree(folder: Path) -> None:
 def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
                     merge_adapters: bool = False) -> None:
     """Every process must call this (a sharded model is gathered collectively); only the main
-    process writes."""
+    process writes.
+
+    A LoRA model is written as its adapter folder (adapter_config.json pointing at the base model,
+    adapter weights only), or with `merge_adapters=True` as a full model with the adapters merged
+    into the base weights, which loads with AutoModelForCausalLM alone.
+    """
+    from trainer_lib.peft_utils import is_peft_model
+
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    is_peft = hasattr(unwrapped, "peft_config") and hasattr(unwrapped, "merge_and_unload")
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on every rank
+    is_peft = is_peft_model(unwrapped)
+    # gathers ZeRO-3 shards (needs stage3_gather_16bit_weights_on_model_save, which
+    # trainer_lib.distributed always sets); the unwrapped module alone would hold empty shards
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         with atomic_directory(path) as tmp:
             if is_peft and merge_adapters:
@@ -65,9 +74,29 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
 
 
 def _merged_copy(peft_model, state_dict):
+    """A plain model with the adapters merged, built apart from the (maybe sharded) live one."""
     import copy
 
-    model = copy.deepcopy(peft_model)
+    sharded = any(hasattr(p, "ds_numel") for p in peft_model.parameters())
+    if not sharded:
+        model = copy.deepcopy(peft_model)
+    else:
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        base = peft_model.get_base_model()
+        # built whole on this process: ZeRO-3's partitioned construction must not kick in
+        saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+        finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        model = get_peft_model(plain, copy.deepcopy(peft_model.peft_config["default"]))
     if state_dict is not None:
-        model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if unexpected or (sharded and missing):
+            raise RuntimeError(f"merging adapters: the gathered weights do not fit the model "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.merge_and_unload()

@@ -30,7 +30,12 @@ from tqdm.auto import tqdm
 
 from trainer_lib.checkpoint import Checkpointer, check_finite_loss, skip_batches
 from trainer_lib.config import Config
-from trainer_lib.distributed import build_accelerator, reduce_sum
+from trainer_lib.distributed import (
+    align_micro_batches,
+    batches_per_process,
+    build_accelerator,
+    reduce_sum,
+)
 from trainer_lib.evaluation import GenerationEval, MetricFnError, format_table
 from trainer_lib.modeling import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.optim import build_optimizer, build_scheduler
@@ -58,7 +63,8 @@ class Trainer:
         loader = self.make_loader(self.train_items, shuffle=True)
         k = config.train.gradient_accumulation_steps
         self.total_steps = min(config.train.total_steps,
-                               config.train.epochs * math.ceil(len(loader) / k))
+                               config.train.epochs * math.ceil(
+                                   batches_per_process(self.accelerator, len(loader)) / k))
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
         )
@@ -119,6 +125,8 @@ class Trainer:
             skip_batches(batches, done * k)  # a resumed epoch: the same order, from where it was
             while self.step < self.total_steps:
                 micro = list(itertools.islice(batches, k))
+                # a process short of data joins the step with empty (None) micro-batches
+                micro = align_micro_batches(acc, micro)
                 if not micro:
                     break
                 out = self.training_step(micro)
@@ -147,7 +155,7 @@ class Trainer:
     def training_step(self, micro: list[dict]) -> dict:
         acc, model = self.accelerator, self.model
         start = time.perf_counter()
-        local_weight = sum(float(self.loss_weight(b)) for b in micro)
+        local_weight = sum(float(self.loss_weight(b)) for b in micro if b is not None)
         total_weight = reduce_sum(acc, [local_weight])[0].item()
         # accelerate divides by gradient_accumulation_steps in backward and DDP averages over
         # processes; undo both so the gradient is that of sum(loss) / total_weight
@@ -157,10 +165,16 @@ class Trainer:
         num_tokens = 0
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
+            padding = batch is None
+            if padding:  # forward and backward a real batch with weight 0, for the collectives
+                batch = getattr(self, "_last_batch", None) or self.collate(self.train_items[:1])
+            self._last_batch = batch
             acc.gradient_state._set_sync_gradients(last)
             with nullcontext() if last else acc.no_sync(model):
                 batch_loss, metrics = self.compute_loss(model, self._to_device(batch))
-                acc.backward(batch_loss * scale)
+                acc.backward(batch_loss * (0.0 if padding else scale))
+            if padding:
+                continue
             loss_sum += batch_loss.detach().double().cpu()
             num_tokens += int(batch.get("num_tokens", 0))
             for name, (s, c) in metrics.items():

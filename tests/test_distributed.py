@@ -1,0 +1,228 @@
+"""Several processes on CPU: DDP, DeepSpeed ZeRO-2/3, under `accelerate launch` and `deepspeed`.
+
+Each launched run must end where a single-process run with the same global batch ends (to float
+tolerance), every sample must be trained on exactly once per epoch, and the saved folder must load
+with AutoModelForCausalLM. The launch helper takes the method, so KTO runs can reuse it.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_lib import ConfigError, train
+from trainer_lib.config import TrainConfig
+from trainer_lib.distributed import (
+    align_micro_batches,
+    batches_per_process,
+    is_zero3,
+    load_deepspeed_config,
+    prepare_reference_model,
+    resolve_deepspeed_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "train_sft.py"
+NUM_SAMPLES = 10
+LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("train_sft_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch(launcher: str, model: str, out: Path, method: str = "sft", config_file=None,
+           batch_size: int = 2, grad_accum: int = 1, extra=(), timeout: int = 240) -> Path:
+    """Runs tests/scripts/train_sft.py on 2 processes; returns the output folder."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [str(SCRIPT), "--model", model, "--out", str(out), "--method", method,
+            "--batch_size", str(batch_size), "--grad_accum", str(grad_accum),
+            "--num_samples", str(NUM_SAMPLES), *extra]
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+               "--main_process_port", str(_free_port()), "--config_file", str(config_file), *args]
+    elif launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), *args]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_ranks(out: Path) -> list[dict]:
+    ranks = [json.loads((out / f"ids_rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["num_processes"] == 2
+    return ranks
+
+
+def assert_each_sample_once(ranks: list[dict], epochs: int = 1) -> None:
+    seen = sorted(i for r in ranks for i in r["ids"])
+    assert seen == sorted(list(range(NUM_SAMPLES)) * epochs)
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    # metrics are reduced over ranks: both report the same figures
+    assert [h["loss"] for h in ranks[0]["log_history"]] == pytest.approx(
+        [h["loss"] for h in ranks[1]["log_history"]])
+
+
+def load_state(folder) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
+    assert set(a) == set(b)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < atol, f"weights differ by {worst}"
+
+
+@pytest.fixture(scope="module")
+def single_runs(tiny_model_dir, tmp_path_factory):
+    """Single-process references with the global batch of the 2-process runs (4 sequences)."""
+    script = _script_module()
+    base = tmp_path_factory.mktemp("single")
+    script.main(["--model", tiny_model_dir, "--out", str(base / "full"), "--batch_size", "4",
+                 "--num_samples", str(NUM_SAMPLES)])
+    script.main(["--model", tiny_model_dir, "--out", str(base / "lora"), "--batch_size", "4",
+                 "--num_samples", str(NUM_SAMPLES), "--peft", json.dumps(LORA)])
+    return base
+
+
+@pytest.mark.parametrize("name,batch_size,grad_accum", [
+    ("ddp", 2, 1),
+    ("zero2", 2, 1),
+    ("zero3", 1, 2),  # global batch 4 through accumulation; the last step is uneven
+])
+def test_accelerate_launch_matches_single_process(name, batch_size, grad_accum, tiny_model_dir,
+                                                  single_runs, tmp_path):
+    out = launch("accelerate", tiny_model_dir, tmp_path / name,
+                 config_file=REPO / "configs" / "accelerate" / f"{name}.yaml",
+                 batch_size=batch_size, grad_accum=grad_accum)
+    ranks = read_ranks(out)
+    assert_each_sample_once(ranks)
+    assert ranks[0]["distributed_type"].endswith("DEEPSPEED" if "zero" in name else "MULTI_CPU")
+    assert_same_weights(load_state(out / "model"), load_state(single_runs / "full" / "model"))
+
+
+def test_deepspeed_launcher_zero3_and_reference_model(tiny_model_dir, single_runs, tmp_path):
+    out = launch("deepspeed", tiny_model_dir, tmp_path / "ds",
+                 extra=["--deepspeed_config", str(REPO / "configs/deepspeed/zero3.json"),
+                        "--check_reference"])
+    ranks = read_ranks(out)
+    assert_each_sample_once(ranks)
+    assert ranks[0]["distributed_type"].endswith("DEEPSPEED")
+    assert_same_weights(load_state(out / "model"), load_state(single_runs / "full" / "model"))
+    # the frozen reference copy is a sharded DeepSpeed engine giving the base model's logits
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        expected = base(input_ids=torch.tensor([[1, 5, 9, 13, 17, 21]])).logits
+    for r in range(2):
+        ref = torch.load(out / f"ref_logits_rank{r}.pt")
+        assert ref["type"] == "DeepSpeedEngine"
+        torch.testing.assert_close(ref["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_under_zero3_saves_the_trained_adapter(tiny_model_dir, single_runs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = launch("accelerate", tiny_model_dir, tmp_path / "lora3",
+                 config_file=REPO / "configs" / "accelerate" / "zero3.yaml",
+                 extra=["--peft", json.dumps(LORA)])
+    assert_each_sample_once(read_ranks(out))
+    adapter = load_file(out / "model" / "adapter_model.safetensors")
+    reference = load_file(single_runs / "lora" / "model" / "adapter_model.safetensors")
+    assert set(adapter) == set(reference) and len(adapter) == 28  # 7 linear kinds x 2 layers x A/B
+    for key, value in adapter.items():
+        assert value.numel() > 0
+        torch.testing.assert_close(value, reference[key], atol=1e-4, rtol=1e-4)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained
+    merged = load_state(out / "merged")
+    assert_same_weights(merged, load_state(single_runs / "lora" / "merged"))
+    assert not any("lora" in k for k in merged)
+    AutoModelForCausalLM.from_pretrained(out / "model")  # adapter folder finds its base
+
+
+# ------------------------------------------------------------------ in one process
+
+
+def test_deepspeed_config_autos_filled_from_the_trainer():
+    t = TrainConfig(batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5,
+                    mixed_precision="bf16")
+    ds = resolve_deepspeed_config(load_deepspeed_config(REPO / "configs/deepspeed/zero3.json"),
+                                  t, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    z2 = load_deepspeed_config(REPO / "configs/deepspeed/zero2.json")
+    z2["zero_optimization"]["stage"] = 3
+    z2["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    fixed = resolve_deepspeed_config(z2, t, world_size=1)
+    assert fixed["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("key,value,names", [
+    ("train_micro_batch_size_per_gpu", 8, "train.batch_size"),
+    ("gradient_accumulation_steps", 4, "train.gradient_accumulation_steps"),
+    ("train_batch_size", 100, "train.batch_size * train.gradient_accumulation_steps"),
+])
+def test_contradicting_deepspeed_batch_sizes_fail_before_training(key, value, names,
+                                                                  tiny_config):
+    ds = load_deepspeed_config(REPO / "configs/deepspeed/zero2.json")
+    ds[key] = value
+    config = tiny_config.evolve(train=dict(deepspeed_config=ds))
+    with pytest.raises(ConfigError, match=rf"{key}={value}.*{names.split()[0]}"):
+        train(samples=["a b c"] * 4, config=config)
+
+
+def test_deepspeed_optimizer_section_is_refused():
+    with pytest.raises(ConfigError, match="optimizer"):
+        resolve_deepspeed_config({"optimizer": {"type": "AdamW"}, "zero_optimization": {}},
+                                 TrainConfig(), world_size=1)
+
+
+def test_loop_helpers_in_one_process():
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    assert align_micro_batches(acc, [1, 2]) == [1, 2]
+    assert align_micro_batches(acc, []) == []
+    assert batches_per_process(acc, 5) == 5
+    assert not is_zero3(acc)
+
+
+def test_reference_model_is_frozen_in_eval_mode(tiny_model_dir):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    acc = Accelerator(cpu=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref = prepare_reference_model(acc, model)
+    assert not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert next(ref.parameters()).device.type == acc.device.type
