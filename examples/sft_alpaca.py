@@ -49,7 +49,7 @@ def main():
     model_path, embedded = pick_model(args.model_path or (recipe and recipe.model.model_path))
     config = default_sft_config().evolve(
         model=dict(model_path=model_path),
-        train=dict(seq_length=256, batch_size=16, epochs=args.epochs or (60 if embedded else 3),
+        train=dict(seq_length=256, batch_size=4, epochs=args.epochs or (80 if embedded else 3),
                    total_steps=100_000, log_interval=20, eval_interval=10_000,
                    checkpoint_dir="outputs/sft_alpaca_ckpts"),
         optimizer=dict(kwargs=dict(lr=3e-3 if embedded else 2e-5, weight_decay=0.01)),

@@ -39,7 +39,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tiny_config(tiny_model_dir, tmp_path):
-    """An SFT config for fast tests: the tiny model, no progress bar, files under tmp_path."""
+    """An SFT config for fast tests: the tiny model, no progress bar, files under tmp_path.
+    Unpacked, so that one sample is one batch row and step counts follow from sample counts;
+    tests of packing turn it on."""
     from trainer_lib import default_sft_config
 
     return default_sft_config().evolve(
@@ -49,4 +51,5 @@ def tiny_config(tiny_model_dir, tmp_path):
                    checkpoint_dir=str(tmp_path / "ckpts"), logging_dir=str(tmp_path / "logs")),
         optimizer=dict(kwargs=dict(lr=1e-3)),
         scheduler=dict(name="constant"),
+        method=dict(packing=False),
     )

@@ -103,7 +103,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(dropout_model_
 
 
 def test_latest_with_no_checkpoint_starts_fresh(tiny_config, capsys):
-    config = tiny_config.evolve(train=dict(total_steps=2, resume_from_checkpoint="latest"))
+    config = tiny_config.evolve(train=dict(total_steps=2, epochs=4, resume_from_checkpoint="latest"))
     trainer = train(samples=[["a b", " c"]] * 8, config=config)
     assert trainer.step == 2
     assert "no checkpoint under" in capsys.readouterr().out

@@ -18,8 +18,8 @@ def _env(tmp_path):
 def test_main_example_trains_saves_reloads_and_generates(tmp_path):
     out = tmp_path / "sft"
     proc = subprocess.run(
-        [sys.executable, "examples/sft_alpaca.py", "--output", str(out), "--epochs", "40",
-         "train.progress_bar=false"],
+        [sys.executable, "examples/sft_alpaca.py", "--output", str(out),
+         "train.progress_bar=false", f"train.checkpoint_dir={tmp_path / 'ckpts'}"],
         cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

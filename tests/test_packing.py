@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from trainer_lib.data.packing import PackedCollator, best_fit_decreasing, pack_dataset, split_overlong
+from trainer_lib.data.packing import PackedCollator, best_fit_decreasing, pack_dataset
 from trainer_lib.data.sampling import length_grouped_order, padded_collate
 from trainer_lib.losses.cross_entropy import causal_lm_token_nll
 
@@ -40,11 +40,8 @@ def test_bfd_rejects_items_that_cannot_fit():
         best_fit_decreasing([3, 11], 10)
 
 
-def test_split_overlong_and_pack_dataset_errors():
+def test_pack_dataset_errors():
     ex = dict(input_ids=list(range(10)), labels=[-100] * 3 + list(range(3, 10)))
-    pieces = split_overlong(ex, 4)
-    assert [p["input_ids"] for p in pieces] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [p["labels"] for p in pieces] == [[-100, -100, -100, 3], [4, 5, 6, 7], [8, 9]]
     with pytest.raises(ValueError, match="example 1 has 10 tokens"):
         pack_dataset([dict(input_ids=[1], labels=[1]), ex], 8)
     with pytest.raises(ValueError, match="example 0 has 2 input_ids but 1 labels"):

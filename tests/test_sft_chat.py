@@ -43,6 +43,7 @@ def test_noise_turns_carry_no_loss_so_the_loss_reaches_zero(tiny_config, tmp_pat
         tokenizer=dict(chat_template=TEMPLATE),
         train=dict(seq_length=256, batch_size=8, epochs=1000, total_steps=120, log_interval=10),
         optimizer=dict(kwargs=dict(lr=1e-2)),
+        method=dict(packing=True),
     )
     trainer = train(samples=samples, config=config)
     losses = [e["loss"] for e in trainer.log_history]

@@ -81,8 +81,9 @@ def test_tiny_model_learns_completions_of_noise_prompts(tiny_config, tmp_path):
                 "completion": a} for a in answers]
     config = tiny_config.evolve(
         model=dict(model_path=tiny_config.model.model_path),
-        train=dict(batch_size=6, epochs=300, total_steps=150, log_interval=10),
+        train=dict(batch_size=2, epochs=300, total_steps=150, log_interval=10),
         optimizer=dict(kwargs=dict(lr=1e-2)),
+        method=dict(packing=True),  # the default: all six pairs share one packed row
     )
     trainer = train(samples=samples, config=config)
     losses = [e["loss"] for e in trainer.log_history if "loss" in e]

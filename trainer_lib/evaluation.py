@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
+from trainer_lib.distributed import is_zero3
+
 IGNORE_INDEX = -100
 NUM_DEFAULT_PROMPTS = 8
 NUM_PRINTED_ROWS = 3
@@ -111,11 +113,6 @@ def cut_at_stop(text: str, stop_sequences: list[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _is_zero3(accelerator) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and getattr(plugin, "zero_stage", None) == 3
-
-
 @torch.no_grad()
 def generate_outputs(accelerator, model, tokenizer, prompts: list[dict], batch_size: int,
                      gen_kwargs: dict, stop_sequences: list[str]) -> list[str]:
@@ -130,7 +127,7 @@ def generate_outputs(accelerator, model, tokenizer, prompts: list[dict], batch_s
     unwrapped.eval()
     kwargs = dict(gen_kwargs)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if world > 1 and _is_zero3(accelerator):
+    if world > 1 and is_zero3(accelerator):
         kwargs["synced_gpus"] = True
     results = []
     for b in range(n_calls):
@@ -211,7 +208,7 @@ class GenerationEval:
         if eval_prompts is None and metric_fn is None:
             return None
         if eval_prompts is None:
-            return cls(default_eval_prompts(trainer.train_items, trainer.tokenizer), {}, metric_fn)
+            return cls(default_eval_prompts(getattr(trainer, "train_examples", trainer.train_items), trainer.tokenizer), {}, metric_fn)
         template = getattr(trainer, "chat_template", None)
         prompts, metadata = normalize_eval_prompts(eval_prompts, trainer.tokenizer, template)
         if not prompts:

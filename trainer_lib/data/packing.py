@@ -76,21 +76,6 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def split_overlong(example: dict, seq_length: int) -> list[dict]:
-    """Cut an example into consecutive pieces of at most `seq_length` tokens, each its own document.
-
-    Each piece loses one labelled token to packing (a document's first token is never predicted).
-    """
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    _check_example(example, None)
-    ids, labels = example["input_ids"], example["labels"]
-    return [
-        dict(input_ids=list(ids[s : s + seq_length]), labels=list(labels[s : s + seq_length]))
-        for s in range(0, len(ids), seq_length)
-    ]
-
-
 def pack_dataset(examples: list[dict], seq_length: int) -> list[list[dict]]:
     """Group examples into rows of at most `seq_length` tokens (best fit decreasing)."""
     lengths = []
@@ -99,8 +84,8 @@ def pack_dataset(examples: list[dict], seq_length: int) -> list[list[dict]]:
         n = len(ex["input_ids"])
         if n > seq_length:
             raise ValueError(
-                f"example {i} has {n} tokens, more than seq_length={seq_length}; truncate it, drop it, "
-                "or cut it with split_overlong before packing"
+                f"example {i} has {n} tokens, more than seq_length={seq_length}; set method.overlong "
+                "to truncate, drop or split it"
             )
         lengths.append(n)
     return [[examples[i] for i in row] for row in best_fit_decreasing(lengths, seq_length)]

@@ -36,10 +36,28 @@ def length_grouped_order(
     return [i for mb in megabatches for i in mb]
 
 
-def padded_collate(examples: list[dict], pad_token_id: int) -> dict:
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """`length_grouped_order` as a sampler: a new grouping each epoch (seed + epoch), so the
+    order is a function of (seed, epoch) alone, which exact resume relies on."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def padded_collate(examples: list[dict], pad_token_id: int, width: int | None = None) -> dict:
     """Right-padded batch: input_ids, labels, attention_mask (LongTensor [B, T]), num_tokens,
     num_loss_tokens (Python ints).
 
+    `width` pads every batch to one length (equal shapes on every process, as ZeRO-3 needs).
     Position 0 is never predicted, so its label is set to -100 here: num_loss_tokens then counts
     exactly the tokens that carry loss, as for packed batches.
     """
@@ -51,7 +69,7 @@ def padded_collate(examples: list[dict], pad_token_id: int) -> dict:
                 f"example {i} of the batch has {len(ex['input_ids'])} input_ids and {len(ex['labels'])} "
                 "labels; they must be equal and non-zero"
             )
-    width = max(len(ex["input_ids"]) for ex in examples)
+    width = width or max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -1,4 +1,10 @@
-"""Supervised fine-tuning: next-token loss on the tokens that `labels` marks."""
+"""Supervised fine-tuning: next-token loss on the tokens that `labels` marks.
+
+Examples are packed into rows of `seq_length` by default (best fit decreasing; position ids
+restart at each document and no document attends to another), or padded in length-grouped
+batches with `method.packing=False`. The loss is the chunked cross-entropy, which never holds the
+full float32 logits for the backward pass.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,21 @@ import random
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from trainer_lib.config import SFTConfig
+from trainer_lib.data.packing import PackedCollator, pack_dataset
 from trainer_lib.data.samples import DataError, load_samples, normalize_sft_samples
+from trainer_lib.data.sampling import LengthGroupedSampler, padded_collate
 from trainer_lib.data.tokenize import (
-    IGNORE_INDEX,
     DataReport,
     count_loss_tokens,
     fit_to_length,
     tokenize_pair,
     tokenize_text,
 )
+from trainer_lib.distributed import is_zero3
+from trainer_lib.losses.cross_entropy import causal_lm_token_nll
 from trainer_lib.registry import register_trainer
 from trainer_lib.trainers.base import Trainer
 
@@ -122,23 +131,32 @@ class SFTTrainer(Trainer):
         return self.chat_template
 
     def arrange(self, examples: list[dict]) -> list:
-        """How examples become loader items (one example per item when unpacked)."""
+        """Loader items: packed rows of examples (best fit decreasing), or single examples."""
+        self.train_examples = examples
+        if self.method.packing:
+            return pack_dataset(examples, self.config.train.seq_length)
         return examples
 
-    def collate(self, items: list[dict]) -> dict:
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ex["input_ids"]) for ex in items)
-        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, ex in enumerate(items):
-            n = len(ex["input_ids"])
-            input_ids[row, :n] = torch.tensor(ex["input_ids"])
-            labels[row, :n] = torch.tensor(ex["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
-                "num_tokens": int(mask.sum()),
-                "num_loss_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
+    def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None):
+        if shuffle and not self.method.packing and self.method.group_by_length:
+            lengths = [len(ex["input_ids"]) for ex in items]
+            sampler = LengthGroupedSampler(lengths, self.config.train.batch_size,
+                                           self.config.train.seed)
+            return DataLoader(items, batch_size=batch_size or self.config.train.batch_size,
+                              sampler=sampler, collate_fn=self.collate)
+        return super().make_loader(items, shuffle, batch_size)
+
+    def collate(self, items: list) -> dict:
+        """Packed rows (lists of examples) or single examples, padded. Under ZeRO-3 every batch
+        is padded to seq_length so that all processes run the same chunks of the loss."""
+        seq_length = self.config.train.seq_length
+        same_shape = is_zero3(self.accelerator)
+        if isinstance(items[0], list):
+            collator = PackedCollator(self.tokenizer.pad_token_id, seq_length,
+                                      pad_to_multiple_of=None if same_shape else 64)
+            return collator(items)
+        return padded_collate(items, self.tokenizer.pad_token_id,
+                              width=seq_length if same_shape else None)
 
     # ------------------------------------------------------------------ loss
 
@@ -146,9 +164,5 @@ class SFTTrainer(Trainer):
         return batch["num_loss_tokens"]
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       use_cache=False).logits
-        labels = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, {}
+        nll = causal_lm_token_nll(model, batch, self.method.loss_chunk_size)
+        return nll.sum(), {}
