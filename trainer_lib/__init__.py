@@ -1,5 +1,6 @@
 """trainer_lib: supervised fine-tuning and KTO alignment of causal language models."""
 
+from trainer_lib.api import train
 from trainer_lib.config import (
     Config,
     ConfigError,
@@ -8,12 +9,20 @@ from trainer_lib.config import (
     default_kto_config,
     default_sft_config,
 )
+from trainer_lib.data.samples import DataError
+from trainer_lib.registry import register_trainer
+from trainer_lib.trainers import SFTTrainer, Trainer
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DataError",
     "KTOConfig",
     "SFTConfig",
+    "SFTTrainer",
+    "Trainer",
     "default_kto_config",
     "default_sft_config",
+    "register_trainer",
+    "train",
 ]

@@ -49,7 +49,6 @@ class TokenizerConfig:
     # "default": the tokenizer's own template; None: no template (contents are concatenated);
     # any other string: a Jinja template, or a path to a .jinja file.
     chat_template: Optional[str] = "default"
-    truncation_side: Literal["right", "left"] = "right"
 
 
 @dataclass

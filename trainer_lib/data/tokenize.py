@@ -1,0 +1,136 @@
+"""Records → tokenised examples `{"input_ids": [...], "labels": [...]}`.
+
+Labels are aligned with input_ids (not shifted; the loss shifts) and hold -100 where a token
+carries no loss.
+
+Over-long examples (more than `seq_length` tokens), by `method.overlong`:
+- "truncate": text keeps its first `seq_length` tokens. A prompt/completion pair keeps its whole
+  completion and drops prompt tokens from the left (the first token, BOS for most models, stays);
+  a completion that alone does not fit is cut at the end. Conversations keep their first
+  `seq_length` tokens; one whose assistant tokens would all be cut off is dropped.
+- "drop": the example is left out.
+- "split" (text only): the text is cut into consecutive pieces of `seq_length` tokens.
+Every truncation and drop is counted in the data report.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataReport:
+    """What happened to the samples on their way to the model."""
+
+    kinds: Counter = field(default_factory=Counter)
+    num_samples: int = 0
+    num_examples: int = 0
+    truncated: int = 0
+    split: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    num_tokens: int = 0
+    num_loss_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "samples": self.num_samples,
+            "examples": self.num_examples,
+            **{f"kind/{k}": v for k, v in sorted(self.kinds.items())},
+            "truncated": self.truncated,
+            "split": self.split,
+            **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())},
+            "tokens": self.num_tokens,
+            "loss_tokens": self.num_loss_tokens,
+            "loss_token_share": round(self.num_loss_tokens / max(self.num_tokens, 1), 4),
+        }
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.kinds.items()))
+        dropped = sum(self.dropped.values())
+        reasons = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items()))
+        share = 100 * self.num_loss_tokens / max(self.num_tokens, 1)
+        return (
+            f"data: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
+            f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
+            f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
+            + (f" ({reasons})" if dropped else "")
+        )
+
+
+def tokenize_text(tokenizer, text: str, add_eos: bool = True) -> dict:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def tokenize_pair(tokenizer, prompt: str, completion: str, add_eos: bool = True) -> dict:
+    """Tokenises prompt + completion as one text, so tokens at the seam are the ones the model
+    would see at inference; a token that contains any completion character carries loss."""
+    text = prompt + completion
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        boundary = len(prompt)
+        in_completion = [end > boundary and end > start for start, end in enc["offset_mapping"]]
+    else:  # slow tokenizers have no offsets: tokenise the parts apart
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = p_ids + c_ids
+        in_completion = [False] * len(p_ids) + [True] * len(c_ids)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+        in_completion = in_completion + [True]
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_completion)]
+    return {"input_ids": ids, "labels": labels}
+
+
+def fit_to_length(example: dict, seq_length: int, kind: str, policy: str) -> tuple[list[dict], str]:
+    """Applies the over-long policy. Returns (examples, what happened) where what happened is
+    "" (fits), "truncated", "split", or a drop reason starting with "dropped:"."""
+    ids, labels = example["input_ids"], example["labels"]
+    n = len(ids)
+    if n <= seq_length:
+        return [example], ""
+    if policy == "drop":
+        return [], "dropped:too_long"
+    if policy == "split":
+        if kind != "text":
+            raise ValueError('method.overlong="split" applies to text samples only; '
+                             'use "truncate" or "drop" for prompt/completion and chat data')
+        pieces = [
+            {"input_ids": ids[s:s + seq_length], "labels": labels[s:s + seq_length]}
+            for s in range(0, n, seq_length)
+        ]
+        # a last piece of one token has nothing to predict
+        pieces = [p for p in pieces if len(p["input_ids"]) > 1]
+        return pieces, "split"
+    if kind == "pair":
+        return _truncate_pair(ids, labels, seq_length)
+    ids, labels = ids[:seq_length], labels[:seq_length]
+    if all(l == IGNORE_INDEX for l in labels[1:]):
+        return [], "dropped:no_loss_tokens_after_truncation"
+    return [{"input_ids": ids, "labels": labels}], "truncated"
+
+
+def _truncate_pair(ids: list, labels: list, seq_length: int) -> tuple[list[dict], str]:
+    prompt_len = next((i for i, l in enumerate(labels) if l != IGNORE_INDEX), len(labels))
+    completion_len = len(ids) - prompt_len
+    keep_head = 1 if prompt_len > 0 else 0  # BOS (or the first prompt token) stays
+    if completion_len <= seq_length - keep_head:
+        # drop prompt tokens from the left, right after the head
+        tail = seq_length - completion_len - keep_head
+        keep = list(range(keep_head)) + list(range(prompt_len - tail, len(ids)))
+    else:
+        # the completion alone does not fit: keep the head and cut the completion's end
+        keep = (list(range(keep_head)) + list(range(prompt_len, len(ids))))[:seq_length]
+    new = {"input_ids": [ids[i] for i in keep], "labels": [labels[i] for i in keep]}
+    return [new], "truncated"
+
+
+def count_loss_tokens(labels: list) -> int:
+    """Tokens that carry loss once labels are shifted (the first position is never a target)."""
+    return sum(1 for l in labels[1:] if l != IGNORE_INDEX)

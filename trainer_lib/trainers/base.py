@@ -1,0 +1,244 @@
+"""The one training loop, shared by every method.
+
+A method subclasses `Trainer` and supplies its data and its loss:
+- `build_examples(samples)` → a list of items the collator takes (tokenised examples, packed
+  rows, ...), and `collate(items)` → a batch dict;
+- `loss_weight(batch)` → how much the batch counts in the step's mean (loss-carrying tokens for
+  SFT, examples for KTO), known before the forward pass;
+- `compute_loss(model, batch)` → (the SUM of the loss over the batch, {name: (sum, count)}).
+
+Why sums: the loss of an optimiser step is the mean over every loss-carrying unit of the whole
+step, across micro-batches and processes. A mean of per-micro-batch means would weight a token in
+a short micro-batch more than one in a long micro-batch, so the result would depend on how the
+data happened to be cut into micro-batches and shards. The loop first counts the step's units
+on every process (one all-reduce), then back-propagates each micro-batch's sum divided by that
+global count, so accumulation and sharding give the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from trainer_lib.config import Config
+from trainer_lib.distributed import build_accelerator, reduce_sum
+from trainer_lib.modeling import align_special_tokens, load_model, load_tokenizer
+from trainer_lib.optim import build_optimizer, build_scheduler
+from trainer_lib.saving import save_pretrained
+
+
+class Trainer:
+    def __init__(self, config: Config, samples: Any = None, eval_samples: Any = None,
+                 eval_prompts: Any = None, metric_fn: Any = None):
+        self.config = config.validate()
+        self.eval_prompts = eval_prompts
+        self.metric_fn = metric_fn
+        self.log_history: list[dict] = []
+        self.step = 0
+        self.accelerator = build_accelerator(config)
+        set_seed(config.train.seed)
+        self.tokenizer = load_tokenizer(config)
+        # data before the model: bad input fails in seconds, before anything heavy is loaded
+        self.train_items, self.eval_items = self.build_datasets(samples, eval_samples)
+        self.model = load_model(config)
+        align_special_tokens(self.model, self.tokenizer)
+        self.setup_model()
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        loader = self.make_loader(self.train_items, shuffle=True)
+        k = config.train.gradient_accumulation_steps
+        self.total_steps = min(config.train.total_steps,
+                               config.train.epochs * math.ceil(len(loader) / k))
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
+            self.model, self.optimizer, loader
+        )
+        # stepped by hand once per optimiser step (accelerate would step it once per process)
+        self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
+
+    # ------------------------------------------------------------------ method hooks
+
+    def build_examples(self, samples: Any, split: str) -> list:
+        raise NotImplementedError
+
+    def collate(self, items: list) -> dict:
+        raise NotImplementedError
+
+    def loss_weight(self, batch: dict) -> float:
+        raise NotImplementedError
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def setup_model(self) -> None:
+        """Called once the model is loaded, before the optimiser is built."""
+
+    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
+        train_items = self.build_examples(samples, "train")
+        eval_items = self.build_examples(eval_samples, "eval") if eval_samples is not None else []
+        return train_items, eval_items
+
+    # ------------------------------------------------------------------ data
+
+    def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        return DataLoader(items, batch_size=batch_size or self.config.train.batch_size,
+                          shuffle=shuffle, collate_fn=self.collate, generator=generator)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> "Trainer":
+        acc, cfg = self.accelerator, self.config.train
+        k = cfg.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.progress_bar))
+        window = _Window()
+        self.num_tokens = getattr(self, "num_tokens", 0)
+        self.model.train()
+        epoch = 0
+        while self.step < self.total_steps:
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(epoch)
+            batches = iter(self.train_loader)
+            while self.step < self.total_steps:
+                micro = list(itertools.islice(batches, k))
+                if not micro:
+                    break
+                out = self.training_step(micro)
+                self.step += 1
+                window.add(out)
+                self.num_tokens += out["num_tokens"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}",
+                                tok_s=f"{window.tokens / max(window.seconds, 1e-9):,.0f}")
+                last = self.step == self.total_steps
+                if self.step % cfg.log_interval == 0 or last:
+                    self.log({**window.summary(), "num_tokens": self.num_tokens, "epoch": epoch})
+                    window = _Window()
+                if self.eval_items and (self.step % cfg.eval_interval == 0 or last):
+                    self.log(self.evaluate())
+            epoch += 1
+        bar.close()
+        return self
+
+    def training_step(self, micro: list[dict]) -> dict:
+        acc, model = self.accelerator, self.model
+        start = time.perf_counter()
+        local_weight = sum(float(self.loss_weight(b)) for b in micro)
+        total_weight = reduce_sum(acc, [local_weight])[0].item()
+        # accelerate divides by gradient_accumulation_steps in backward and DDP averages over
+        # processes; undo both so the gradient is that of sum(loss) / total_weight
+        scale = acc.num_processes * acc.gradient_accumulation_steps / max(total_weight, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, list[float]] = {}
+        num_tokens = 0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            acc.gradient_state._set_sync_gradients(last)
+            with nullcontext() if last else acc.no_sync(model):
+                batch_loss, metrics = self.compute_loss(model, self._to_device(batch))
+                acc.backward(batch_loss * scale)
+            loss_sum += batch_loss.detach().double().cpu()
+            num_tokens += int(batch.get("num_tokens", 0))
+            for name, (s, c) in metrics.items():
+                acc_s = metric_sums.setdefault(name, [0.0, 0.0])
+                acc_s[0] += float(s)
+                acc_s[1] += float(c)
+        grad_norm = None
+        if self.config.train.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips itself
+            grad_norm = model.get_global_grad_norm()
+        names = sorted(metric_sums)
+        flat = [float(loss_sum), float(num_tokens)] + [v for n in names for v in metric_sums[n]]
+        totals = reduce_sum(acc, flat).tolist()
+        metrics = {n: (totals[2 + 2 * j], totals[3 + 2 * j]) for j, n in enumerate(names)}
+        return {
+            "loss_sum": totals[0], "weight": total_weight, "loss": totals[0] / max(total_weight, 1),
+            "num_tokens": int(totals[1]), "learning_rate": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "metrics": metrics, "seconds": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss on the validation examples (`eval/loss`), the same mean as in training."""
+        acc, model = self.accelerator, self.model
+        was_training = model.training
+        model.eval()
+        bs = self.config.train.eval_batch_size or self.config.train.batch_size
+        shard = self.eval_items[acc.process_index::acc.num_processes]
+        batches = [shard[i:i + bs] for i in range(0, len(shard), bs)]
+        # every process runs the same number of forward passes (sharded models need all ranks)
+        n_batches = len(batches)
+        if acc.num_processes > 1:
+            n_batches = int(acc.gather(torch.tensor([n_batches], device=acc.device)).max())
+        loss_sum, weight = 0.0, 0.0
+        for i in range(n_batches):
+            items = batches[i] if i < len(batches) else batches[-1] if batches else self.eval_items[:1]
+            batch = self._to_device(self.collate(items))
+            s, _ = self.compute_loss(model, batch)
+            if i < len(batches):
+                loss_sum += float(s)
+                weight += float(self.loss_weight(batch))
+        total = reduce_sum(acc, [loss_sum, weight]).tolist()
+        model.train(was_training)
+        return {"eval/loss": total[0] / max(total[1], 1.0)}
+
+    # ------------------------------------------------------------------ logging and saving
+
+    def log(self, values: dict) -> None:
+        entry = {"step": self.step, **{k: v for k, v in values.items() if v is not None}}
+        if self.log_history and self.log_history[-1]["step"] == self.step:
+            self.log_history[-1].update(entry)
+        else:
+            self.log_history.append(entry)
+
+    def save_pretrained(self, path: str, merge_adapters: bool = False) -> None:
+        save_pretrained(self.accelerator, self.model, self.tokenizer, path,
+                        merge_adapters=merge_adapters)
+
+
+class _Window:
+    """Figures accumulated between two log lines."""
+
+    def __init__(self):
+        self.loss_sum = self.weight = self.tokens = self.seconds = 0.0
+        self.metrics: dict[str, list[float]] = {}
+        self.last: dict = {}
+
+    def add(self, out: dict) -> None:
+        self.loss_sum += out["loss_sum"]
+        self.weight += out["weight"]
+        self.tokens += out["num_tokens"]
+        self.seconds += out["seconds"]
+        for name, (s, c) in out["metrics"].items():
+            m = self.metrics.setdefault(name, [0.0, 0.0])
+            m[0] += s
+            m[1] += c
+        self.last = out
+
+    def summary(self) -> dict:
+        values = {
+            "loss": self.loss_sum / max(self.weight, 1.0),
+            "learning_rate": self.last["learning_rate"],
+            "grad_norm": self.last["grad_norm"],
+            "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+        }
+        for name, (s, c) in self.metrics.items():
+            values[name] = s / c if c else 0.0
+        return values
