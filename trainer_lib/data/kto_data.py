@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from trainer_lib.data.samples import DataError
+
 # ShareGPT "from" -> OpenAI "role".
 _SHAREGPT_ROLES = {
     "human": "user",
@@ -44,7 +46,7 @@ _KIND_NAMES = {
 }
 
 
-class KTODataError(ValueError):
+class KTODataError(DataError):
     """A KTO sample that cannot be used; the message names the sample and the field."""
 
 
@@ -269,3 +271,21 @@ def normalize_kto_samples(
     if not records:
         raise KTODataError("no KTO samples were given")
     return records
+
+
+def fixed_micro_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Cuts a seeded permutation of range(n) into micro-batches of `batch_size` example indices.
+
+    Decided once, before training: the loader then shuffles these micro-batches as units each
+    epoch, so a micro-batch (and with it each example's mismatched partner for the KL estimate)
+    is the same in every epoch and on every process, which is what lets reference log-probs be
+    precomputed. A last micro-batch of a single example joins the one before it (a lone example
+    has no other completion to be paired with).
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2].extend(batches.pop())
+    return batches

@@ -9,11 +9,13 @@ z is the reference point: the batch estimate of KL(pi || pi_ref), taken from pro
 another example's completion (`mismatched_pairing`), detached, averaged across processes and
 clamped at 0.
 
-The trainer's step, in order:
+The trainer's step, in order (trainer_lib/trainers/kto.py):
   1. `completion_logps` on the real pairs and on the mismatched pairs (the same `average` for both,
      so r and z are on one scale), for the policy and the reference model;
-  2. `kto_loss` -> per-example losses, z, rewards; the trainer takes the mean over the micro-batch;
-  3. when `sft_weight > 0`, adds `kto_sft_term(...)`.
+  2. `kto_loss` -> per-example losses, z, rewards; the trainer returns their SUM, and the shared
+     loop divides by the number of examples of the whole optimiser step;
+  3. when `sft_weight > 0`, adds the per-example `kto_sft_losses(...)` to that sum
+     (`kto_sft_term` is the per-micro-batch form, for callers that average per micro-batch).
 """
 
 from __future__ import annotations
@@ -158,6 +160,27 @@ def kto_sft_term(
         return token_logps.new_zeros(())
     nll = -token_logps.masked_fill(~mask, 0.0).sum() / n_tokens
     return sft_weight * nll
+
+
+def kto_sft_losses(
+    token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    is_desirable: torch.Tensor,
+    *,
+    sft_weight: float,
+) -> torch.Tensor:
+    """Per-example SFT term [B]: `sft_weight` times the mean per-token NLL of each desirable
+    completion, 0 for undesirable ones.
+
+    Per example rather than per micro-batch (unlike `kto_sft_term`), so the term adds to the
+    per-example KTO losses and the step mean over all examples of all micro-batches and processes
+    does not depend on how the step was cut into micro-batches: the step objective is
+    mean_i [kto_i + sft_weight * 1{desirable_i} * mean_t(-log p(y_i,t))].
+    """
+    mask = completion_mask.bool()
+    n_tokens = mask.sum(-1).clamp(min=1).to(token_logps.dtype)
+    nll = -token_logps.masked_fill(~mask, 0.0).sum(-1) / n_tokens
+    return sft_weight * nll * is_desirable.to(nll.dtype)
 
 
 def _check_counts(n_desirable: int, n_undesirable: int) -> None:
