@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_lib.data.kto_data import KTODataError, normalize_kto_samples
+from trainer_lib.data.kto_data import KTODataError, fixed_micro_batches, normalize_kto_samples
 
 FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 needs_fixtures = pytest.mark.skipif(
@@ -189,3 +189,12 @@ def test_mixed_formats_are_an_error():
 def test_no_samples_is_an_error():
     with pytest.raises(KTODataError, match="no KTO samples"):
         normalize_kto_samples([])
+
+
+@pytest.mark.parametrize("n, size", [(8, 4), (9, 4), (10, 3), (5, 8), (2, 1)])
+def test_fixed_micro_batches_cover_every_example_once_and_never_leave_one_alone(n, size):
+    batches = fixed_micro_batches(n, size, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    assert all(len(b) <= size + 1 for b in batches)  # a lone last example joins one batch
+    assert all(len(b) >= 2 for b in batches) if size > 1 else all(len(b) == 1 for b in batches)
+    assert batches == fixed_micro_batches(n, size, seed=3)  # decided by the seed alone

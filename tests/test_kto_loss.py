@@ -10,6 +10,7 @@ from trainer_lib.losses.kto import (
     class_balance,
     completion_logps,
     kto_loss,
+    kto_sft_losses,
     kto_sft_term,
     mismatched_pairing,
 )
@@ -171,6 +172,15 @@ def test_sft_term_is_mean_token_nll_of_desirable_completions():
     assert term.item() == pytest.approx(0.3 * 5.0 / 4)
     assert kto_sft_term(token_logps, mask, labels, sft_weight=0.0).item() == 0.0
     assert kto_sft_term(token_logps, mask, torch.tensor([False] * 3), sft_weight=0.3).item() == 0.0
+
+
+def test_per_example_sft_losses_are_each_desirable_completions_mean_token_nll():
+    token_logps = t(-1.0, -2.0, -3.0, -0.5, -0.5, 0.0, -4.0, -1.0, -1.0).reshape(3, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 1, 1]])
+    labels = torch.tensor([True, False, True])
+    # row 0: (1 + 2) / 2; row 1 undesirable: 0; row 2: (1 + 1) / 2
+    losses = kto_sft_losses(token_logps, mask, labels, sft_weight=0.3)
+    assert losses.tolist() == pytest.approx([0.3 * 1.5, 0.0, 0.3 * 1.0])
 
 
 def test_loss_rejects_unusable_arguments():

@@ -279,13 +279,13 @@ def fixed_micro_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     Decided once, before training: the loader then shuffles these micro-batches as units each
     epoch, so a micro-batch (and with it each example's mismatched partner for the KL estimate)
     is the same in every epoch and on every process, which is what lets reference log-probs be
-    precomputed. A last micro-batch of a single example joins the one before it (a lone example
-    has no other completion to be paired with).
+    precomputed. With batch_size >= 2, a last micro-batch of a single example joins the one before
+    it (a lone example has no other completion to be paired with).
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     order = np.random.default_rng(seed).permutation(n).tolist()
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2].extend(batches.pop())
     return batches
