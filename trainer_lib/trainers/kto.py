@@ -241,9 +241,9 @@ class KTOTrainer(Trainer):
                     kl = kl_ref.tolist() if kl_ref is not None else [None] * len(ref)
                     results.append((g, ref.tolist(), kl))
         if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            results = gather_object(results)
+            shares = [None] * acc.num_processes
+            torch.distributed.all_gather_object(shares, results)
+            results = [r for share in shares for r in share]
         for g, ref, kl in results:
             for ex, a, b in zip(groups[g], ref, kl):
                 ex["ref_logp"], ex["kl_ref_logp"] = a, b
