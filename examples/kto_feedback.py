@@ -1,4 +1,4 @@
-"""Align an SFT model with thumbs-up / thumbs-down feedback (KTO), and measure it on held-out feedback.
+"""Align an SFT model with thumbs-up / thumbs-down feedback (KTO); measure it on held-out feedback.
 
     python examples/sft_alpaca.py && python examples/kto_feedback.py --sft_model outputs/sft_alpaca
     python examples/kto_feedback.py                  # offline: trains a quick SFT model first
@@ -74,8 +74,8 @@ def quick_sft(output, epochs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sft_model", default=None, help="an SFT model folder (outputs/sft_alpaca)")
-    parser.add_argument("--feedback", default=str(FEEDBACK), help=".jsonl of prompt/completion/label")
+    parser.add_argument("--sft_model", default=None, help="an SFT model folder")
+    parser.add_argument("--feedback", default=str(FEEDBACK), help="prompt/completion/label .jsonl")
     parser.add_argument("--output", default="outputs/kto_feedback")
     parser.add_argument("--sft_epochs", type=int, default=20, help="for the quick SFT step")
     parser.add_argument("--steps", type=int, default=40, help="KTO optimiser steps")

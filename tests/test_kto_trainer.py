@@ -102,7 +102,8 @@ def held_out_margin(model, tokenizer, words):
 def test_training_raises_the_margin_of_held_out_rule_following_completions(kto_config):
     random.Random(0).shuffle(words := list(WORDS))
     train_words, held_words = words[:36], words[36:]
-    config = kto_config.evolve(train=dict(batch_size=8, epochs=100, total_steps=30, log_interval=10),
+    config = kto_config.evolve(train=dict(batch_size=8, epochs=100, total_steps=30,
+                                          log_interval=10),
                                optimizer=dict(kwargs=dict(lr=3e-3)))
     before = held_out_margin(AutoModelForCausalLM.from_pretrained(config.model.model_path),
                              AutoTokenizer.from_pretrained(config.model.model_path), held_words)
@@ -152,7 +153,8 @@ def test_kl_pairs_come_from_the_same_fixed_micro_batch(kto_config):
     micro-batch; the micro-batches, and so the precomputed values, stay fixed."""
     trainer = train(samples=shout(WORDS[:11]),
                     config=kto_config.evolve(train=dict(batch_size=3, total_steps=1)))
-    assert sorted(len(g) for g in trainer.train_items) == [3, 3, 3, 3, 3, 3, 4]  # 22 = 7 * 3 + 1: the lone one joins a batch
+    # 22 = 7 * 3 + 1: the lone last example joins a micro-batch
+    assert sorted(len(g) for g in trainer.train_items) == [3, 3, 3, 3, 3, 3, 4]
     assert sum(len(g) for g in trainer.train_items) == 22
     for group in trainer.train_items:
         batch = trainer.collate([group])
@@ -171,7 +173,7 @@ def test_kl_pairs_come_from_the_same_fixed_micro_batch(kto_config):
 def test_a_label_that_is_not_a_boolean_is_named(kto_config):
     samples = shout(WORDS[:4])
     samples[3]["label"] = "yes"
-    with pytest.raises(DataError, match=r"sample 3: field 'label' is 'yes'; expected true or false"):
+    with pytest.raises(DataError, match=r"sample 3: field 'label' is 'yes'; expected true or fa"):
         train(samples=samples, config=kto_config)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -154,7 +154,8 @@ class KTOTrainer(Trainer):
         if isinstance(prompt, str) and isinstance(completion, str):
             ex = tokenize_pair(self.tokenizer, prompt, completion, add_eos=True)
         else:
-            from trainer_lib.data.chat import resolve_chat_template, tokenize_prompt_completion_messages
+            from trainer_lib.data.chat import (resolve_chat_template,
+                                               tokenize_prompt_completion_messages)
 
             if self.chat_template is None and self.config.tokenizer.chat_template == "default":
                 resolve_chat_template(self.tokenizer, "default")  # raises the explanatory error
@@ -170,8 +171,8 @@ class KTOTrainer(Trainer):
     def _kl_example(self, prompt_ex: dict, completion_ex: dict) -> dict:
         key = (id(prompt_ex), id(completion_ex))  # micro-batches are fixed: each pair recurs
         if key not in self._kl_cache:
-            self._kl_cache[key] = self.tokenize_pair(prompt_ex["prompt"], completion_ex["completion"],
-                                                     prompt_ex["tools"], "truncate")
+            self._kl_cache[key] = self.tokenize_pair(
+                prompt_ex["prompt"], completion_ex["completion"], prompt_ex["tools"], "truncate")
         return self._kl_cache[key]
 
     def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None):
@@ -181,19 +182,21 @@ class KTOTrainer(Trainer):
         return 1
 
     def collate(self, items: list[list[dict]]) -> dict:
-        """Fixed micro-batches -> one batch; each example's KL pair comes from its own micro-batch."""
+        """Fixed micro-batches -> one batch; KL pairs come from each example's own micro-batch."""
         examples, kl_rows = [], []
         for group in items:
             examples.extend(group)
             if self.method.loss_type == "kto":
                 pairing = mismatched_pairing(len(group))
                 kl_rows.extend(self._kl_example(group[i], group[j]) for i, j in enumerate(pairing))
-        batch = _pad(examples, self.tokenizer.pad_token_id)
+        pad_id = self.tokenizer.pad_token_id
+        batch = _pad(examples, pad_id)
         if kl_rows:
-            batch.update({f"kl_{k}": v for k, v in _pad(kl_rows, self.tokenizer.pad_token_id).items()})
+            batch.update({f"kl_{k}": v for k, v in _pad(kl_rows, pad_id).items()})
         batch["is_desirable"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
         if all("ref_logp" in ex for ex in examples):
-            batch["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples], dtype=torch.float64)
+            batch["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples],
+                                              dtype=torch.float64)
             if kl_rows:
                 batch["kl_ref_logps"] = torch.tensor([ex["kl_ref_logp"] for ex in examples],
                                                      dtype=torch.float64)
@@ -236,7 +239,8 @@ class KTOTrainer(Trainer):
         with _eval_mode(model):
             for r in range(rounds):
                 g = mine[r] if r < len(mine) else 0  # a repeat keeps the ranks in step
-                ref, kl_ref = self._reference_pass(model, self._to_device(self.collate([groups[g]])))
+                batch = self._to_device(self.collate([groups[g]]))
+                ref, kl_ref = self._reference_pass(model, batch)
                 if r < len(mine):
                     kl = kl_ref.tolist() if kl_ref is not None else [None] * len(ref)
                     results.append((g, ref.tolist(), kl))
@@ -249,12 +253,14 @@ class KTOTrainer(Trainer):
                 ex["ref_logp"], ex["kl_ref_logp"] = a, b
 
     def _reference_pass(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        avg = self.method.average_log_probs
-        ref = completion_logps(_token_logps(model, batch), _completion_mask(batch["labels"]), avg)
+        avg, chunk = self.method.average_log_probs, self.method.loss_chunk_size
+        ref = completion_logps(_token_logps(model, batch, chunk),
+                               _completion_mask(batch["labels"]), avg)
         kl_ref = None
         if "kl_input_ids" in batch:
             kl = _rows(batch, "kl_")
-            kl_ref = completion_logps(_token_logps(model, kl), _completion_mask(kl["labels"]), avg)
+            kl_ref = completion_logps(_token_logps(model, kl, chunk),
+                                      _completion_mask(kl["labels"]), avg)
         return ref, kl_ref
 
     @torch.no_grad()
@@ -273,16 +279,16 @@ class KTOTrainer(Trainer):
         return batch["num_examples"]
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        m, acc = self.method, self.accelerator
-        token_logps = _token_logps(model, batch)
+        m, acc, chunk = self.method, self.accelerator, self.method.loss_chunk_size
+        token_logps = _token_logps(model, batch, chunk)
         mask = _completion_mask(batch["labels"])
         policy = completion_logps(token_logps, mask, m.average_log_probs)
         kl_policy = None
         if m.loss_type == "kto":
             with torch.no_grad():  # z is detached: no graph for the mismatched pairs
                 kl = _rows(batch, "kl_")
-                kl_policy = completion_logps(_token_logps(model, kl), _completion_mask(kl["labels"]),
-                                             m.average_log_probs)
+                kl_policy = completion_logps(_token_logps(model, kl, chunk),
+                                             _completion_mask(kl["labels"]), m.average_log_probs)
         ref, kl_ref = self.reference_logps(batch)
         desirable = batch["is_desirable"]
         reduce_mean = (lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None
@@ -327,9 +333,10 @@ class KTOTrainer(Trainer):
 # ---------------------------------------------------------------------- helpers
 
 
-def _token_logps(model, batch: dict) -> torch.Tensor:
+def _token_logps(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
     """log p(labels[t] | tokens before t): [B, T], 0 at t = 0 and where labels are -100."""
-    return -_plain_token_nll(model, batch)  # chunked CE: swap for causal_lm_token_nll once available
+    # chunked CE: swap for causal_lm_token_nll once available
+    return -_plain_token_nll(model, batch)  # -> -causal_lm_token_nll(model, batch, chunk_size)
 
 
 def _plain_token_nll(model, batch: dict) -> torch.Tensor:
