@@ -11,13 +11,14 @@ from trainer_lib.config import (
 )
 from trainer_lib.data.samples import DataError
 from trainer_lib.registry import register_trainer
-from trainer_lib.trainers import SFTTrainer, Trainer
+from trainer_lib.trainers import KTOTrainer, SFTTrainer, Trainer
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataError",
     "KTOConfig",
+    "KTOTrainer",
     "SFTConfig",
     "SFTTrainer",
     "Trainer",

@@ -68,6 +68,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
         )
+        self.after_prepare()
         # stepped by hand once per optimiser step (accelerate would step it once per process)
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
         self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
@@ -90,6 +91,14 @@ class Trainer:
 
     def setup_model(self) -> None:
         """Called once the model is loaded, before the optimiser is built."""
+
+    def after_prepare(self) -> None:
+        """Called once the model is prepared (wrapped, sharded, on its device), before the first
+        step: the place for passes that need the initial model in its training layout."""
+
+    def eval_items_per_batch(self) -> int:
+        """How many loader items make one evaluation forward pass."""
+        return self.config.train.eval_batch_size or self.config.train.batch_size
 
     def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
         train_items = self.build_examples(samples, "train")
@@ -223,7 +232,7 @@ class Trainer:
         acc, model = self.accelerator, self.model
         was_training = model.training
         model.eval()
-        bs = self.config.train.eval_batch_size or self.config.train.batch_size
+        bs = self.eval_items_per_batch()
         shard = self.eval_items[acc.process_index::acc.num_processes]
         batches = [shard[i:i + bs] for i in range(0, len(shard), bs)]
         # every process runs the same number of forward passes (sharded models need all ranks)

@@ -1,0 +1,422 @@
+"""KTO: aligning a causal LM from binary feedback (a thumbs up or down on single completions).
+
+Data: samples -> `normalize_kto_samples` -> tokenised examples -> FIXED micro-batches of
+`train.batch_size` examples (`fixed_micro_batches`), each a loader item. The loader shuffles
+micro-batches as units every epoch; their composition never changes.
+
+KL pairing: `collate` pairs prompt i of a micro-batch with completion p[i] of the same micro-batch,
+p = `mismatched_pairing(B)` (a derangement for every B >= 2, odd B included). Because micro-batches
+are fixed, so is every example's partner, in every epoch and on every process.
+
+Reference model (`method.ref_model`):
+- "precompute": one pass over the fixed micro-batches before training, with the initial policy
+  in eval mode, stores on every example its reference log-prob and that of its KL pair; no second
+  model is kept. "auto" picks it for a full model.
+- "copy": a frozen copy of the initial policy (prepared like the policy under DeepSpeed).
+- "adapter": the PEFT policy with its adapters disabled; "auto" picks it for a PEFT model.
+All three give the same reference log-probs, so the same losses.
+
+Loss: `compute_loss` returns the SUM of per-example losses; `loss_weight` is the number of
+examples, so the loop's step loss is the mean over every example of the step, across
+micro-batches and processes, and gradient accumulation gives the gradient of one big batch.
+z is estimated per micro-batch (as in the paper) and averaged across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer_lib.config import ConfigError, KTOConfig
+from trainer_lib.data.kto_data import KTODataError, fixed_micro_batches, normalize_kto_samples
+from trainer_lib.data.samples import DataError, load_samples
+from trainer_lib.data.tokenize import IGNORE_INDEX, DataReport, fit_to_length, tokenize_pair
+from trainer_lib.losses.kto import (
+    auto_weights,
+    class_balance,
+    completion_logps,
+    kto_loss,
+    kto_sft_losses,
+    mismatched_pairing,
+)
+from trainer_lib.registry import register_trainer
+from trainer_lib.trainers.base import Trainer
+
+
+@register_trainer(KTOConfig)
+class KTOTrainer(Trainer):
+    method: KTOConfig
+
+    # ------------------------------------------------------------------ data
+
+    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
+        m, t = self.config.method, self.config.train
+        self.method = m
+        self._kl_cache: dict = {}
+        if m.loss_type == "kto":
+            for name in ("batch_size", "eval_batch_size"):
+                size = getattr(t, name)
+                if size is not None and size < 2:
+                    raise ConfigError(
+                        f"train.{name}={size}: KTO estimates its reference point from each "
+                        "prompt paired with another example's completion in the same micro-batch, "
+                        "so a micro-batch needs at least 2 examples; raise it, or use "
+                        "method.loss_type='apo_zero_unpaired', which has no KL term"
+                    )
+        self.chat_template = self._resolve_template()
+        keys = (m.input_key, m.output_key, m.label_key)
+        records = normalize_kto_samples(load_samples(samples), *keys)
+        if eval_samples is not None:
+            eval_records = normalize_kto_samples(load_samples(eval_samples, "eval_samples"), *keys)
+        elif t.eval_split > 0:
+            order = list(range(len(records)))
+            random.Random(t.seed).shuffle(order)
+            held = set(order[:max(1, int(round(t.eval_split * len(records))))])
+            eval_records = [r for i, r in enumerate(records) if i in held]
+            records = [r for i, r in enumerate(records) if i not in held]
+        else:
+            eval_records = []
+        self.data_report = DataReport()
+        train_examples = self.tokenize_records(records, self.data_report)
+        if len(train_examples) < (2 if m.loss_type == "kto" else 1):
+            raise DataError(f"too few examples to train on ({len(train_examples)}): "
+                            f"{self.data_report.summary()}")
+        self._set_weights(train_examples)
+        eval_examples = self.tokenize_records(eval_records, DataReport())
+        if self.accelerator.is_main_process:
+            print(self.data_report.summary(), flush=True)
+        return (self._group(train_examples, t.batch_size),
+                self._group(eval_examples, t.eval_batch_size or t.batch_size))
+
+    def _group(self, examples: list[dict], size: int) -> list[list[dict]]:
+        if not examples:
+            return []
+        order = fixed_micro_batches(len(examples), size, self.config.train.seed)
+        return [[examples[i] for i in batch] for batch in order]
+
+    def _set_weights(self, examples: list[dict]) -> None:
+        """Resolves desirable_weight="auto", reports the class counts and checks their balance."""
+        m = self.method
+        n_d = sum(ex["label"] for ex in examples)
+        n_u = len(examples) - n_d
+        try:
+            if m.desirable_weight == "auto":
+                self.weights = auto_weights(n_d, n_u)
+            else:
+                self.weights = (float(m.desirable_weight), float(m.undesirable_weight))
+            ok, message, _ = class_balance(n_d, n_u, *self.weights)
+        except ValueError as e:  # one class is missing
+            raise KTODataError(str(e)) from None
+        self.class_counts = (n_d, n_u)
+        if self.accelerator.is_main_process:
+            print(f"KTO data: {n_d} desirable, {n_u} undesirable examples; desirable_weight="
+                  f"{self.weights[0]:.4g}, undesirable_weight={self.weights[1]:.4g}", flush=True)
+            if not ok:
+                warnings.warn(message, stacklevel=2)
+
+    def _resolve_template(self):
+        spec = self.config.tokenizer.chat_template
+        if spec is None or spec == "default":
+            return None if spec is None else getattr(self.tokenizer, "chat_template", None)
+        from trainer_lib.data.chat import apply_template_to_tokenizer, resolve_chat_template
+
+        template = resolve_chat_template(self.tokenizer, spec)
+        apply_template_to_tokenizer(self.tokenizer, template)  # saved with the model
+        return template
+
+    def tokenize_records(self, records: list[dict], report: DataReport) -> list[dict]:
+        examples = []
+        for record in records:
+            report.num_samples += 1
+            report.kinds["desirable" if record["label"] else "undesirable"] += 1
+            ex = self.tokenize_pair(record["prompt"], record["completion"], record.get("tools"),
+                                    self.method.overlong)
+            if ex is None:
+                report.dropped["too_long"] += 1
+                continue
+            ex.update(label=record["label"], prompt=record["prompt"],
+                      completion=record["completion"], tools=record.get("tools"))
+            report.num_examples += 1
+            report.num_tokens += len(ex["input_ids"])
+            report.num_loss_tokens += sum(1 for x in ex["labels"][1:] if x != IGNORE_INDEX)
+            report.truncated += ex.pop("truncated")
+            examples.append(ex)
+        return examples
+
+    def tokenize_pair(self, prompt, completion, tools, overlong: str) -> dict | None:
+        """One (prompt, completion) as input_ids/labels (loss positions = the completion)."""
+        if isinstance(prompt, str) and isinstance(completion, str):
+            ex = tokenize_pair(self.tokenizer, prompt, completion, add_eos=True)
+        else:
+            from trainer_lib.data.chat import (resolve_chat_template,
+                                               tokenize_prompt_completion_messages)
+
+            if self.chat_template is None and self.config.tokenizer.chat_template == "default":
+                resolve_chat_template(self.tokenizer, "default")  # raises the explanatory error
+            ex = tokenize_prompt_completion_messages(
+                self.tokenizer, _as_messages(prompt, "user"), _as_messages(completion, "assistant"),
+                tools, self.chat_template)
+        fitted, what = fit_to_length(ex, self.config.train.seq_length, "pair", overlong)
+        if not fitted:
+            return None
+        return {"input_ids": fitted[0]["input_ids"], "labels": fitted[0]["labels"],
+                "truncated": int(what == "truncated")}
+
+    def _kl_example(self, prompt_ex: dict, completion_ex: dict) -> dict:
+        key = (id(prompt_ex), id(completion_ex))  # micro-batches are fixed: each pair recurs
+        if key not in self._kl_cache:
+            self._kl_cache[key] = self.tokenize_pair(
+                prompt_ex["prompt"], completion_ex["completion"], prompt_ex["tools"], "truncate")
+        return self._kl_cache[key]
+
+    def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None):
+        return super().make_loader(items, shuffle, batch_size=1)  # an item is a micro-batch
+
+    def eval_items_per_batch(self) -> int:
+        return 1
+
+    def collate(self, items: list[list[dict]]) -> dict:
+        """Fixed micro-batches -> one batch; KL pairs come from each example's own micro-batch."""
+        examples, kl_rows = [], []
+        for group in items:
+            examples.extend(group)
+            if self.method.loss_type == "kto":
+                pairing = mismatched_pairing(len(group))
+                kl_rows.extend(self._kl_example(group[i], group[j]) for i, j in enumerate(pairing))
+        pad_id = self.tokenizer.pad_token_id
+        batch = _pad(examples, pad_id)
+        if kl_rows:
+            batch.update({f"kl_{k}": v for k, v in _pad(kl_rows, pad_id).items()})
+        batch["is_desirable"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+        if all("ref_logp" in ex for ex in examples):
+            batch["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples],
+                                              dtype=torch.float64)
+            if kl_rows:
+                batch["kl_ref_logps"] = torch.tensor([ex["kl_ref_logp"] for ex in examples],
+                                                     dtype=torch.float64)
+        batch["num_examples"] = len(examples)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        return batch
+
+    # ------------------------------------------------------------------ the reference model
+
+    def setup_model(self) -> None:
+        self.model = _apply_peft(self.model, self.config.model.peft_config)
+        mode = self.method.ref_model
+        is_peft = _is_peft(self.model)
+        if mode == "auto":
+            mode = "adapter" if is_peft else "precompute"
+        if mode == "adapter" and not is_peft:
+            raise ConfigError('method.ref_model="adapter" needs a PEFT policy (set '
+                              'model.peft_config); use "precompute" or "copy" for a full model')
+        self.ref_mode = mode
+        self.ref_model = None
+        if mode == "copy":  # taken before prepare(): the weights are whole and initial here
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def after_prepare(self) -> None:
+        acc = self.accelerator
+        if self.ref_model is not None:
+            self.ref_model = _prepare_reference(acc, self.ref_model)
+        if self.ref_mode == "precompute":
+            self._precompute_reference(self.train_items + self.eval_items)
+
+    @torch.no_grad()
+    def _precompute_reference(self, groups: list[list[dict]]) -> None:
+        """Stores on every example its reference log-prob and its KL pair's, from the initial
+        policy in eval mode. Each process computes a share of the micro-batches (all run the same
+        number of forward passes, as a sharded model needs) and the results are exchanged."""
+        acc = self.accelerator
+        mine = list(range(acc.process_index, len(groups), acc.num_processes))
+        rounds = -(-len(groups) // acc.num_processes)
+        model, results = acc.unwrap_model(self.model), []
+        with _eval_mode(model):
+            for r in range(rounds):
+                g = mine[r] if r < len(mine) else 0  # a repeat keeps the ranks in step
+                batch = self._to_device(self.collate([groups[g]]))
+                ref, kl_ref = self._reference_pass(model, batch)
+                if r < len(mine):
+                    kl = kl_ref.tolist() if kl_ref is not None else [None] * len(ref)
+                    results.append((g, ref.tolist(), kl))
+        if acc.num_processes > 1:
+            shares = [None] * acc.num_processes
+            torch.distributed.all_gather_object(shares, results)
+            results = [r for share in shares for r in share]
+        for g, ref, kl in results:
+            for ex, a, b in zip(groups[g], ref, kl):
+                ex["ref_logp"], ex["kl_ref_logp"] = a, b
+
+    def _reference_pass(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        avg, chunk = self.method.average_log_probs, self.method.loss_chunk_size
+        ref = completion_logps(_token_logps(model, batch, chunk),
+                               _completion_mask(batch["labels"]), avg)
+        kl_ref = None
+        if "kl_input_ids" in batch:
+            kl = _rows(batch, "kl_")
+            kl_ref = completion_logps(_token_logps(model, kl, chunk),
+                                      _completion_mask(kl["labels"]), avg)
+        return ref, kl_ref
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.ref_mode == "precompute":
+            return batch["ref_logps"], batch.get("kl_ref_logps")
+        if self.ref_mode == "copy":
+            return self._reference_pass(self.ref_model, batch)
+        model = self.accelerator.unwrap_model(self.model)
+        with model.disable_adapter(), _eval_mode(model):
+            return self._reference_pass(model, batch)
+
+    # ------------------------------------------------------------------ loss
+
+    def loss_weight(self, batch: dict) -> float:
+        return batch["num_examples"]
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        m, acc, chunk = self.method, self.accelerator, self.method.loss_chunk_size
+        token_logps = _token_logps(model, batch, chunk)
+        mask = _completion_mask(batch["labels"])
+        policy = completion_logps(token_logps, mask, m.average_log_probs)
+        kl_policy = None
+        if m.loss_type == "kto":
+            with torch.no_grad():  # z is detached: no graph for the mismatched pairs
+                kl = _rows(batch, "kl_")
+                kl_policy = completion_logps(_token_logps(model, kl, chunk),
+                                             _completion_mask(kl["labels"]), m.average_log_probs)
+        ref, kl_ref = self.reference_logps(batch)
+        desirable = batch["is_desirable"]
+        reduce_mean = (lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None
+        losses, z, rewards = kto_loss(
+            policy, ref, kl_policy, kl_ref, desirable, beta=m.beta,
+            desirable_weight=self.weights[0], undesirable_weight=self.weights[1],
+            loss_type=m.loss_type, reduce_mean=reduce_mean)
+        loss_sum = losses.sum()
+        if m.sft_weight > 0:
+            loss_sum = loss_sum + kto_sft_losses(token_logps, mask, desirable,
+                                                 sft_weight=m.sft_weight).sum()
+        n_d = int(desirable.sum())
+        n_u = len(desirable) - n_d
+        logps = policy.detach()
+        metrics = {
+            "rewards/chosen": (float(rewards[desirable].sum()), n_d),
+            "rewards/rejected": (float(rewards[~desirable].sum()), n_u),
+            "logps/chosen": (float(logps[desirable].sum()), n_d),
+            "logps/rejected": (float(logps[~desirable].sum()), n_u),
+            # counts per step: training_step sets their count to 1 once the step is summed
+            "count/chosen": (n_d, 0), "count/rejected": (n_u, 0),
+        }
+        if m.loss_type == "kto":
+            metrics["kl"] = (float(z), 1)
+        return loss_sum, metrics
+
+    def training_step(self, micro: list[dict]) -> dict:
+        out = super().training_step(micro)
+        for name in ("count/chosen", "count/rejected"):
+            if name in out["metrics"]:
+                out["metrics"][name] = (out["metrics"][name][0], 1.0)
+        return out
+
+    def log(self, values: dict) -> None:
+        # the margin of the window's means: mean chosen reward - mean rejected reward
+        if values.get("count/chosen") and values.get("count/rejected"):
+            values = {**values,
+                      "rewards/margins": values["rewards/chosen"] - values["rewards/rejected"]}
+        super().log(values)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _token_logps(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(labels[t] | tokens before t): [B, T], 0 at t = 0 and where labels are -100."""
+    # chunked CE: swap for causal_lm_token_nll once available
+    return -_plain_token_nll(model, batch)  # -> -causal_lm_token_nll(model, batch, chunk_size)
+
+
+def _plain_token_nll(model, batch: dict) -> torch.Tensor:
+    """Per-token NLL aligned with labels, from the full logits (fp32 over the whole vocabulary)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return F.pad(nll, (1, 0))
+
+
+def _completion_mask(labels: torch.Tensor) -> torch.Tensor:
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False  # the first token is never predicted
+    return mask
+
+
+def _rows(batch: dict, prefix: str) -> dict:
+    return {k: batch[prefix + k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _pad(examples: list[dict], pad_id: int) -> dict:
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _as_messages(value, role: str) -> list:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def _apply_peft(model, peft_config):
+    """Wraps the model in LoRA adapters from model.peft_config, unless it already has them."""
+    if peft_config is None or _is_peft(model):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(peft_config, dict):
+        kwargs = dict(peft_config)
+        for short, full in (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+            if short in kwargs:
+                kwargs[full] = kwargs.pop(short)
+        kwargs.setdefault("task_type", "CAUSAL_LM")
+        kwargs.setdefault("target_modules", "all-linear")
+        peft_config = LoraConfig(**kwargs)
+    return get_peft_model(model, peft_config)
+
+
+def _prepare_reference(accelerator, ref_model):
+    """The frozen reference on its device; sharded like the policy under DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        try:
+            from trainer_lib.distributed import prepare_reference_model
+        except ImportError:
+            warnings.warn("trainer_lib.distributed.prepare_reference_model is not available: the "
+                          "reference copy is kept whole (unsharded) on every process", stacklevel=2)
+        else:
+            return prepare_reference_model(accelerator, ref_model)
+    return ref_model.to(accelerator.device).eval()
