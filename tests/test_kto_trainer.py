@@ -16,7 +16,8 @@ from trainer_lib import ConfigError, DataError, KTOTrainer, train
 from trainer_lib.data.kto_data import KTODataError
 from trainer_lib.data.tokenize import tokenize_pair
 from trainer_lib.losses.kto import mismatched_pairing
-from trainer_lib.trainers.kto import _completion_mask, _pad, _token_logps
+from trainer_lib.data.sampling import padded_collate
+from trainer_lib.trainers.kto import _completion_mask, _token_logps
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("apple river stone cloud tiger lemon piano robot candle garden silver planet window "
@@ -93,7 +94,7 @@ def test_first_step_loss_is_the_weighted_mean(kto_config, mode):
 def held_out_margin(model, tokenizer, words):
     """Mean over held-out prompts of logp(capitals) - logp(lower case)."""
     rows = shout(words)
-    batch = _pad([tokenize_pair(tokenizer, r["prompt"], r["completion"]) for r in rows],
+    batch = padded_collate([tokenize_pair(tokenizer, r["prompt"], r["completion"]) for r in rows],
                  tokenizer.pad_token_id)
     logps = (_token_logps(model.eval(), batch) * _completion_mask(batch["labels"])).sum(-1)
     return float((logps[0::2] - logps[1::2]).mean())

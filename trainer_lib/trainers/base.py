@@ -182,14 +182,16 @@ class Trainer:
             with nullcontext() if last else acc.no_sync(model):
                 batch_loss, metrics = self.compute_loss(model, self._to_device(batch))
                 acc.backward(batch_loss * (0.0 if padding else scale))
+            for name, (s, c) in metrics.items():
+                # a padding batch adds nothing but its metric names: every process must reduce
+                # the same vector
+                acc_s = metric_sums.setdefault(name, [0.0, 0.0])
+                acc_s[0] += 0.0 if padding else float(s)
+                acc_s[1] += 0.0 if padding else float(c)
             if padding:
                 continue
             loss_sum += batch_loss.detach().double().cpu()
             num_tokens += int(batch.get("num_tokens", 0))
-            for name, (s, c) in metrics.items():
-                acc_s = metric_sums.setdefault(name, [0.0, 0.0])
-                acc_s[0] += float(s)
-                acc_s[1] += float(c)
         grad_norm = None
         if self.config.train.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm)

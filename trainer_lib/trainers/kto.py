@@ -24,19 +24,20 @@ z is estimated per micro-batch (as in the paper) and averaged across processes.
 
 from __future__ import annotations
 
-import copy
 import random
 import warnings
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from trainer_lib.config import ConfigError, KTOConfig
 from trainer_lib.data.kto_data import KTODataError, fixed_micro_batches, normalize_kto_samples
 from trainer_lib.data.samples import DataError, load_samples
+from trainer_lib.data.sampling import padded_collate
 from trainer_lib.data.tokenize import IGNORE_INDEX, DataReport, fit_to_length, tokenize_pair
+from trainer_lib.distributed import is_zero3, prepare_reference_model
+from trainer_lib.losses.cross_entropy import causal_lm_token_nll
 from trainer_lib.losses.kto import (
     auto_weights,
     class_balance,
@@ -45,6 +46,7 @@ from trainer_lib.losses.kto import (
     kto_sft_losses,
     mismatched_pairing,
 )
+from trainer_lib.modeling import load_model
 from trainer_lib.registry import register_trainer
 from trainer_lib.trainers.base import Trainer
 
@@ -190,9 +192,12 @@ class KTOTrainer(Trainer):
                 pairing = mismatched_pairing(len(group))
                 kl_rows.extend(self._kl_example(group[i], group[j]) for i, j in enumerate(pairing))
         pad_id = self.tokenizer.pad_token_id
-        batch = _pad(examples, pad_id)
+        # ZeRO-3: one shape on every process, so all run the same chunks of the loss
+        width = self.config.train.seq_length if is_zero3(self.accelerator) else None
+        batch = _rows(padded_collate(examples, pad_id, width), "")
         if kl_rows:
-            batch.update({f"kl_{k}": v for k, v in _pad(kl_rows, pad_id).items()})
+            batch.update({f"kl_{k}": v for k, v in _rows(padded_collate(kl_rows, pad_id, width),
+                                                         "").items()})
         batch["is_desirable"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
         if all("ref_logp" in ex for ex in examples):
             batch["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples],
@@ -207,7 +212,6 @@ class KTOTrainer(Trainer):
     # ------------------------------------------------------------------ the reference model
 
     def setup_model(self) -> None:
-        self.model = _apply_peft(self.model, self.config.model.peft_config)
         mode = self.method.ref_model
         is_peft = _is_peft(self.model)
         if mode == "auto":
@@ -217,13 +221,16 @@ class KTOTrainer(Trainer):
                               'model.peft_config); use "precompute" or "copy" for a full model')
         self.ref_mode = mode
         self.ref_model = None
-        if mode == "copy":  # taken before prepare(): the weights are whole and initial here
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if mode == "copy":
+            # loaded afresh rather than copied: under ZeRO-3 the policy may already be sharded
+            # (a copy would hold empty shards); a PEFT policy's reference is its base model
+            self.ref_model = load_model(self.config.evolve(
+                model=dict(peft_config=None, num_layers_unfrozen=-1, gradient_checkpointing=False)))
 
     def after_prepare(self) -> None:
         acc = self.accelerator
         if self.ref_model is not None:
-            self.ref_model = _prepare_reference(acc, self.ref_model)
+            self.ref_model = prepare_reference_model(acc, self.ref_model)
         if self.ref_mode == "precompute":
             self._precompute_reference(self.train_items + self.eval_items)
 
@@ -334,19 +341,10 @@ class KTOTrainer(Trainer):
 
 
 def _token_logps(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(labels[t] | tokens before t): [B, T], 0 at t = 0 and where labels are -100."""
-    # chunked CE: swap for causal_lm_token_nll once available
-    return -_plain_token_nll(model, batch)  # -> -causal_lm_token_nll(model, batch, chunk_size)
-
-
-def _plain_token_nll(model, batch: dict) -> torch.Tensor:
-    """Per-token NLL aligned with labels, from the full logits (fp32 over the whole vocabulary)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                          reduction="none")
-    return F.pad(nll, (1, 0))
+    """log p(labels[t] | tokens before t): [B, T], 0 at t = 0 and where labels are -100.
+    Per-sequence sums weight tokens unequally in the backward pass, so the chunked loss
+    recomputes logits there instead of precomputing uniform gradients."""
+    return -causal_lm_token_nll(model, batch, chunk_size, fused_grads=False)
 
 
 def _completion_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -357,19 +355,6 @@ def _completion_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def _rows(batch: dict, prefix: str) -> dict:
     return {k: batch[prefix + k] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _pad(examples: list[dict], pad_id: int) -> dict:
-    width = max(len(ex["input_ids"]) for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        input_ids[row, :n] = torch.tensor(ex["input_ids"])
-        labels[row, :n] = torch.tensor(ex["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def _as_messages(value, role: str) -> list:
@@ -388,35 +373,3 @@ def _eval_mode(model):
 
 def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
-def _apply_peft(model, peft_config):
-    """Wraps the model in LoRA adapters from model.peft_config, unless it already has them."""
-    if peft_config is None or _is_peft(model):
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    if isinstance(peft_config, dict):
-        kwargs = dict(peft_config)
-        for short, full in (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
-            if short in kwargs:
-                kwargs[full] = kwargs.pop(short)
-        kwargs.setdefault("task_type", "CAUSAL_LM")
-        kwargs.setdefault("target_modules", "all-linear")
-        peft_config = LoraConfig(**kwargs)
-    return get_peft_model(model, peft_config)
-
-
-def _prepare_reference(accelerator, ref_model):
-    """The frozen reference on its device; sharded like the policy under DeepSpeed."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        try:
-            from trainer_lib.distributed import prepare_reference_model
-        except ImportError:
-            warnings.warn("trainer_lib.distributed.prepare_reference_model is not available: the "
-                          "reference copy is kept whole (unsharded) on every process", stacklevel=2)
-        else:
-            return prepare_reference_model(accelerator, ref_model)
-    return ref_model.to(accelerator.device).eval()
