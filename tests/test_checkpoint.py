@@ -72,7 +72,7 @@ def _assert_same_weights(expected: dict, path: Path):
     assert not different, f"tensors differ after resuming: {different[:5]}"
 
 
-@pytest.mark.parametrize("method", ["sft"])
+@pytest.mark.parametrize("method", ["sft", "kto"])
 def test_sigkill_then_resume_from_latest_matches_uninterrupted_run(
         method, dropout_model_dir, reference_weights, tmp_path):
     killed = _run_subprocess(_spec(method, dropout_model_dir, tmp_path, kill_at_step=5))

@@ -39,3 +39,40 @@ def test_quickstart_notebook_runs(tmp_path):
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     assert "Italy" in printed or "Rome" in printed
     AutoModelForCausalLM.from_pretrained(tmp_path / "outputs" / "quickstart")
+
+
+def test_chat_tools_example_learns_to_call_the_tools(tmp_path):
+    out = tmp_path / "chat"
+    proc = subprocess.run(
+        [sys.executable, "examples/sft_chat_tools.py", "--output", str(out),
+         "train.progress_bar=false", f"train.checkpoint_dir={tmp_path / 'ckpts'}"],
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the reloaded model answers each new question with a call of the right tool
+    assert '-> <tool_call>{"name": "get_weather", "arguments": {"city": ' in proc.stdout
+    assert '-> <tool_call>{"name": "convert_units", "arguments": {"value": ' in proc.stdout
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_lora_zero3_example_on_two_processes(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+         "--config_file", "configs/accelerate/zero3.yaml", "examples/sft_lora_zero3.py",
+         "--output", str(out), "train.progress_bar=false", "train.epochs=10",
+         f"train.checkpoint_dir={tmp_path / 'ckpts'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), DistributedType.DEEPSPEED" in proc.stdout
+    line = next(l for l in proc.stdout.splitlines() if "; loss " in l)
+    before, after = (float(x) for x in line.split("; loss ")[1].split(";")[0].split(" -> "))
+    assert after < before
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in k for k in merged.state_dict())

@@ -32,6 +32,9 @@ def test_jsonl_has_every_logged_entry_and_the_samples_table(tiny_config):
     merged = {}
     for line in lines:
         merged.setdefault(line["step"], {}).update(line)
+    data = merged.pop(0)  # the data report, logged before the first step
+    assert data["data/samples"] == trainer.data_report.num_samples
+    assert 0 < data["data/loss_token_share"] < 1
     assert [merged[e["step"]] for e in trainer.log_history] == trainer.log_history
     assert "metrics/length" in merged[3] and "loss" in merged[1]
     table = json.loads((folder / "tables.jsonl").read_text().splitlines()[-1])

@@ -13,13 +13,24 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_DATA = ASSETS / "instructions.jsonl"
+CHAT_TOOLS_DATA = ASSETS / "chat_tools.jsonl"
 
-# ChatML, so conversations render with the embedded tokenizer too
+# ChatML with tools (in the style of Qwen2.5's template), so conversations with tool calls render
+# with the embedded tokenizer too
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}<|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}"
+    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' and loop.first %}"
+    "{% elif m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
@@ -79,14 +90,23 @@ def build_tiny_llama(folder: str | os.PathLike, texts: list[str], hidden_size: i
 
 
 def tiny_model(folder: str | os.PathLike | None = None) -> str:
-    """The embedded default model: built once into `folder` (default: a cache folder)."""
+    """The embedded default model: built once into `folder` (default: a cache folder). Its
+    tokenizer is trained on the shipped instruction and tool-call data, rendered as the
+    examples render them."""
     if folder is None:
         cache = Path(os.environ.get("TRAINER_LIB_CACHE", Path.home() / ".cache" / "trainer_lib"))
-        folder = cache / "tiny-llama-instructions"
+        folder = cache / "tiny-llama-v1"
     folder = Path(folder)
     if not (folder / "config.json").exists():
         texts = []
         for row in load_default_samples():
             texts.extend([row["instruction"], row.get("input", ""), row["output"]])
+        with open(CHAT_TOOLS_DATA, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                texts.append(json.dumps(row["tools"]))
+                for m in row["messages"]:
+                    texts.append(m["content"])
+                    texts.extend(json.dumps(c["function"]) for c in m.get("tool_calls", []))
         build_tiny_llama(folder, texts)
     return str(folder)

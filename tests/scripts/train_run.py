@@ -2,7 +2,7 @@
 
     python train_run.py '{"method": "sft", "model_dir": ..., "checkpoint_dir": ..., ...}'
 
-Spec keys: method ("sft"; any method with an entry in SAMPLES), model_dir, checkpoint_dir,
+Spec keys: method ("sft" or "kto": any method with an entry in SAMPLES), model_dir, checkpoint_dir,
 total_steps, checkpoint_interval, resume (None or "latest" or a path), weights_out (a .pt file of
 the final state dict), kill_at_step (SIGKILL itself while training that step),
 kill_in_checkpoint_write (SIGKILL itself inside the write of that step's checkpoint).
@@ -25,7 +25,12 @@ def sft_samples():
     return [{"prompt": f"word{i} ", "completion": f"token{i} word{i + 1}"} for i in range(24)]
 
 
-SAMPLES = {"sft": sft_samples}
+def kto_samples():
+    return [{"prompt": f"word{i} ", "completion": f"token{i} word{i + 1}", "label": i % 3 != 0}
+            for i in range(24)]
+
+
+SAMPLES = {"sft": sft_samples, "kto": kto_samples}
 
 
 def make_config(spec: dict):

@@ -74,6 +74,8 @@ class Trainer:
         self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
         self.checkpoints = Checkpointer(config)
         self.tracker = build_tracker(config, self.accelerator.is_main_process)
+        if getattr(self, "data_report", None) is not None:  # what happened to the samples
+            self.tracker.log({f"data/{k}": v for k, v in self.data_report.as_dict().items()}, 0)
 
     # ------------------------------------------------------------------ method hooks
 
