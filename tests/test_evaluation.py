@@ -100,3 +100,24 @@ def test_a_failing_metric_fn_stops_the_run_after_a_checkpoint(tiny_config):
         train(samples=SAMPLES, eval_prompts=["word1"], metric_fn=broken_metric, config=config)
     ckpts = list_checkpoints(Path(config.train.checkpoint_dir))
     assert [p.name for p in ckpts] == ["step_3"]
+
+
+def test_message_list_prompts_are_rendered_with_the_chat_template(tiny_config):
+    seen = {}
+
+    def metric_fn(samples, prompts, outputs):
+        seen["prompts"] = prompts
+        return {"len": [float(len(o)) for o in outputs]}
+
+    eval_prompts = [[{"role": "user", "content": "word1 word2"}],
+                    {"prompt": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "word3"}]}]
+    config = tiny_config.evolve(train=dict(total_steps=1),
+                                method=dict(gen_kwargs=dict(max_new_tokens=3)))
+    train(samples=SAMPLES, eval_prompts=eval_prompts, metric_fn=metric_fn, config=config)
+    # the embedded tokenizer's ChatML template, ending with the generation prompt
+    assert seen["prompts"] == [
+        "<|im_start|>user\nword1 word2<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nword3<|im_end|>\n"
+        "<|im_start|>assistant\n",
+    ]

@@ -28,12 +28,13 @@ def test_main_example_trains_saves_reloads_and_generates(tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_quickstart_notebook_runs(tmp_path):
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
-    os.environ.setdefault("TRAINER_LIB_CACHE", str(tmp_path / "cache"))
+    for key, value in _env(tmp_path).items():  # the kernel inherits this process's environment
+        monkeypatch.setenv(key, value)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)

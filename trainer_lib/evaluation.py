@@ -208,8 +208,12 @@ class GenerationEval:
         if eval_prompts is None and metric_fn is None:
             return None
         if eval_prompts is None:
-            return cls(default_eval_prompts(getattr(trainer, "train_examples", trainer.train_items), trainer.tokenizer), {}, metric_fn)
-        template = getattr(trainer, "chat_template", None)
+            examples = getattr(trainer, "train_examples", trainer.train_items)
+            return cls(default_eval_prompts(examples, trainer.tokenizer), {}, metric_fn)
+        template = None
+        if any(isinstance(p.get("prompt") if isinstance(p, dict) else p, list)
+               for p in eval_prompts):  # message lists need the run's chat template
+            template = trainer.chat_template.for_messages()
         prompts, metadata = normalize_eval_prompts(eval_prompts, trainer.tokenizer, template)
         if not prompts:
             raise ValueError("eval_prompts is empty; give at least one prompt, or None")

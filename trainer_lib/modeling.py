@@ -53,7 +53,10 @@ def load_model(config: Config):
     except Exception as e:  # noqa: BLE001
         raise _load_error(path, "model", e) from e
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.model.peft_config is not None:
         if config.model.num_layers_unfrozen != -1:

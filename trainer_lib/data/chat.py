@@ -34,8 +34,6 @@ TEMPLATE_OPTIONS = (
 _PROBE = "\u2063PROBE\u2063"  # content no real turn contains, used to learn a template's end-of-turn marker
 
 
-
-
 # ---------------------------------------------------------------- templates
 
 
@@ -66,6 +64,26 @@ def resolve_chat_template(tokenizer, spec) -> str | None:
             f"chat_template {spec!r} is neither a Jinja template nor a .jinja file; expected {TEMPLATE_OPTIONS}"
         )
     return spec
+
+
+class RunTemplate:
+    """The chat template of a run, resolved once from `tokenizer.chat_template` and stored on the
+    tokenizer so it is saved with the model. With "default" and a tokenizer that has no template,
+    only samples that are messages fail (with the options), when they need it."""
+
+    def __init__(self, tokenizer, spec):
+        self.tokenizer, self.spec = tokenizer, spec
+        if spec == "default":  # the tokenizer's own, kept as it is (it may hold several named ones)
+            has_one = bool(getattr(tokenizer, "chat_template", None))
+            self.template = resolve_chat_template(tokenizer, spec) if has_one else None
+        else:
+            self.template = resolve_chat_template(tokenizer, spec)
+            apply_template_to_tokenizer(tokenizer, self.template)
+
+    def for_messages(self) -> str | None:
+        if self.template is None and self.spec == "default":
+            resolve_chat_template(self.tokenizer, "default")  # raises the explanatory error
+        return self.template
 
 
 def apply_template_to_tokenizer(tokenizer, template):

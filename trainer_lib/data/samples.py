@@ -10,6 +10,7 @@ A record is a plain dict with a `kind`:
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -68,6 +69,21 @@ def _read_json_file(path: Path, what: str) -> list:
             return lists[0]
         raise DataError(f"{path}: expected a JSON list of samples, got an object")
     return data
+
+
+def hold_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random `fraction` of the records held out for evaluation."""
+    if fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(fraction * len(records))))
+    if n_eval >= len(records):
+        raise DataError(f"train.eval_split={fraction} leaves no training samples out of "
+                        f"{len(records)}")
+    held = set(order[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
 
 
 def sample_kind(sample: Any, text_key: str = "text", input_key: str = "prompt",

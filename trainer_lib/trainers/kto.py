@@ -24,7 +24,6 @@ z is estimated per micro-batch (as in the paper) and averaged across processes.
 
 from __future__ import annotations
 
-import random
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +32,8 @@ import torch
 
 from trainer_lib.config import ConfigError, KTOConfig
 from trainer_lib.data.kto_data import KTODataError, fixed_micro_batches, normalize_kto_samples
-from trainer_lib.data.samples import DataError, load_samples
+from trainer_lib.data.chat import RunTemplate
+from trainer_lib.data.samples import DataError, hold_out, load_samples
 from trainer_lib.data.sampling import padded_collate
 from trainer_lib.data.tokenize import IGNORE_INDEX, DataReport, fit_to_length, tokenize_pair
 from trainer_lib.distributed import is_zero3, prepare_reference_model
@@ -71,19 +71,13 @@ class KTOTrainer(Trainer):
                         "so a micro-batch needs at least 2 examples; raise it, or use "
                         "method.loss_type='apo_zero_unpaired', which has no KL term"
                     )
-        self.chat_template = self._resolve_template()
+        self.chat_template = RunTemplate(self.tokenizer, self.config.tokenizer.chat_template)
         keys = (m.input_key, m.output_key, m.label_key)
         records = normalize_kto_samples(load_samples(samples), *keys)
         if eval_samples is not None:
             eval_records = normalize_kto_samples(load_samples(eval_samples, "eval_samples"), *keys)
-        elif t.eval_split > 0:
-            order = list(range(len(records)))
-            random.Random(t.seed).shuffle(order)
-            held = set(order[:max(1, int(round(t.eval_split * len(records))))])
-            eval_records = [r for i, r in enumerate(records) if i in held]
-            records = [r for i, r in enumerate(records) if i not in held]
         else:
-            eval_records = []
+            records, eval_records = hold_out(records, t.eval_split, t.seed)
         self.data_report = DataReport()
         train_examples = self.tokenize_records(records, self.data_report)
         if len(train_examples) < (2 if m.loss_type == "kto" else 1):
@@ -122,16 +116,6 @@ class KTOTrainer(Trainer):
             if not ok:
                 warnings.warn(message, stacklevel=2)
 
-    def _resolve_template(self):
-        spec = self.config.tokenizer.chat_template
-        if spec is None or spec == "default":
-            return None if spec is None else getattr(self.tokenizer, "chat_template", None)
-        from trainer_lib.data.chat import apply_template_to_tokenizer, resolve_chat_template
-
-        template = resolve_chat_template(self.tokenizer, spec)
-        apply_template_to_tokenizer(self.tokenizer, template)  # saved with the model
-        return template
-
     def tokenize_records(self, records: list[dict], report: DataReport) -> list[dict]:
         examples = []
         for record in records:
@@ -156,14 +140,11 @@ class KTOTrainer(Trainer):
         if isinstance(prompt, str) and isinstance(completion, str):
             ex = tokenize_pair(self.tokenizer, prompt, completion, add_eos=True)
         else:
-            from trainer_lib.data.chat import (resolve_chat_template,
-                                               tokenize_prompt_completion_messages)
+            from trainer_lib.data.chat import tokenize_prompt_completion_messages
 
-            if self.chat_template is None and self.config.tokenizer.chat_template == "default":
-                resolve_chat_template(self.tokenizer, "default")  # raises the explanatory error
             ex = tokenize_prompt_completion_messages(
                 self.tokenizer, _as_messages(prompt, "user"), _as_messages(completion, "assistant"),
-                tools, self.chat_template)
+                tools, self.chat_template.for_messages())
         fitted, what = fit_to_length(ex, self.config.train.seq_length, "pair", overlong)
         if not fitted:
             return None

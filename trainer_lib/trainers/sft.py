@@ -8,7 +8,6 @@ full float32 logits for the backward pass.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -16,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from trainer_lib.config import SFTConfig
 from trainer_lib.data.packing import PackedCollator, pack_dataset
-from trainer_lib.data.samples import DataError, load_samples, normalize_sft_samples
+from trainer_lib.data.chat import RunTemplate
+from trainer_lib.data.samples import DataError, hold_out, load_samples, normalize_sft_samples
 from trainer_lib.data.sampling import LengthGroupedSampler, padded_collate
 from trainer_lib.data.tokenize import (
     DataReport,
@@ -39,25 +39,16 @@ class SFTTrainer(Trainer):
 
     def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
         self.method = self.config.method
-        self.chat_template = self._resolve_template()
+        self.chat_template = RunTemplate(self.tokenizer, self.config.tokenizer.chat_template)
         records = normalize_sft_samples(load_samples(samples), self.method.text_key,
                                         self.method.input_key, self.method.output_key)
         if eval_samples is not None:
             eval_records = normalize_sft_samples(load_samples(eval_samples, "eval_samples"),
                                                  self.method.text_key, self.method.input_key,
                                                  self.method.output_key)
-        elif self.config.train.eval_split > 0:
-            order = list(range(len(records)))
-            random.Random(self.config.train.seed).shuffle(order)
-            n_eval = max(1, int(round(self.config.train.eval_split * len(records))))
-            if n_eval >= len(records):
-                raise DataError(f"train.eval_split={self.config.train.eval_split} leaves no "
-                                f"training samples out of {len(records)}")
-            held = set(order[:n_eval])
-            eval_records = [r for i, r in enumerate(records) if i in held]
-            records = [r for i, r in enumerate(records) if i not in held]
         else:
-            eval_records = []
+            records, eval_records = hold_out(records, self.config.train.eval_split,
+                                             self.config.train.seed)
         self.data_report = DataReport()
         train_examples = self.tokenize_records(records, self.data_report)
         if not train_examples:
@@ -66,19 +57,6 @@ class SFTTrainer(Trainer):
         if self.accelerator.is_main_process:
             print(self.data_report.summary(), flush=True)
         return self.arrange(train_examples), eval_examples
-
-    def _resolve_template(self):
-        spec = self.config.tokenizer.chat_template
-        if spec is None:
-            return None  # passthrough
-        if spec == "default":
-            # the tokenizer's own; a missing one is an error only if a conversation needs it
-            return getattr(self.tokenizer, "chat_template", None)
-        from trainer_lib.data.chat import apply_template_to_tokenizer, resolve_chat_template
-
-        template = resolve_chat_template(self.tokenizer, spec)
-        apply_template_to_tokenizer(self.tokenizer, template)  # saved with the model
-        return template
 
     def tokenize_records(self, records: list[dict], report: DataReport) -> list[dict]:
         m, seq_length = self.method, self.config.train.seq_length
@@ -115,20 +93,13 @@ class SFTTrainer(Trainer):
             return tokenize_pair(tok, record["prompt"], record["completion"], m.add_eos)
         from trainer_lib.data import chat
 
-        template = self._template_for_chat()
+        template = self.chat_template.for_messages()
         if record["kind"] == "conversation":
             return chat.tokenize_conversation(tok, record["messages"], record["tools"], template,
                                               loss_on=m.loss_on)
         return chat.tokenize_prompt_completion_messages(tok, record["prompt"],
                                                         record["completion"], record["tools"],
                                                         template)
-
-    def _template_for_chat(self):
-        if self.chat_template is None and self.config.tokenizer.chat_template == "default":
-            from trainer_lib.data.chat import resolve_chat_template
-
-            resolve_chat_template(self.tokenizer, "default")  # raises the explanatory error
-        return self.chat_template
 
     def arrange(self, examples: list[dict]) -> list:
         """Loader items: packed rows of examples (best fit decreasing), or single examples."""
