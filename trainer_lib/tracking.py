@@ -144,6 +144,9 @@ def format_log_line(values: dict, step: int, total_steps: int | None = None) -> 
         if name == "step" or v is None:
             continue
         if isinstance(v, float):
-            v = f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4f}"
+            if abs(v) >= 1000:
+                v = f"{v:,.0f}"  # throughputs and counts: whole units
+            else:
+                v = f"{v:.4g}" if abs(v) < 1e-3 else f"{v:.4f}"
         parts.append(f"{name} {v}")
     return " | ".join(parts)
