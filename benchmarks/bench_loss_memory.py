@@ -4,7 +4,9 @@ one, for growing vocabularies (forward and backward, fp32, one child process per
     python benchmarks/bench_loss_memory.py [--tokens 4096] [--hidden 256]
 
 The plain loss materialises [tokens, vocabulary] logits (and their gradient) in float32, so its
-memory grows with the vocabulary; the chunked loss holds one chunk of logits at a time.
+memory grows with tokens x vocabulary; the chunked loss holds a few chunks of logits at a time,
+each about 2**25 float32 elements (the chunk has fewer tokens as the vocabulary grows). Both also
+hold the head's weight gradient, [vocabulary, hidden] in float32, which any loss needs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import time
 
-VOCABS = [8_192, 32_064, 128_256]
+VOCABS = [8_192, 32_064, 128_256, 262_144]
 
 
 def worker(kind: str, tokens: int, hidden: int, vocab: int) -> None:
@@ -34,7 +36,7 @@ def worker(kind: str, tokens: int, hidden: int, vocab: int) -> None:
     if kind == "plain":
         loss = F.cross_entropy(head(h).float(), targets, reduction="sum")
     else:
-        loss = chunked_token_nll(h, head, targets, chunk_size=1024).sum()
+        loss = chunked_token_nll(h, head, targets).sum()  # the default, automatic chunk size
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -52,7 +54,8 @@ def main() -> None:
         worker(args.worker[0], args.tokens, args.hidden, int(args.worker[1]))
         return
     print(f"loss over {args.tokens} tokens, hidden {args.hidden}, fp32, forward + backward")
-    print(f"{'vocabulary':>10s} {'plain MB':>9s} {'chunked MB':>11s} {'plain s':>8s} {'chunked s':>10s}")
+    print(f"{'vocabulary':>10s} {'weight grad MB':>15s} {'plain MB':>9s} {'chunked MB':>11s} "
+          f"{'plain s':>8s} {'chunked s':>10s}")
     for vocab in VOCABS:
         row = {}
         for kind in ("plain", "chunked"):
@@ -62,7 +65,7 @@ def main() -> None:
             row[kind] = json.loads(next(l for l in out.splitlines()
                                         if l.startswith("RESULT "))[len("RESULT "):])
         assert abs(row["plain"]["loss"] - row["chunked"]["loss"]) <= 1e-3 * abs(row["plain"]["loss"])
-        print(f"{vocab:>10,d} {row['plain']['extra_mb']:9,.0f} {row['chunked']['extra_mb']:11,.0f} "
+        print(f"{vocab:>10,d} {vocab * args.hidden * 4 / 2**20:15,.0f} {row['plain']['extra_mb']:9,.0f} {row['chunked']['extra_mb']:11,.0f} "
               f"{row['plain']['seconds']:8.2f} {row['chunked']['seconds']:10.2f}")
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer_lib.losses.cross_entropy import causal_lm_token_nll, chunked_token_nll, sequence_logps
+from trainer_lib.losses.cross_entropy import (auto_chunk_size, causal_lm_token_nll,
+                                              chunked_token_nll, sequence_logps)
 
 torch.set_num_threads(1)
 
@@ -165,3 +166,27 @@ def test_causal_lm_token_nll_softcap_and_gradients():
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert math.isfinite(nll.sum().item())
+
+
+def test_automatic_chunks_shrink_as_the_vocabulary_grows_and_stay_exact():
+    # a chunk's float32 logits stay near 2**25 elements whatever the vocabulary
+    for vocab in (32_000, 128_256, 262_144):
+        assert abs(auto_chunk_size(vocab) * vocab - 2**25) <= vocab
+    assert auto_chunk_size(1_000) == 8192 and auto_chunk_size(10**7) == 64  # clamped
+
+    vocab, n = 70_000, 600  # 479 tokens per chunk: one full chunk and a partial one
+    g = torch.Generator().manual_seed(0)
+    head = nn.Linear(8, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, 8, generator=g) * 0.3)
+    hidden = torch.randn(n, 8, generator=g)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[:50] = -100
+    ref_nll, ref_grads = _reference(head, hidden, targets, torch.ones(n))
+    h = hidden.clone().requires_grad_()
+    nll = chunked_token_nll(h, head, targets)  # chunk size from the vocabulary
+    nll.sum().backward()
+    torch.testing.assert_close(nll.detach(), ref_nll)
+    # sums over 70k logits in another order: float32 rounding, not a different value
+    torch.testing.assert_close(h.grad, ref_grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head.weight.grad, ref_grads[1], rtol=1e-4, atol=1e-6)

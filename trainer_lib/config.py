@@ -138,11 +138,12 @@ class MethodConfig:
 
     gen_kwargs: dict = field(default_factory=lambda: dict(max_new_tokens=64, do_sample=False))
     stop_sequences: list = field(default_factory=list)
-    # Tokens per chunk in the cross-entropy over the vocabulary (bounds the logits memory).
-    loss_chunk_size: int = 1024
+    # Tokens per chunk in the cross-entropy over the vocabulary (bounds the logits memory);
+    # None: about 2**25 / vocabulary tokens, so a chunk's float32 logits take 128 MiB.
+    loss_chunk_size: Optional[int] = None
 
     def validate(self) -> None:
-        if self.loss_chunk_size < 1:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ConfigError("method.loss_chunk_size must be at least 1")
 
 

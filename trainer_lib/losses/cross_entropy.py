@@ -20,8 +20,9 @@ backward of `nll.sum()`, best of 3; the machine was loaded, so +-20%):
     float32:  plain 1.29 s | recompute (checkpoint) 1.87 s | fused, lse-recompute 1.49 s |
               fused, grads in forward 1.15 s
     bfloat16: plain 0.87 s | checkpoint 1.33 s | lse-recompute 1.02 s | grads in forward 0.79 s
-The plain way also holds several [N, V] float32 tensors (PLATFORM.md: 8.1 GB vs 3.2 GB at
-V=151,936); the chunked paths hold one [chunk, V] float32 tensor.
+The plain way also holds several [N, V] float32 tensors; the chunked paths hold a few
+[chunk, V] float32 tensors, and by default a chunk has about 2**25 / V tokens, so that memory
+does not grow with the vocabulary (benchmarks/bench_loss_memory.py measures it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Float32 logits elements per chunk when the chunk size is automatic (128 MiB): the chunk holds
+# about 2**25 / vocabulary tokens, so the loss's memory stays flat as the vocabulary grows.
+CHUNK_LOGITS_BUDGET = 2**25
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk whose float32 logits fill CHUNK_LOGITS_BUDGET (between 64 and 8192)."""
+    return max(64, min(8192, CHUNK_LOGITS_BUDGET // max(1, vocab_size)))
+
+
+def _vocab_size(lm_head: nn.Module) -> int:
+    size = getattr(lm_head, "out_features", None)  # kept by nn.Linear even under ZeRO-3
+    if size is None:  # a wrapped head (PEFT): its base layer
+        size = getattr(getattr(lm_head, "base_layer", None), "out_features", None)
+    return size or 32_768
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
@@ -166,14 +182,15 @@ def chunked_token_nll(
     hidden: Tensor,
     lm_head: nn.Module,
     targets: Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     softcap: float | None = None,
     recompute: bool | None = None,
     fused_grads: bool = True,
 ) -> Tensor:
     """Per-token NLL (float32 [N], exactly 0 where `targets == -100`) of `lm_head(hidden)`.
 
-    hidden: [N, H]; targets: [N] long. `recompute=None` picks the checkpointed path for ZeRO-3
+    hidden: [N, H]; targets: [N] long. `chunk_size=None` sizes chunks from the vocabulary
+    (`auto_chunk_size`). `recompute=None` picks the checkpointed path for ZeRO-3
     or non-`nn.Linear` heads and the fused path otherwise. `fused_grads` (fused path only):
     precompute gradients in forward; leave on when the loss is a plain sum or mean of the
     result, turn off when the caller weights tokens or sequences differently.
@@ -183,6 +200,8 @@ def chunked_token_nll(
             f"chunked_token_nll expects hidden [N, H] and targets [N]; got {tuple(hidden.shape)} "
             f"and {tuple(targets.shape)}"
         )
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(_vocab_size(lm_head))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if recompute is None:
@@ -205,7 +224,7 @@ def chunked_token_nll(
     return torch.cat(pieces)
 
 
-def causal_lm_token_nll(model: nn.Module, batch: dict, chunk_size: int = 1024, fused_grads: bool = True) -> Tensor:
+def causal_lm_token_nll(model: nn.Module, batch: dict, chunk_size: int | None = None, fused_grads: bool = True) -> Tensor:
     """Per-token NLL [B, T] of a Hugging Face causal LM: result[:, t] is the loss of predicting
     `labels[:, t]` from the tokens before it; 0 where labels are -100 and at t = 0.
 

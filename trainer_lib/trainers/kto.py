@@ -321,7 +321,7 @@ class KTOTrainer(Trainer):
 # ---------------------------------------------------------------------- helpers
 
 
-def _token_logps(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+def _token_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
     """log p(labels[t] | tokens before t): [B, T], 0 at t = 0 and where labels are -100.
     Per-sequence sums weight tokens unequally in the backward pass, so the chunked loss
     recomputes logits there instead of precomputing uniform gradients."""
