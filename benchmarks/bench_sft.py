@@ -14,8 +14,9 @@ loss, fp32. Each child reports:
 - tokens/s: non-padding tokens of the epoch / wall time of the training loop (setup excluded);
 - padding: the share of token positions fed to the model that are padding;
 - peak RSS: the child's peak resident memory (ru_maxrss);
-- MFU: model FLOPs per second (6 x parameters per token, plus attention) over the measured
-  matmul peak of the machine (`--peak_gflops`, 190 GFLOP/s fp32 on the 2-core CI machine).
+- MFU: model FLOPs per second (6 x parameters per token, plus attention) over the machine's
+  fp32 matmul peak, measured by the driver before and after the runs (the best of square
+  matmuls of 1024 to 4096 in a fresh process; `--peak_gflops` gives it instead).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def run_trl(model_dir: str, data: str, packing: bool) -> dict:
     return dict(seconds=seconds, positions=counter.positions, model=model, tokens=tokens)
 
 
-def worker(system: str, model_dir: str, data: str, peak_gflops: float) -> None:
+def worker(system: str, model_dir: str, data: str) -> None:
     import torch
 
     torch.manual_seed(0)
@@ -160,7 +161,7 @@ def worker(system: str, model_dir: str, data: str, peak_gflops: float) -> None:
         tokens_per_second=out["tokens"] / out["seconds"],
         padding=1 - out["tokens"] / max(out["positions"], 1),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        mfu=flops / out["seconds"] / (peak_gflops * 1e9),
+        model_gflops=flops / out["seconds"] / 1e9,
         seconds=out["seconds"],
     )
     print("RESULT " + json.dumps(result), flush=True)
@@ -169,22 +170,42 @@ def worker(system: str, model_dir: str, data: str, peak_gflops: float) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def measure_peak_gflops() -> float:
+    """Best fp32 GFLOP/s of square matmuls with torch's default threads, in a fresh process."""
+    code = """
+import time, torch
+best = 0.0
+for n in (1024, 2048, 4096):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    for _ in range(5):
+        t = time.perf_counter(); a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+print(best)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--examples", type=int, default=1024)
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--peak_gflops", type=float, default=190.0,
-                   help="measured fp32 matmul peak of the machine")
+    p.add_argument("--peak_gflops", type=float, default=None,
+                   help="fp32 matmul peak of the machine (default: measured)")
     p.add_argument("--tokenizer", default=str(FIXTURES / "tokenizers" / "phi-3-mini-instruct"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model_dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.model_dir, args.data, args.peak_gflops)
+        worker(args.worker, args.model_dir, args.data)
         return
 
+    peaks = [] if args.peak_gflops else [measure_peak_gflops()]
     folder = Path(tempfile.mkdtemp(prefix="bench_sft_"))
     model_dir, data = write_workload(folder, args.examples, Path(args.tokenizer))
     systems = args.systems.split(",")
@@ -195,7 +216,7 @@ def main() -> None:
         order = systems if r % 2 == 0 else systems[::-1]
         for system in order:
             cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
-                   "--data", str(data), "--peak_gflops", str(args.peak_gflops)]
+                   "--data", str(data)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -204,10 +225,19 @@ def main() -> None:
             results[system].append(res)
             print(f"round {r + 1} {system:12s} {res['tokens_per_second']:9,.0f} tok/s "
                   f"padding {100 * res['padding']:5.1f}%  peak {res['peak_rss_mb']:7,.0f} MB  "
-                  f"MFU {100 * res['mfu']:4.1f}%", flush=True)
+                  f"{res['model_gflops']:6.1f} model GFLOP/s", flush=True)
+
+    if not args.peak_gflops:
+        peaks.append(measure_peak_gflops())
+    peak = args.peak_gflops or max(peaks)
+    for rs in results.values():
+        for res in rs:
+            res["mfu"] = res["model_gflops"] / peak
 
     print(f"\nmedian of {args.rounds} rounds, {args.examples} examples, seq_length {SEQ_LENGTH}, "
           f"{BATCH_SIZE} sequences per step, fp32, {os.cpu_count()} cores")
+    source = "given" if args.peak_gflops else "measured: " + ", ".join(f"{x:.0f}" for x in peaks)
+    print(f"fp32 matmul peak {peak:.0f} GFLOP/s ({source})")
     print(f"{'system':14s} {'tokens/s':>10s} {'padding':>8s} {'peak RSS':>10s} {'MFU':>6s}")
     med = {s: {k: statistics.median(r[k] for r in rs) for k in
                ("tokens_per_second", "padding", "peak_rss_mb", "mfu")} for s, rs in results.items()}
