@@ -65,10 +65,18 @@ def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[
     n_alpaca = n_examples // 4  # the long tail comes from Alpaca
     rows = gsm[: n_examples - n_alpaca] + alpaca[:n_alpaca]
     data = folder / "data.jsonl"
+    lengths = []
     with open(data, "w") as f:
         for r in rows:
-            f.write(json.dumps({"prompt": alpaca_prompt(r["instruction"], r.get("input")),
-                                "completion": r["output"]}) + "\n")
+            prompt = alpaca_prompt(r["instruction"], r.get("input"))
+            f.write(json.dumps({"prompt": prompt, "completion": r["output"]}) + "\n")
+            lengths.append(len(tok(prompt + r["output"]).input_ids) + 1)  # + EOS
+    lengths.sort()
+    print(f"workload: {len(lengths)} examples, tokens per example mean "
+          f"{statistics.mean(lengths):.0f}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
+          f"{sum(n > SEQ_LENGTH for n in lengths)} over {SEQ_LENGTH}; vocabulary {len(tok):,}; "
+          f"{sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters()):,} "
+          f"parameters", flush=True)
     return model_dir, data
 
 

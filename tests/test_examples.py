@@ -1,4 +1,4 @@
-"""The main example and the quick-start notebook run offline, to the end."""
+"""The examples and the quick-start notebook run offline, to the end."""
 
 import os
 import subprocess
@@ -15,16 +15,22 @@ def _env(tmp_path):
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def test_main_example_trains_saves_reloads_and_generates(tmp_path):
-    out = tmp_path / "sft"
+def _run_example(tmp_path, script, out, overrides=(), launcher=(sys.executable,), env=None):
+    """Run `script` with `--output out`, quietly, checkpoints under tmp_path; its stdout."""
     proc = subprocess.run(
-        [sys.executable, "examples/sft_alpaca.py", "--output", str(out),
-         "train.progress_bar=false", f"train.checkpoint_dir={tmp_path / 'ckpts'}"],
-        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+        [*launcher, f"examples/{script}", "--output", str(out), "train.progress_bar=false",
+         f"train.checkpoint_dir={tmp_path / 'ckpts'}", *overrides],
+        cwd=REPO, env=env or _env(tmp_path), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "embedded tiny Llama" in proc.stdout
-    assert "-> The capital of France is Paris." in proc.stdout
+    return proc.stdout
+
+
+def test_main_example_trains_saves_reloads_and_generates(tmp_path):
+    out = tmp_path / "sft"
+    stdout = _run_example(tmp_path, "sft_alpaca.py", out)
+    assert "embedded tiny Llama" in stdout
+    assert "-> The capital of France is Paris." in stdout
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -44,15 +50,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 def test_chat_tools_example_learns_to_call_the_tools(tmp_path):
     out = tmp_path / "chat"
-    proc = subprocess.run(
-        [sys.executable, "examples/sft_chat_tools.py", "--output", str(out),
-         "train.progress_bar=false", f"train.checkpoint_dir={tmp_path / 'ckpts'}"],
-        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = _run_example(tmp_path, "sft_chat_tools.py", out)
     # the reloaded model answers each new question with a call of the right tool
-    assert '-> <tool_call>{"name": "get_weather", "arguments": {"city": ' in proc.stdout
-    assert '-> <tool_call>{"name": "convert_units", "arguments": {"value": ' in proc.stdout
+    assert '-> <tool_call>{"name": "get_weather", "arguments": {"city": ' in stdout
+    assert '-> <tool_call>{"name": "convert_units", "arguments": {"value": ' in stdout
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -61,16 +62,11 @@ def test_lora_zero3_example_on_two_processes(tmp_path):
 
     out = tmp_path / "lora"
     env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-         "--config_file", "configs/accelerate/zero3.yaml", "examples/sft_lora_zero3.py",
-         "--output", str(out), "train.progress_bar=false", "train.epochs=10",
-         f"train.checkpoint_dir={tmp_path / 'ckpts'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es), DistributedType.DEEPSPEED" in proc.stdout
-    line = next(l for l in proc.stdout.splitlines() if "; loss " in l)
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                "--config_file", "configs/accelerate/zero3.yaml")
+    stdout = _run_example(tmp_path, "sft_lora_zero3.py", out, ["train.epochs=10"], launcher, env)
+    assert "2 process(es), DistributedType.DEEPSPEED" in stdout
+    line = next(l for l in stdout.splitlines() if "; loss " in l)
     before, after = (float(x) for x in line.split("; loss ")[1].split(";")[0].split(" -> "))
     assert after < before
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
