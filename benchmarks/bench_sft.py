@@ -196,7 +196,6 @@ print(best)
     return float(out.stdout.split()[-1])
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
