@@ -33,14 +33,18 @@ def main():
 
     embedded = args.model_path is None
     model_path = tiny_model() if embedded else args.model_path
+    lora = dict(rank=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    if embedded:
+        # The embedded model is random-init: its frozen output head is too weak to express any
+        # answer, so it trains in full next to the adapters. A pretrained model needs no such thing.
+        lora["modules_to_save"] = ["lm_head"]
     config = default_sft_config().evolve(
-        model=dict(model_path=model_path,
-                   peft_config=dict(rank=16, alpha=32, dropout=0.0, target_modules="all-linear")),
-        train=dict(seq_length=256, batch_size=2, epochs=40 if embedded else 2,
+        model=dict(model_path=model_path, peft_config=lora),
+        train=dict(seq_length=256, batch_size=2, epochs=80 if embedded else 2,
                    total_steps=100_000, log_interval=20, eval_interval=100_000,
                    checkpoint_dir="outputs/sft_lora_zero3_ckpts",
                    deepspeed_config=args.deepspeed),
-        optimizer=dict(kwargs=dict(lr=2e-2 if embedded else 2e-4)),
+        optimizer=dict(kwargs=dict(lr=5e-3 if embedded else 2e-4)),
         scheduler=dict(name="cosine", kwargs=dict(warmup_steps=10)),
     ).apply_overrides(args.overrides)
 
