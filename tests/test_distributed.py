@@ -245,3 +245,30 @@ def test_reference_model_is_frozen_in_eval_mode(tiny_model_dir):
     assert not ref.training
     assert not any(p.requires_grad for p in ref.parameters())
     assert next(ref.parameters()).device.type == acc.device.type
+
+
+
+def test_a_deepspeed_run_does_not_leave_deepspeed_on_for_the_next_run(tiny_model_dir, tmp_path):
+    # a notebook: first a run with a ZeRO config, then one without; the second is plain. In a
+    # child process, as DeepSpeed's process group would outlive the test otherwise.
+    script = f"""
+import os
+from accelerate.utils import DistributedType
+from trainer_lib import default_sft_config, train
+config = default_sft_config().evolve(
+    model=dict(model_path={str(tiny_model_dir)!r}),
+    train=dict(seq_length=32, batch_size=2, total_steps=1, progress_bar=False,
+               checkpoint_dir={str(tmp_path / "ckpts")!r}))
+zero2 = config.evolve(train=dict(deepspeed_config={str(REPO / "configs/deepspeed/zero2.json")!r}))
+first = train(samples=["a b c"] * 4, config=zero2)
+assert first.accelerator.distributed_type == DistributedType.DEEPSPEED
+second = train(samples=["a b c"] * 4, config=config)
+print("second:", second.accelerator.distributed_type, "ACCELERATE_USE_DEEPSPEED" in os.environ)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_DEEPSPEED"}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "second: DistributedType.NO False" in proc.stdout

@@ -27,6 +27,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# Whether ACCELERATE_USE_DEEPSPEED was set by build_accelerator for train.deepspeed_config, so
+# that a later run in the same process without it does not inherit DeepSpeed.
+_deepspeed_flag_set_here = False
+
+
 def build_accelerator(config: Config) -> Accelerator:
     t = config.train
     # accelerate keeps its settings in process-wide singletons; a second run in the same process
@@ -34,10 +39,16 @@ def build_accelerator(config: Config) -> Accelerator:
     # (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    global _deepspeed_flag_set_here
+    if _deepspeed_flag_set_here:  # by an earlier run in this process, not by a launcher
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        _deepspeed_flag_set_here = False
+        AcceleratorState._reset_state(reset_partial_state=True)  # it was built for DeepSpeed
     plugin = build_deepspeed_plugin(t)
-    if plugin is not None:
+    if plugin is not None and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         # the process group below must be created the DeepSpeed way (deepspeed.init_distributed)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        _deepspeed_flag_set_here = True
     several_cpu_processes = launched_world_size() > 1 and not torch.cuda.is_available()
     if several_cpu_processes and plugin is not None:
         # Without a GPU, accelerate does not create a process group by itself under DeepSpeed
