@@ -198,3 +198,21 @@ def test_fixed_micro_batches_cover_every_example_once_and_never_leave_one_alone(
     assert all(len(b) <= size + 1 for b in batches)  # a lone last example joins one batch
     assert all(len(b) >= 2 for b in batches) if size > 1 else all(len(b) == 1 for b in batches)
     assert batches == fixed_micro_batches(n, size, seed=3)  # decided by the seed alone
+
+
+def test_tool_calls_take_the_form_sft_conversations_take():
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    [record] = normalize_kto_samples([{
+        "messages": [USER, {"role": "assistant", "content": None, "tool_calls": [call]}],
+        "label": True}])
+    # arguments written as a JSON string become a dict (templates tojson them once), no content: ""
+    assert record["completion"] == [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}]
+
+    # a ShareGPT function_call turn is a tool call, not assistant text
+    turns = [{"from": "human", "value": "Weather in Rome?"},
+             {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Rome"}}'}]
+    [record] = normalize_kto_samples([{"conversations": turns, "label": False}])
+    assert record["completion"] == [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}]
+    assert record["prompt"] == [{"role": "user", "content": "Weather in Rome?"}]

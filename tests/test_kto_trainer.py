@@ -187,6 +187,13 @@ def test_batch_size_one_needs_apo_zero_unpaired(kto_config):
     assert trainer.log_history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
 
 
+def test_a_single_evaluation_example_is_an_error_before_training(kto_config):
+    samples = shout(WORDS[:4])
+    with pytest.raises(DataError, match="only 1 evaluation example.*at least 2"):
+        train(samples=samples, eval_samples=samples[:1],
+              config=kto_config.evolve(train=dict(total_steps=1)))
+
+
 @pytest.mark.parametrize("label, missing", [(True, "undesirable"), (False, "desirable")])
 def test_one_class_missing_is_an_error(kto_config, label, missing):
     samples = [r for r in shout(WORDS[:6]) if r["label"] is label]

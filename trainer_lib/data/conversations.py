@@ -12,7 +12,7 @@ from trainer_lib.data.samples import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
 }
 

@@ -21,20 +21,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from trainer_lib.data.conversations import _SHAREGPT_ROLES, ChatError, _from_sharegpt as _convert_sharegpt
+from trainer_lib.data.conversations import _normalize_message
 from trainer_lib.data.samples import DataError
-
-# ShareGPT "from" -> OpenAI "role".
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "system": "system",
-    "observation": "tool",
-    "tool": "tool",
-    "function_call": "assistant",
-}
 
 _KIND_NAMES = {
     "labelled": "a labelled example (prompt/completion/label)",
@@ -105,7 +94,17 @@ def _check_messages(value: Any, index: int, field: str) -> list:
             raise _fail(index, f"{where}.content", "is missing; expected the message text")
         if content is not None and not isinstance(content, (str, list)):
             raise _fail(index, f"{where}.content", f"is {content!r}; expected a string")
-    return value
+    return _shared_form(lambda: [_normalize_message(m, f"{field}[{j}]", index)
+                                 for j, m in enumerate(value)])
+
+
+def _shared_form(convert):
+    """Messages in the form SFT conversations take (tool-call arguments as dicts, ShareGPT
+    function calls as tool_calls), with that conversion's errors as KTO data errors."""
+    try:
+        return convert()
+    except ChatError as e:
+        raise KTODataError(str(e)) from None
 
 
 def _text_or_messages(value: Any, index: int, field: str) -> Any:
@@ -142,21 +141,18 @@ def _from_sharegpt(turns: Any, index: int, field: str) -> list:
         turns = [turns]
     if not isinstance(turns, list) or not turns:
         raise _fail(index, field, "is empty; expected a non-empty list of turns")
-    messages = []
     for j, turn in enumerate(turns):
         where = f"{field}[{j}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise _fail(index, where, f"is {turn!r}; expected a ShareGPT turn {{'from': ..., 'value': ...}}")
-        role = _SHAREGPT_ROLES.get(turn["from"])
-        if role is None:
+        if turn["from"] not in _SHAREGPT_ROLES:
             raise _fail(
                 index, f"{where}.from",
                 f"is {turn['from']!r}; expected one of {', '.join(sorted(_SHAREGPT_ROLES))}",
             )
         if not isinstance(turn["value"], str):
             raise _fail(index, f"{where}.value", f"is {turn['value']!r}; expected a string")
-        messages.append({"role": role, "content": turn["value"]})
-    return messages
+    return _shared_form(lambda: _convert_sharegpt({"conversations": turns}, index))
 
 
 def _split_conversation(messages: list, index: int, field: str) -> tuple[list, list]:

@@ -85,6 +85,10 @@ class KTOTrainer(Trainer):
                             f"{self.data_report.summary()}")
         self._set_weights(train_examples)
         eval_examples = self.tokenize_records(eval_records, DataReport())
+        if m.loss_type == "kto" and len(eval_examples) == 1:
+            raise DataError("only 1 evaluation example: the KL estimate pairs each example with "
+                            "another one's completion, so evaluation needs at least 2; give more "
+                            "eval_samples, or raise train.eval_split")
         if self.accelerator.is_main_process:
             print(self.data_report.summary(), flush=True)
         return (self._group(train_examples, t.batch_size),
