@@ -50,9 +50,13 @@ def main():
     print(f"loss: {losses[0]['loss']:.3f} at step {losses[0]['step']} -> {losses[-1]['loss']:.3f} "
           f"at step {losses[-1]['step']}; eval/loss {trainer.log_history[-1].get('eval/loss', 0):.3f}")
 
+    if args.data != str(CHAT_TOOLS_DATA):  # the questions below are about the shipped tools
+        print(f"saved to {args.output}")
+        return
     tokenizer = AutoTokenizer.from_pretrained(args.output)
     model = AutoModelForCausalLM.from_pretrained(args.output)
-    tools = json.loads(open(CHAT_TOOLS_DATA).readline())["tools"]
+    with open(CHAT_TOOLS_DATA, encoding="utf-8") as f:
+        tools = json.loads(f.readline())["tools"]
     # stop at the end of the assistant's turn as well as at EOS
     stop = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>"])]
     stop = [t for t in stop if t is not None and t != tokenizer.unk_token_id]

@@ -211,7 +211,7 @@ class GenerationEval:
             examples = getattr(trainer, "train_examples", trainer.train_items)
             return cls(default_eval_prompts(examples, trainer.tokenizer), {}, metric_fn)
         template = None
-        if any(isinstance(p.get("prompt") if isinstance(p, dict) else p, list)
+        if any(isinstance(p.get("prompt") if isinstance(p, dict) else p, (list, tuple))
                for p in eval_prompts):  # message lists need the run's chat template
             template = trainer.chat_template.for_messages()
         prompts, metadata = normalize_eval_prompts(eval_prompts, trainer.tokenizer, template)
