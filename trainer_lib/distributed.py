@@ -161,10 +161,6 @@ def resolve_deepspeed_config(ds: dict, t: TrainConfig, world_size: int,
     return ds
 
 
-def is_deepspeed(accelerator: Accelerator) -> bool:
-    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
-
-
 def zero_stage(accelerator: Accelerator) -> int:
     """The ZeRO stage in use, 0 without DeepSpeed."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
