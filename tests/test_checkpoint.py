@@ -151,3 +151,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_co
     assert "step_2" in str(e.value)
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_2"]
     AutoModelForCausalLM.from_pretrained(ckpts / "step_2" / "hf_model")
+
+
+def test_non_finite_loss_report_skips_the_empty_share_of_a_short_rank():
+    from trainer_lib.checkpoint import check_finite_loss
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "num_tokens": 3}
+    with pytest.raises(NonFiniteLossError, match=r"2 micro-batch\(es\), 6 tokens.*\[5, 6, 7\]"):
+        check_finite_loss({"loss": float("nan")}, [batch, None, batch], 7, None)

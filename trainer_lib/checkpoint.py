@@ -234,6 +234,7 @@ def check_finite_loss(out: dict, micro: list[dict], step: int, last_checkpoint: 
     loss = out["loss"]
     if math.isfinite(loss):
         return
+    micro = [b for b in micro if b is not None]  # a rank short of data joins with None
     first = micro[0] if micro else {}
     ids = first.get("input_ids")
     preview = ids[0][:12].tolist() if torch.is_tensor(ids) and ids.ndim == 2 else None
