@@ -70,7 +70,7 @@ def test_unknown_keys_name_the_closest_valid_key():
     ("train.progress_bar=maybe", r"train\.progress_bar must be true or false"),
     ("train.tags=x", r"train\.tags must be a list"),
     ("train.tracker=mlflow", r"train\.tracker.*'wandb'"),
-    ("scheduler.name=step", r"scheduler\.name must be one of"),
+    ("scheduler.name=step", r"scheduler\.name=.step. is unknown"),
     ("train.batch_size", r"must look like section\.key=value"),
 ])
 def test_bad_values_are_refused_with_the_field_and_what_was_expected(override, message):

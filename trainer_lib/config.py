@@ -54,35 +54,31 @@ class TokenizerConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    # any torch.optim class by name, any case ("adamw", "AdamW", "sgd", "adagrad", ...), or
+    # "adafactor" (transformers' Adafactor); Adam and AdamW run fused where the device has it
+    name: str = "adamw"
+    # the optimiser's keyword arguments; weight_decay never applies to biases and norm weights
     kwargs: dict = field(default_factory=lambda: dict(lr=1e-4, weight_decay=0.0))
 
     def validate(self) -> None:
-        lr = self.kwargs.get("lr", 1e-4)
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
-            raise ConfigError(f"optimizer.kwargs.lr must be a non-negative number, got {lr!r}")
-        wd = self.kwargs.get("weight_decay", 0.0)
-        if not isinstance(wd, (int, float)) or wd < 0:
-            raise ConfigError(f"optimizer.kwargs.weight_decay must be >= 0, got {wd!r}")
+        from trainer_lib.optim import check_optimizer
+
+        check_optimizer(self)
 
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["constant", "linear", "cosine"] = "cosine"
-    # warmup_steps (int) or warmup_ratio (float of total steps); min_lr_ratio for cosine/linear.
+    # transformers' schedule names (get_scheduler: "linear", "cosine", "cosine_with_min_lr",
+    # "warmup_stable_decay", ...) or a torch.optim.lr_scheduler class ("CosineAnnealingLR")
+    name: str = "cosine"
+    # warmup_steps or warmup_ratio (of the run's optimiser steps), plus the schedule's own
+    # arguments (num_cycles, min_lr_rate, num_decay_steps, lr_end, power, ...)
     kwargs: dict = field(default_factory=lambda: dict(warmup_steps=0))
 
     def validate(self) -> None:
-        unknown = set(self.kwargs) - {"warmup_steps", "warmup_ratio", "min_lr_ratio"}
-        if unknown:
-            raise ConfigError(
-                f"scheduler.kwargs has unknown keys {sorted(unknown)}; "
-                "valid: warmup_steps, warmup_ratio, min_lr_ratio"
-            )
-        if self.kwargs.get("warmup_steps", 0) < 0:
-            raise ConfigError("scheduler.kwargs.warmup_steps must be >= 0")
-        if not 0 <= self.kwargs.get("warmup_ratio", 0.0) <= 1:
-            raise ConfigError("scheduler.kwargs.warmup_ratio must be within [0, 1]")
+        from trainer_lib.optim import check_scheduler
+
+        check_scheduler(self)
 
 
 @dataclass
