@@ -69,7 +69,7 @@ def test_unknown_keys_name_the_closest_valid_key():
     ("train.batch_size=null", r"train\.batch_size must be an integer, got None"),
     ("train.progress_bar=maybe", r"train\.progress_bar must be true or false"),
     ("train.tags=x", r"train\.tags must be a list"),
-    ("train.tracker=mlflow", r"train\.tracker.*'wandb'"),
+    ("train.tracker=mlfow", r"train\.tracker: unknown tracker 'mlfow'; did you mean 'mlflow'"),
     ("scheduler.name=step", r"scheduler\.name=.step. is unknown"),
     ("train.batch_size", r"must look like section\.key=value"),
 ])

@@ -1,5 +1,7 @@
-"""Trackers: what a run logs can be read back from jsonl, TensorBoard and offline W&B files."""
+"""Trackers through accelerate: what a run logs can be read back from jsonl, TensorBoard and
+offline W&B files; a resumed run repeats nothing; bad or missing trackers fail before loading."""
 
+import importlib.util
 import json
 import struct
 import time
@@ -7,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer_lib import train
-from trainer_lib.tracking import format_log_line
+import trainer_lib.trainers.base as base
+from trainer_lib import ConfigError, default_sft_config, train
+from trainer_lib.tracking import TRACKER_PACKAGES, format_log_line
 
 SAMPLES = [{"prompt": f"word{i} ", "completion": f"token{i}"} for i in range(16)]
 
@@ -42,10 +45,12 @@ def test_jsonl_has_every_logged_entry_and_the_samples_table(tiny_config):
     assert [row[0] for row in table["rows"]] == ["word1", "word2"]
 
 
-def test_tensorboard_event_files_hold_the_metrics(tiny_config):
+def test_tensorboard_and_jsonl_together_hold_the_same_metrics(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer, folder = _run(tiny_config, "tensorboard")
+    trainer, folder = _run(tiny_config, ["tensorboard", "jsonl"])
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in lines if "loss" in e] == [e["loss"] for e in trainer.log_history]
     events = EventAccumulator(str(folder))
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -54,6 +59,35 @@ def test_tensorboard_event_files_hold_the_metrics(tiny_config):
     expected = [e["loss"] for e in trainer.log_history]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(expected, rel=1e-6)
     assert any(t.startswith("samples") for t in events.Tags()["tensors"])
+    assert any(t.startswith("config") for t in events.Tags()["tensors"])
+
+
+def test_a_resumed_run_does_not_repeat_the_steps_after_its_checkpoint(tiny_config):
+    """The first run logged steps 1-4 and checkpointed at 2; a run resumed from step 2 logs
+    3 and 4 again: metrics.jsonl then holds every step once, the resumed run's figures."""
+    config = tiny_config.evolve(train=dict(total_steps=4, checkpoint_interval=2, tracker="jsonl",
+                                           run_name="r"))
+    train(samples=SAMPLES, config=config)
+    checkpoint = Path(config.train.checkpoint_dir) / "step_2"
+    resumed = train(samples=SAMPLES, config=config.evolve(
+        train=dict(resume_from_checkpoint=str(checkpoint))))
+    path = Path(config.train.logging_dir) / "r" / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+    assert lines[1:] == resumed.log_history
+
+
+def test_unknown_and_missing_trackers_fail_before_anything_loads(tiny_config, monkeypatch):
+    with pytest.raises(ConfigError, match=r"unknown tracker 'tensorbaord'; did you mean "
+                                          r"'tensorboard'\?"):
+        default_sft_config().evolve(train=dict(tracker=["jsonl", "tensorbaord"]))
+    missing = [n for n in TRACKER_PACKAGES if importlib.util.find_spec(n) is None]
+    assert missing, "every optional tracker is installed here"
+    for stage in ("load_model", "load_tokenizer"):
+        monkeypatch.setattr(base, stage, lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ConfigError) as err:
+        train(samples=SAMPLES, config=tiny_config.evolve(train=dict(tracker=[missing[0]])))
+    assert f"pip install {TRACKER_PACKAGES[missing[0]]}" in str(err.value)
 
 
 def _wandb_records(path: Path):

@@ -101,7 +101,12 @@ class TrainConfig:
     save_best_mode: Literal["min", "max"] = "min"
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
     log_interval: int = 10
-    tracker: Optional[Literal["wandb", "tensorboard", "jsonl"]] = None
+    # None, or one or a list of: "jsonl", and accelerate's trackers (wandb, tensorboard,
+    # mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio) as installed
+    tracker: Optional[Union[str, list]] = None
+    # per tracker, keyword arguments for its init (accelerate's init_kwargs), e.g.
+    # {"wandb": {"entity": "team"}, "mlflow": {"tags": {"team": "nlp"}}}
+    tracker_kwargs: dict = field(default_factory=dict)
     logging_dir: str = "logs"
     project_name: str = "trainer_lib"
     run_name: Optional[str] = None
@@ -126,6 +131,13 @@ class TrainConfig:
             raise ConfigError("train.keep_last_n must be at least 1, or None to keep all")
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
             raise ConfigError("train.deepspeed_config must be a path to a JSON file or a dict")
+        from trainer_lib.tracking import TRACKER_NAMES, tracker_names
+
+        tracker_names(self.tracker)
+        for name, kwargs in self.tracker_kwargs.items():
+            if name not in TRACKER_NAMES or not isinstance(kwargs, dict):
+                raise ConfigError(f"train.tracker_kwargs maps a tracker name ({', '.join(TRACKER_NAMES)}) "
+                                  f"to its keyword arguments; got {name!r}: {kwargs!r}")
 
 
 @dataclass
@@ -200,7 +212,7 @@ _SECTIONS = {
 }
 
 # Fields whose values are free-form dicts (their keys are not checked against a dataclass).
-_FREE_DICTS = {"kwargs", "gen_kwargs", "deepspeed_config", "peft_config"}
+_FREE_DICTS = {"kwargs", "gen_kwargs", "deepspeed_config", "peft_config", "tracker_kwargs"}
 
 
 class _YamlLoader(yaml.SafeLoader):

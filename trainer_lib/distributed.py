@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin
 
 from trainer_lib.config import Config, ConfigError, TrainConfig
+from trainer_lib.tracking import log_with, run_dir
 
 
 def launched_world_size() -> int:
@@ -55,6 +56,8 @@ def build_accelerator(config: Config) -> Accelerator:
         # (every rank then thinks it is alone and trains on all the data): create it on gloo.
         PartialState(backend="gloo")
     return Accelerator(
+        # trackers named by train.tracker (a missing package fails here, before any loading)
+        log_with=log_with(config), project_dir=str(run_dir(config)),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         deepspeed_plugin=plugin,

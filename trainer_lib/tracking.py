@@ -1,70 +1,75 @@
-"""Where logged figures go: Weights & Biases, TensorBoard, a JSON-lines file, or nowhere.
+"""Where logged figures go: accelerate's trackers, plus a JSON-lines file of our own.
 
-A tracker has three methods: `log(values, step)`, `log_table(name, columns, rows, step)` and
-`finish()`. Only the main process writes; every other process gets the `Tracker` that does
-nothing, so the training loop can log unconditionally.
+`train.tracker` is None, one name or a list of names: every tracker accelerate supports (wandb,
+tensorboard, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), as each is installed,
+and "jsonl" (an accelerate `GeneralTracker` written here). The Accelerator gets them through
+`log_with` and `project_dir`; figures go through `accelerator.log`, so only the main process
+writes. Files go under `<logging_dir>[/<run_name>]`. The prompt/output table of an evaluation
+goes to the trackers that hold tables (wandb and clearml tables, mlflow `log_table`, comet_ml
+`log_table`, TensorBoard and aim as Markdown text, jsonl `tables.jsonl`).
+
+Nothing is written before `Tracking.start(step)`, which the loop calls once it knows where the
+run starts: a run resumed at step N keeps what the files already hold up to N and writes only
+what comes after, so a resumed run duplicates nothing.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import numbers
 from pathlib import Path
 from typing import Any
 
-from trainer_lib.config import Config
+from accelerate.tracking import GeneralTracker, on_main_process
+
+from trainer_lib.config import Config, ConfigError
+
+# tracker name -> the pip package that provides it
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow",
+                    "comet_ml": "comet-ml", "aim": "aim", "clearml": "clearml",
+                    "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKER_NAMES = ("jsonl", *TRACKER_PACKAGES)
 
 
-class Tracker:
-    """Records nothing: for `train.tracker=None` and for every process but the main one."""
+def tracker_names(spec: Any) -> list[str]:
+    """`train.tracker` as a list of names (None: none), each checked against the known ones."""
+    if spec is None:
+        return []
+    names = [spec] if isinstance(spec, str) else list(spec)
+    for name in names:
+        if name not in TRACKER_NAMES:
+            close = difflib.get_close_matches(str(name), TRACKER_NAMES, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"train.tracker: unknown tracker {name!r}{hint} (valid: None, "
+                              f"{', '.join(TRACKER_NAMES)}, or a list of them)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.tracker names a tracker twice: {names}")
+    return names
 
-    def log(self, values: dict, step: int) -> None:
-        pass
 
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        pass
+def check_installed(names: list[str]) -> None:
+    """Before anything loads: every tracker asked for is importable, or say what to install."""
+    import accelerate.utils
 
-    def finish(self) -> None:
-        pass
+    missing = [n for n in names if n != "jsonl"
+               and not getattr(accelerate.utils, f"is_{n}_available")()]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[n] for n in missing)
+        raise ConfigError(f"train.tracker asks for {', '.join(missing)}, which is not installed: "
+                          f"pip install {packages} (or set train.tracker to another tracker, or "
+                          "null)")
+
+
+def run_dir(config: Config) -> Path:
+    t = config.train
+    return Path(t.logging_dir) / t.run_name if t.run_name else Path(t.logging_dir)
 
 
 def _numbers(values: dict) -> dict:
     return {k: float(v) for k, v in values.items()
             if isinstance(v, numbers.Number) and not isinstance(v, bool)}
-
-
-def _run_dir(config: Config) -> Path:
-    t = config.train
-    folder = Path(t.logging_dir) / t.run_name if t.run_name else Path(t.logging_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-class JsonlTracker(Tracker):
-    """`<logging_dir>[/<run_name>]/metrics.jsonl`: one JSON object per `log` call, with "step";
-    tables go to `tables.jsonl` beside it. Each line is flushed as it is written."""
-
-    def __init__(self, config: Config):
-        folder = _run_dir(config)
-        self.path = folder / "metrics.jsonl"
-        self._metrics = open(self.path, "a", encoding="utf-8")
-        self._tables = open(folder / "tables.jsonl", "a", encoding="utf-8")
-        (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-
-    def log(self, values: dict, step: int) -> None:
-        row = {"step": step, **{k: _json_safe(v) for k, v in values.items() if k != "step"}}
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        row = {"step": step, "name": name, "columns": columns, "rows": _json_safe(rows)}
-        self._tables.write(json.dumps(row) + "\n")
-        self._tables.flush()
-
-    def finish(self) -> None:
-        self._metrics.close()
-        self._tables.close()
 
 
 def _json_safe(v: Any) -> Any:
@@ -77,63 +82,248 @@ def _json_safe(v: Any) -> Any:
     return str(v)
 
 
-class TensorBoardTracker(Tracker):
-    """Event files under `<logging_dir>[/<run_name>]`; scalars by name, tables as Markdown text."""
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"batch_size": 8}} -> {"train.batch_size": 8}; lists become JSON text, since
+    the trackers' hyper-parameter tables take scalars only."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        elif isinstance(value, (list, tuple, dict)):
+            out[name] = json.dumps(_json_safe(value))
+        else:
+            out[name] = _json_safe(value)
+    return out
 
-    def __init__(self, config: Config):
-        from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(_run_dir(config)))
-        self.writer.add_text("config", "```\n" + config.to_yaml() + "\n```", 0)
+def _markdown(columns: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+class JsonlTracker(GeneralTracker):
+    """`metrics.jsonl` in the run's folder: one JSON object per `log` call, with "step"; tables
+    in `tables.jsonl`, the config in `config.json`. Every line is flushed as it is written.
+
+    `resume_step`: the step a resumed run starts from. The files keep their lines up to that
+    step; later lines (written after the checkpoint by the run that stopped) are dropped, and
+    entries the resumed run logs again for steps the file already holds are not repeated."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: str | Path, **kwargs):
+        super().__init__()
+        self.folder = Path(logging_dir)
+        self.resume_step: int | None = None
+        self._written_steps: set[int] = set()
+
+    @property
+    def tracker(self):
+        return self
+
+    @on_main_process
+    def start(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "metrics.jsonl"
+        if self.resume_step is not None:
+            self._written_steps = self._keep_up_to(self.path, self.resume_step)
+            self._keep_up_to(self.folder / "tables.jsonl", self.resume_step)
+        self._metrics = open(self.path, "a", encoding="utf-8")
+        self._tables = open(self.folder / "tables.jsonl", "a", encoding="utf-8")
+
+    @staticmethod
+    def _keep_up_to(path: Path, step: int) -> set[int]:
+        if not path.is_file():
+            return set()
+        kept, steps = [], set()
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short when the earlier run was killed
+            if row_step <= step:
+                kept.append(line)
+                steps.add(row_step)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        return steps
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        (self.folder / "config.json").write_text(json.dumps(values, indent=2, default=str),
+                                                 encoding="utf-8")
+
+    def _repeated(self, step) -> bool:
+        return (self.resume_step is not None and step is not None and step <= self.resume_step
+                and step in self._written_steps)
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        if self._repeated(step):
+            return
+        row = {"step": step, **{k: _json_safe(v) for k, v in values.items() if k != "step"}}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+
+    @on_main_process
+    def log_table(self, table_name: str, columns: list[str], data: list[list], step=None):
+        if self._repeated(step):
+            return
+        row = {"step": step, "name": table_name, "columns": columns, "rows": _json_safe(data)}
+        self._tables.write(json.dumps(row) + "\n")
+        self._tables.flush()
+
+    @on_main_process
+    def finish(self):
+        self._metrics.close()
+        self._tables.close()
+
+
+def log_with(config: Config) -> list | None:
+    """`Accelerator(log_with=...)` for the run: accelerate's tracker names, and tracker objects
+    where the files go to our folder layout (TensorBoard: `<logging_dir>[/<run_name>]`). Raises
+    a ConfigError naming the pip package of a tracker that is not installed."""
+    from accelerate.tracking import TensorBoardTracker
+
+    names = tracker_names(config.train.tracker)
+    check_installed(names)
+    t = config.train
+    out: list = []
+    for name in names:
+        if name == "jsonl":
+            out.append(JsonlTracker(t.run_name or "", run_dir(config)))
+        elif name == "tensorboard":
+            out.append(TensorBoardTracker(t.run_name or "", t.logging_dir))
+        else:
+            out.append(name)
+    return out or None  # None: accelerate warns about an empty list
+
+
+def _init_kwargs(config: Config) -> dict:
+    """Per tracker: the run's name, tags, folder and config where the tracker takes them, then
+    whatever `train.tracker_kwargs` adds or overrides."""
+    t = config.train
+    folder = str(run_dir(config))
+    defaults = {
+        "wandb": {"name": t.run_name, "tags": list(t.tags) or None, "dir": folder,
+                  "config": config.to_dict()},
+        "mlflow": {"run_name": t.run_name},
+        "aim": {"experiment": t.project_name},
+        "dvclive": {"dir": str(run_dir(config) / "dvclive")},
+        "swanlab": {"experiment_name": t.run_name, "tags": list(t.tags) or None,
+                    "logdir": folder},
+        "trackio": {"name": t.run_name},
+    }
+    out = {}
+    for name in tracker_names(t.tracker):
+        kwargs = {k: v for k, v in defaults.get(name, {}).items() if v is not None}
+        kwargs.update(t.tracker_kwargs.get(name, {}))
+        out[name] = kwargs
+    return out
+
+
+class Tracking:
+    """The training loop's handle on its trackers: `log`, `log_table`, `finish`. What is logged
+    before `start` waits in memory; only the main process writes."""
+
+    def __init__(self, accelerator, config: Config):
+        self.accelerator, self.config = accelerator, config
+        self.names = tracker_names(config.train.tracker)
+        self.started = False
+        self._pending: list[tuple] = []
+
+    def start(self, resume_step: int | None = None) -> None:
+        """Opens the trackers. `resume_step`: the step a resumed run starts from (None or 0 for
+        a fresh run)."""
+        if self.started:
+            return
+        self.started = True
+        acc = self.accelerator
+        if self.names and acc.is_main_process:
+            for tracker in acc.log_with:
+                if isinstance(tracker, JsonlTracker) and resume_step:
+                    tracker.resume_step = resume_step
+                elif isinstance(tracker, GeneralTracker) and tracker.name == "tensorboard" \
+                        and resume_step:
+                    # TensorBoard's own way: events past the resumed step in older files
+                    # are hidden
+                    tracker.init_kwargs["purge_step"] = resume_step + 1
+            acc.init_trackers(self.config.train.project_name, init_kwargs=_init_kwargs(self.config))
+            self._store_config()
+        pending, self._pending = self._pending, []
+        for method, args in pending:
+            getattr(self, method)(*args)
+
+    def _store_config(self) -> None:
+        config = self.config.to_dict()
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                continue  # given whole to wandb.init
+            if tracker.name == "tensorboard":
+                tracker.writer.add_text("config", "```\n" + self.config.to_yaml() + "\n```", 0)
+            elif tracker.name == "jsonl":
+                tracker.store_init_configuration(config)
+            else:
+                tracker.store_init_configuration(_flat(config))
 
     def log(self, values: dict, step: int) -> None:
-        for name, value in _numbers(values).items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+        if not self.started:
+            self._pending.append(("log", (values, step)))
+            return
+        numbers_ = _numbers({k: v for k, v in values.items() if k != "step"})
+        if self.names and numbers_:
+            self.accelerator.log(numbers_, step=step)  # main process only
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        def cell(v):
-            return str(v).replace("|", "\\|").replace("\n", "<br>")
-
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-        self.writer.add_text(name, "\n".join(lines), step)
-        self.writer.flush()
-
-    def finish(self) -> None:
-        self.writer.close()
-
-
-class WandbTracker(Tracker):
-    """A W&B run named by `train.project_name`, `run_name` and `tags`, with the config; set
-    WANDB_MODE=offline to write it under `<logging_dir>/wandb/` with no network."""
-
-    def __init__(self, config: Config):
-        import wandb
-
-        t = config.train
-        self.wandb = wandb
-        self.run = wandb.init(project=t.project_name, name=t.run_name, tags=list(t.tags) or None,
-                              config=config.to_dict(), dir=str(_run_dir(config)))
-
-    def log(self, values: dict, step: int) -> None:
-        self.run.log(_numbers(values), step=step)
-
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
+        if not self.started:
+            self._pending.append(("log_table", (name, columns, rows, step)))
+            return
+        if not self.names or not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            _log_table(tracker, name, columns, rows, step)
 
     def finish(self) -> None:
-        self.run.finish()
+        if not self.started:
+            self.start()
+        if self.accelerator.is_main_process:
+            # each tracker's finish, as accelerator.end_training does, but without destroying
+            # the process group: saving after training still needs every process
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
 
 
-TRACKERS = {None: lambda config: Tracker(), "jsonl": JsonlTracker, "tensorboard": TensorBoardTracker,
-            "wandb": WandbTracker}
+def _log_table(tracker, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    """A table where the tracker holds one; Markdown text where it holds text."""
+    kind = tracker.name
+    if kind in ("wandb", "clearml", "jsonl"):
+        tracker.log_table(name, columns=columns, data=rows, step=step)
+    elif kind == "tensorboard":
+        tracker.writer.add_text(name, _markdown(columns, rows), step)
+        tracker.writer.flush()
+    elif kind == "mlflow":
+        import mlflow
+
+        mlflow.log_table({c: [row[i] for row in rows] for i, c in enumerate(columns)},
+                         artifact_file=f"{name}/step_{step}.json")
+    elif kind == "comet_ml":
+        tracker.writer.log_table(f"{name}_step_{step}.csv", tabular_data=rows, headers=columns)
+    elif kind == "aim":
+        from aim import Text
+
+        tracker.writer.track(Text(_markdown(columns, rows)), name=name, step=step)
 
 
-def build_tracker(config: Config, is_main_process: bool = True) -> Tracker:
-    if not is_main_process:
-        return Tracker()
-    return TRACKERS[config.train.tracker](config)
+def build_tracker(config: Config, accelerator) -> Tracking:
+    return Tracking(accelerator, config)
 
 
 def format_log_line(values: dict, step: int, total_steps: int | None = None) -> str:

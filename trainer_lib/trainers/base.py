@@ -73,7 +73,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
         self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
         self.checkpoints = Checkpointer(config)
-        self.tracker = build_tracker(config, self.accelerator.is_main_process)
+        self.tracker = build_tracker(config, self.accelerator)
         if getattr(self, "data_report", None) is not None:  # what happened to the samples
             self.tracker.log({f"data/{k}": v for k, v in self.data_report.as_dict().items()}, 0)
 
@@ -124,6 +124,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config.train
         k = cfg.gradient_accumulation_steps
         epoch, done = self.checkpoints.resume(self)  # (0, 0) unless resuming: where data resumes
+        self.tracker.start(self.step)  # a resumed run's logs continue after the resumed step
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress_bar))
         window = _Window()
