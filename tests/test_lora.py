@@ -1,4 +1,7 @@
-"""LoRA through peft and num_layers_unfrozen, in one process."""
+"""LoRA through peft (and NeMo RL's LoRA keys), num_layers_unfrozen, and gradient
+checkpointing, in one process."""
+
+import math
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer_lib import ConfigError, train
 from trainer_lib.modeling import count_parameters
-from trainer_lib.peft_utils import build_lora_config
+from trainer_lib.peft_utils import apply_lora, build_lora_config
 
 SAMPLES = [f"word{i} token{i} word{i + 1} token{i + 2}" for i in range(16)]
 
@@ -101,3 +104,99 @@ def test_num_layers_unfrozen_trains_top_layers_norm_and_head(tiny_config, tiny_m
         assert same == (key not in trainable), key
     with pytest.raises(ConfigError, match="only 2 layers"):
         train(samples=SAMPLES, config=tiny_config.evolve(model=dict(num_layers_unfrozen=3)))
+
+
+# --------------------------------------------------------------------------- NeMo RL's keys
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_nemo_rl_lora_keys_map_onto_peft(tiny_model_dir):
+    """A NeMo RL `lora_cfg` block as written there: dim, alpha, dropout, dropout_position,
+    match_all_linear, exclude_modules, lora_A_init, use_triton."""
+    nemo = dict(enabled=True, target_modules=[], exclude_modules=["gate_proj"],
+                match_all_linear=True, dim=8, alpha=32, dropout=0.1, dropout_position="pre",
+                lora_A_init="kaiming", use_triton=True)
+    cfg = build_lora_config(nemo)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
+    assert cfg.target_modules == "all-linear" and cfg.exclude_modules == {"gate_proj"}
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), nemo)
+    kinds = {name.rsplit(".", 1)[-1] for name in _lora_layers(model)}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    layer = next(iter(_lora_layers(model).values()))
+    assert layer.scaling["default"] == 32 / 8 and layer.lora_dropout["default"].p == 0.1
+
+    # NeMo's wildcard module patterns: only layer 0's q_proj
+    wild = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                      dict(dim=4, target_modules=["*.layers.0.*.q_proj"]))
+    assert list(_lora_layers(wild)) == ["base_model.model.model.layers.0.self_attn.q_proj"]
+    # disabled: no adapters at all
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert apply_lora(plain, dict(nemo, enabled=False)) is plain
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(dim=8, dropout=0.1, dropout_position="post", match_all_linear=True),
+     "dropout_position='post' .* cannot be done with peft"),
+    (dict(dim=8, lora_A_init="normal", match_all_linear=True), "lora_A_init must be one of"),
+    (dict(dim=8, match_all_linear=True, target_modules=["q_proj"]), "keep one"),
+    (dict(dim=8, match_all_linear=False, target_modules=[]), "names no modules to adapt"),
+    (dict(dim=8, r=4), "gives both 'dim' and 'r'"),
+    (dict(dim=8, lora_dtype="bf16", match_all_linear=True), "lora_dtype is not supported"),
+])
+def test_nemo_keys_that_peft_cannot_follow_are_clear_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        build_lora_config(spec)
+
+
+@pytest.mark.parametrize("init", ["xavier", "kaiming"])
+def test_lora_a_initialisation_follows_the_choice(tiny_model_dir, init):
+    """xavier: lora_A ~ N(0, 2 / (fan_in + fan_out)); kaiming (peft's, NeMo's other choice):
+    uniform within 1/sqrt(fan_in). lora_B is zero either way."""
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       dict(dim=16, alpha=16, match_all_linear=True, lora_A_init=init))
+    for name, layer in _lora_layers(model).items():
+        a = layer.lora_A["default"].weight
+        fan_out, fan_in = a.shape
+        bound = 1 / math.sqrt(fan_in)
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        if init == "xavier":
+            expected = math.sqrt(2 / (fan_in + fan_out))
+            assert a.std().item() == pytest.approx(expected, rel=0.15), name
+            assert a.abs().max() > bound  # a uniform within the bound could not do this
+        else:
+            assert a.abs().max() <= bound
+            assert a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15), name
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+@pytest.mark.parametrize("lora", [None, dict(rank=4, alpha=8, dropout=0.0,
+                                             target_modules="all-linear")])
+def test_gradient_checkpointing_gives_the_gradients_of_a_run_without_it(tiny_config, lora):
+    """Two SGD steps (the update is the gradient itself) with and without recomputing
+    activations: the same weights, so the same gradients, with and without LoRA."""
+    config = tiny_config.evolve(
+        model=dict(peft_config=lora),
+        train=dict(total_steps=2, max_grad_norm=None),
+        optimizer=dict(name="sgd", kwargs=dict(lr=0.5, weight_decay=0.0)))
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = train(samples=SAMPLES, config=config.evolve(
+            model=dict(gradient_checkpointing=checkpointing)))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        assert any(getattr(m, "gradient_checkpointing", False)
+                   for m in model.modules()) == checkpointing
+        runs[checkpointing] = {k: v.clone() for k, v in model.state_dict().items()}
+    base = load_file(f"{tiny_config.model.model_path}/model.safetensors")
+    trained = [k for k, v in runs[False].items() if k.replace("base_model.model.", "") not in base
+               or not torch.equal(v, base[k.replace("base_model.model.", "")])]
+    assert trained  # the steps moved something
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, atol=1e-6, rtol=1e-5)

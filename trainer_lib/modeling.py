@@ -58,12 +58,15 @@ def load_model(config: Config):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    lora = None
     if config.model.peft_config is not None:
+        from trainer_lib.peft_utils import apply_lora, build_lora_config
+
+        lora = build_lora_config(config.model.peft_config)  # None: `enabled: false`
+    if lora is not None:
         if config.model.num_layers_unfrozen != -1:
             raise ConfigError("model.peft_config and model.num_layers_unfrozen both limit what "
                               "trains; set one (num_layers_unfrozen=-1 with LoRA)")
-        from trainer_lib.peft_utils import apply_lora
-
         if config.model.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpoints need a grad input
         model = apply_lora(model, config.model.peft_config, base_path=path)

@@ -1,13 +1,28 @@
 """LoRA adapters through peft, from `model.peft_config` (a `peft.LoraConfig` or a dict).
 
-The dict takes LoraConfig's own keyword arguments plus the shorthands `rank` (r), `alpha`
-(lora_alpha) and `dropout` (lora_dropout); `target_modules` is a list of module names, a regular
-expression, or "all-linear" ("all_linear"): every linear layer except the output head.
+The dict takes LoraConfig's own keyword arguments, and the keys NeMo RL's LoRA configs use, as
+they are written there:
+
+| key                                  | peft.LoraConfig                                         |
+|--------------------------------------|---------------------------------------------------------|
+| `dim` (or `rank`)                    | `r`                                                     |
+| `alpha`                              | `lora_alpha`                                            |
+| `dropout`                            | `lora_dropout`                                          |
+| `dropout_position`                   | "pre" (peft's: dropout on the adapter's input); "post" only with dropout 0 |
+| `lora_A_init` (`lora_A_init_method`) | "kaiming"/"uniform": peft's kaiming-uniform; "xavier": lora_A re-drawn xavier-normal |
+| `lora_B_init_method`                 | "zero" (peft's)                                         |
+| `match_all_linear`                   | `target_modules="all-linear"` (every linear layer but the output head) |
+| `target_modules`, `exclude_modules`  | the same; names with `*` wildcards become one regular expression |
+| `enabled`                            | false: no LoRA                                          |
+| `use_triton`                         | accepted; a kernel choice with the same result          |
+
+`target_modules` is a list of module names, a regular expression, or "all-linear" ("all_linear").
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import re
 
@@ -15,10 +30,77 @@ import torch
 
 from trainer_lib.config import ConfigError
 
-_SHORTHANDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+_SHORTHANDS = {"rank": "r", "dim": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+_A_INITS = {"kaiming": True, "uniform": True, "xavier": "xavier"}  # -> init_lora_weights
+_NEMO_KEYS = ("enabled", "dropout_position", "lora_A_init", "lora_A_init_method",
+              "lora_B_init_method", "match_all_linear", "use_triton")
+_NEMO_UNSUPPORTED = {
+    "lora_dtype": "the adapters take the base layer's dtype (model.torch_dtype)",
+    "a2a_experimental": "it is a Megatron communication option",
+}
+
+
+def _wildcards_to_regex(names: list[str]) -> str:
+    """NeMo-style module patterns ("*.layers.0.*.linear_qkv", "q_proj") as one regular
+    expression on full module names, which is how peft reads a string."""
+    parts = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            parts.append(fnmatch.translate(name))
+        else:  # a plain name matches the module of that name anywhere
+            parts.append(r"(?:.*\.)?" + re.escape(name))
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def _from_nemo(kwargs: dict) -> dict:
+    """Maps NeMo RL's LoRA keys onto peft.LoraConfig's, in place; refuses what peft cannot do."""
+    for key, why in _NEMO_UNSUPPORTED.items():
+        if key in kwargs:
+            raise ConfigError(f"model.peft_config.{key} is not supported: {why}; remove it")
+    position = kwargs.pop("dropout_position", "pre")
+    if position not in ("pre", "post"):
+        raise ConfigError(f"model.peft_config.dropout_position must be 'pre' or 'post', got "
+                          f"{position!r}")
+    if position == "post" and kwargs.get("lora_dropout", 0.0):
+        raise ConfigError(
+            "model.peft_config.dropout_position='post' (dropout on the adapter's output) cannot be "
+            "done with peft, which applies LoRA dropout to the adapter's input; use "
+            "dropout_position='pre', or dropout=0")
+    init = kwargs.pop("lora_A_init", None)
+    init_method = kwargs.pop("lora_A_init_method", None)
+    if init is not None and init_method is not None and init != init_method:
+        raise ConfigError("model.peft_config gives both lora_A_init and lora_A_init_method; keep one")
+    init = init if init is not None else init_method
+    if init is not None:
+        if init not in _A_INITS:
+            raise ConfigError(f"model.peft_config.lora_A_init must be one of "
+                              f"{', '.join(map(repr, _A_INITS))}, got {init!r}")
+        if "init_lora_weights" in kwargs:
+            raise ConfigError("model.peft_config gives both lora_A_init and init_lora_weights; "
+                              "keep one")
+        kwargs["init_lora_weights"] = _A_INITS[init]
+    b_init = kwargs.pop("lora_B_init_method", "zero")
+    if b_init not in ("zero", "zeros"):
+        raise ConfigError(f"model.peft_config.lora_B_init_method must be 'zero' (LoRA starts as "
+                          f"the base model), got {b_init!r}")
+    kwargs.pop("use_triton", None)
+    targets = kwargs.get("target_modules")
+    if kwargs.pop("match_all_linear", False):
+        if targets:
+            raise ConfigError("model.peft_config gives both match_all_linear=true and "
+                              f"target_modules={targets}; keep one")
+        kwargs["target_modules"] = "all-linear"
+    for key in ("target_modules", "exclude_modules"):
+        if kwargs.get(key) == []:
+            kwargs.pop(key)  # NeMo writes [] for "none given"
+    if "target_modules" not in kwargs:
+        raise ConfigError("model.peft_config names no modules to adapt: set target_modules "
+                          '(e.g. ["q_proj", "v_proj"]) or match_all_linear=true')
+    return kwargs
 
 
 def build_lora_config(spec):
+    """A peft.LoraConfig from `model.peft_config`, or None when it says `enabled: false`."""
     from peft import LoraConfig, PeftConfig
 
     if isinstance(spec, PeftConfig):
@@ -29,30 +111,50 @@ def build_lora_config(spec):
         raise ConfigError("model.peft_config must be a peft.LoraConfig or a dict of its keyword "
                           f"arguments, got {type(spec).__name__}")
     kwargs = dict(spec)
+    if not kwargs.pop("enabled", True):
+        return None
     peft_type = str(kwargs.pop("peft_type", "LORA")).upper().split(".")[-1]
     if peft_type != "LORA":
         raise ConfigError(f"model.peft_config: only LoRA is supported, got peft_type={peft_type}")
     for short, full in _SHORTHANDS.items():
         if short in kwargs:
             if full in kwargs:
-                raise ConfigError(f"model.peft_config gives both '{short}' and '{full}'; keep one")
+                given = [k for k, v in _SHORTHANDS.items() if v == full and k in spec] + [full]
+                raise ConfigError(f"model.peft_config gives both {' and '.join(repr(g) for g in given)}"
+                                  f" (the same setting); keep one")
             kwargs[full] = kwargs.pop(short)
     if kwargs.get("target_modules") in ("all_linear", "all-linear"):
         kwargs["target_modules"] = "all-linear"
     kwargs.setdefault("task_type", "CAUSAL_LM")
     valid = set(LoraConfig.__dataclass_fields__)
-    unknown = [k for k in kwargs if k not in valid]
+    unknown = [k for k in kwargs if k not in valid and k not in _NEMO_KEYS
+               and k not in _NEMO_UNSUPPORTED]
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, list(valid) + list(_SHORTHANDS), n=1)
+            close = difflib.get_close_matches(k, list(valid) + list(_SHORTHANDS) + list(_NEMO_KEYS),
+                                              n=1)
             hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigError(f"model.peft_config has unknown keys {', '.join(hints)}; it takes "
-                          "peft.LoraConfig's arguments and rank/alpha/dropout")
+                          "peft.LoraConfig's arguments, rank/alpha/dropout, and NeMo RL's LoRA "
+                          "keys (dim, alpha, dropout, dropout_position, lora_A_init, "
+                          "match_all_linear, target_modules, exclude_modules)")
+    if any(k in kwargs for k in _NEMO_KEYS + tuple(_NEMO_UNSUPPORTED)) or isinstance(
+            kwargs.get("target_modules"), list) and not kwargs["target_modules"]:
+        kwargs = _from_nemo(kwargs)
+    for key in ("target_modules", "exclude_modules"):
+        value = kwargs.get(key)
+        if isinstance(value, (list, tuple)) and any(any(c in n for c in "*?[") for n in value):
+            kwargs[key] = _wildcards_to_regex(list(value))
+    xavier = kwargs.get("init_lora_weights") == "xavier"
+    if xavier:
+        kwargs["init_lora_weights"] = True  # lora_A is re-drawn after the adapters exist
     try:
-        return LoraConfig(**kwargs)
+        config = LoraConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.peft_config: {e}") from None
+    config.lora_a_xavier = xavier  # not a LoraConfig field: never saved with the adapter
+    return config
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -83,18 +185,34 @@ def check_target_modules(model: torch.nn.Module, lora_config) -> None:
 
 
 def apply_lora(model: torch.nn.Module, spec, base_path: str | None = None):
-    """Wraps `model` in a peft model with LoRA adapters; only the adapters train."""
+    """Wraps `model` in a peft model with LoRA adapters; only the adapters train. A spec with
+    `enabled: false` leaves the model as it is."""
     from peft import get_peft_model
 
     lora_config = build_lora_config(spec)
+    if lora_config is None:
+        return model
     check_target_modules(model, lora_config)
     peft_model = get_peft_model(model, lora_config)
+    if getattr(lora_config, "lora_a_xavier", False):
+        xavier_init_lora_a(peft_model)
     if base_path:
         # so the saved adapter folder finds its base model from anywhere
         local = os.path.isdir(base_path)
         peft_model.peft_config["default"].base_model_name_or_path = (
             os.path.abspath(base_path) if local else base_path)
     return peft_model
+
+
+def xavier_init_lora_a(peft_model, adapter: str = "default") -> None:
+    """lora_A drawn from a xavier (Glorot) normal distribution, NeMo's "xavier" choice; lora_B
+    stays zero, so the adapted model starts as the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                torch.nn.init.xavier_normal_(module.lora_A[adapter].weight)
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
