@@ -119,3 +119,79 @@ def test_switching_method_by_name():
     assert isinstance(back.method, SFTConfig)
     with pytest.raises(ConfigError, match=r"method\.beta must be positive"):
         config.apply_overrides(["method.beta=0"])
+
+
+# --------------------------------------------------------------------------- trlX's names
+
+# trlX's default_sft_config(), as its TRLConfig.to_dict() writes it
+TRLX_SFT = {
+    "method": {"name": "sftconfig",
+               "gen_kwargs": {"max_new_tokens": 4, "top_k": 0, "top_p": 1.0, "do_sample": True}},
+    "model": {"model_path": "gpt2", "model_arch_type": "causal", "num_layers_unfrozen": -1,
+              "delta_kwargs": None},
+    "optimizer": {"name": "adamw",
+                  "kwargs": {"lr": 1.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8,
+                             "weight_decay": 1.0e-6}},
+    "scheduler": {"name": "cosine_annealing", "kwargs": {"T_max": 1e12, "eta_min": 1.0e-4}},
+    "tokenizer": {"tokenizer_path": "gpt2", "padding_side": "left", "truncation_side": "right"},
+    "train": {"total_steps": 1000, "seq_length": 1024, "epochs": 100, "batch_size": 8,
+              "checkpoint_interval": 10000, "eval_interval": 100, "pipeline": "PromptPipeline",
+              "trainer": "AccelerateSFTTrainer", "trainer_kwargs": {}, "project_name": "trlx",
+              "entity_name": "team", "group_name": None, "checkpoint_dir": "ckpts",
+              "rollout_logging_dir": None, "save_best": False, "save_optimizer": True,
+              "tracker": "wandb", "logging_dir": None, "tags": [], "seed": 1000,
+              "minibatch_size": 2},
+}
+
+
+def test_a_trlx_config_carries_over():
+    config = Config.from_dict(TRLX_SFT)
+    assert isinstance(config.method, SFTConfig)
+    assert config.method.gen_kwargs == TRLX_SFT["method"]["gen_kwargs"]
+    # trlX's batch_size is the step's batch, cut into minibatch_size forward passes
+    assert (config.train.batch_size, config.train.gradient_accumulation_steps) == (2, 4)
+    assert config.train.tracker_kwargs == {"wandb": {"entity": "team"}}
+    assert config.train.save_best is None and config.train.logging_dir == "logs"
+    assert config.tokenizer.tokenizer_path == "gpt2" and config.model.model_path == "gpt2"
+    assert config.optimizer.kwargs["betas"] == [0.9, 0.95]
+    lora = Config.from_dict({"model": {"delta_kwargs": {
+        "delta_type": "lora", "modified_modules": "all", "lora_r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.0}}}).model.peft_config
+    assert lora == {"target_modules": "all-linear", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+    assert default_sft_config().apply_overrides(["train.minibatch_size=4"]).train.batch_size == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tokenizer.truncation_side=left", "method.overlong"),
+    ("train.minibatch_size=3", "must divide train.batch_size=8"),
+    ("optimizer.name=adamw_8bit_bnb", "use optimizer.name='adamw'"),
+    ("train.save_best=true", "train.save_best names the logged figure"),
+    ("train.save_optimizer=false", "a checkpoint always holds the optimiser state"),
+    ("method.name=ppoconfig", "trainer_lib trains SFT and KTO"),
+    ("train.trainer=AccelerateILQLTrainer", "trainer_lib trains SFT and KTO"),
+    ("model.model_arch_type=seq2seq", "causal language models only"),
+    ("train.rollout_logging_dir=x", "PPO setting"),
+    ("model.delta_kwargs={delta_type: adapter}", "model.peft_config"),
+])
+def test_trlx_settings_without_an_equivalent_name_the_one_to_use(override, message):
+    with pytest.raises(ConfigError) as err:
+        default_sft_config().apply_overrides([override])
+    assert "(a trlX setting)" in str(err.value) or "train.minibatch_size" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_a_trlx_config_trains_with_its_schedule_and_generation(tiny_config):
+    """trlX's cosine_annealing over T_max=1e12 steps with eta_min = lr is a constant rate; its
+    sampling gen_kwargs (top_k=0) drive the evaluation."""
+    from trainer_lib import train
+
+    config = Config.from_dict(TRLX_SFT).evolve(
+        model=dict(model_path=tiny_config.model.model_path), tokenizer=dict(tokenizer_path=None),
+        train=dict(tracker=None, total_steps=2, seq_length=32, minibatch_size=2, batch_size=4,
+                   eval_interval=2, log_interval=1, progress_bar=False,
+                   checkpoint_dir=tiny_config.train.checkpoint_dir))
+    trainer = train(samples=[f"word{i} token{i}" for i in range(8)], eval_prompts=["word1"],
+                    metric_fn=lambda samples, prompts, outputs: {"n": float(len(outputs))},
+                    config=config)
+    assert [e["learning_rate"] for e in trainer.log_history] == pytest.approx([1e-4, 1e-4])
+    assert trainer.log_history[-1]["metrics/n"] == 1.0

@@ -392,7 +392,9 @@ class Config:
         `cfg.evolve(train=dict(batch_size=4))` and `cfg.evolve(**{"train.batch_size": 4})` are
         the same. Unknown keys raise a ConfigError naming the closest valid key.
         """
-        updates = _nest(updates)
+        from trainer_lib.trlx_names import from_trlx_names
+
+        updates = from_trlx_names(_nest(updates), self)
         new = copy.copy(self)
         valid = [f.name for f in dataclasses.fields(self)]
         for section, value in updates.items():
@@ -427,7 +429,9 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a mapping, got {type(d).__name__}")
-        d = copy.deepcopy(d)
+        from trainer_lib.trlx_names import from_trlx_names
+
+        d = from_trlx_names(copy.deepcopy(d))
         method = d.get("method") or {}
         name = method.get("name", "sft") if isinstance(method, dict) else "sft"
         if name not in METHOD_CONFIGS:

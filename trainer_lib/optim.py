@@ -221,6 +221,8 @@ def resolve_scheduler(name: str, kwargs: dict) -> tuple[str, object]:
     key = _TRLX_SCHEDULES.get(name, name).removeprefix("torch.optim.lr_scheduler.")
     if key in _UNUSABLE_SCHEDULES:
         raise ConfigError(f"scheduler.name={name!r} cannot be used: {_UNUSABLE_SCHEDULES[key]}")
+    if key == "linear" and {"start_factor", "end_factor", "total_iters"} & set(kwargs):
+        key = "LinearLR"  # trlX's "linear" is torch's LinearLR, told apart by its arguments
     if key.lower() in hf_names:
         key = key.lower()
         if key == "constant" and (kwargs.get("warmup_steps") or kwargs.get("warmup_ratio")):
