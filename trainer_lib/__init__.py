@@ -1,6 +1,10 @@
 """trainer_lib: supervised fine-tuning and KTO alignment of causal language models."""
 
-from trainer_lib.api import train
+from trainer_lib.quiet import install as _install_quiet
+
+_install_quiet()  # first: some of the silenced messages come at import time
+
+from trainer_lib.api import train  # noqa: E402
 from trainer_lib.config import (
     Config,
     ConfigError,

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer_lib.config import Config, ConfigError
+from trainer_lib.quiet import no_progress_bars, quiet_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "auto": "auto"}
@@ -39,6 +40,7 @@ def load_tokenizer(config: Config):
     if tok.pad_token is None:
         raise ConfigError(f"the tokenizer at '{path}' has no pad, eos or unk token to pad with")
     tok.padding_side = "right"
+    quiet_tokenizer(tok, config.train.seq_length)  # examples are cut to seq_length anyway
     return tok
 
 
@@ -49,7 +51,8 @@ def load_model(config: Config):
     if config.model.attn_implementation:
         kwargs["attn_implementation"] = config.model.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _load_error(path, "model", e) from e
     if config.model.gradient_checkpointing:

@@ -14,6 +14,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer_lib.quiet import no_progress_bars
+
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike):
@@ -63,7 +65,7 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
     # trainer_lib.distributed always sets); the unwrapped module alone would hold empty shards
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path) as tmp, no_progress_bars():
             if is_peft and merge_adapters:
                 merged = _merged_copy(unwrapped, state_dict)
                 merged.save_pretrained(tmp, safe_serialization=True)
