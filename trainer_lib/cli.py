@@ -149,13 +149,19 @@ def run_training(args: argparse.Namespace) -> int:
     trainer = train(samples=samples, eval_samples=eval_samples, config=config)
     trainer.save_pretrained(output)
     if trainer.accelerator.is_main_process:
-        print(_summary(trainer.log_history, output), flush=True)
+        print(_summary(trainer.log_history, output, trainer.accelerator), flush=True)
     return 0
 
 
-def _summary(history: list[dict], output: str) -> str:
+def _summary(history: list[dict], output: str, accelerator=None) -> str:
     losses = [h for h in history if "loss" in h]
     parts = []
+    if accelerator is not None and accelerator.num_processes > 1:
+        from trainer_lib.distributed import zero_stage
+
+        stage = zero_stage(accelerator)
+        parts.append(f"{accelerator.num_processes} processes"
+                     + (f" (DeepSpeed ZeRO-{stage})" if stage else ""))
     if len(losses) == 1:
         parts.append(f"loss {losses[0]['loss']:.4f} at step {losses[0]['step']}")
     elif losses:
@@ -245,8 +251,29 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def pop_local_rank(argv: Sequence[str]) -> tuple[list[str], Optional[int]]:
+    """Removes a launcher's `--local_rank=N` / `--local_rank N` (or `--local-rank`) from
+    wherever it was put: DeepSpeed's launcher puts it right after the module, before the
+    command (`python -m trainer_lib --local_rank=0 sft ...`), torch's old launcher before the
+    script's own arguments. The process's rank is read from the environment the launchers
+    also set (LOCAL_RANK), so the value is only checked and returned."""
+    rest, rank, it = [], None, iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            value = value if eq else next(it, "")
+            if not value.isdigit():  # a usage error, said the way argparse says its own
+                print(f"trainer-lib: error: {name} takes a process index, got {value!r}",
+                      file=sys.stderr)
+                raise SystemExit(2)
+            rank = int(value)
+        else:
+            rest.append(arg)
+    return rest, rank
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    argv = list(argv)
+    argv, _ = pop_local_rank(argv)  # the launchers also set LOCAL_RANK, which is what is used
     if argv and argv[0] in METHOD_CONFIGS:
         return _method_parser(argv[0]).parse_intermixed_args(argv[1:])
     if argv[:2] == ["config", "show"]:
