@@ -13,14 +13,17 @@ than the wrong ones, and that margin relative to the SFT model (the reference).
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer_lib import default_kto_config, default_sft_config, train
+from trainer_lib import (ConfigError, DataError, default_kto_config, default_sft_config,
+                         train)
 from trainer_lib.data.tokenize import tokenize_pair
 from trainer_lib.defaults import ASSETS, DEFAULT_DATA, tiny_model
+from trainer_lib.modeling import model_source
 
 FEEDBACK = ASSETS / "feedback.jsonl"
 
@@ -82,6 +85,8 @@ def main():
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. method.beta=0.2")
     args = parser.parse_args()
 
+    if args.sft_model:
+        model_source(args.sft_model, "--sft_model")  # a missing folder or an unreachable hub
     sft_model = args.sft_model or quick_sft(f"{args.output}/sft", args.sft_epochs)
     train_rows, held_rows = split_feedback(args.feedback)
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
@@ -118,4 +123,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError) as e:  # a setting or the data: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -5,33 +5,33 @@
     accelerate launch examples/sft_alpaca.py            # the same script, several processes
     python examples/sft_alpaca.py --config configs/sft_alpaca.yaml train.batch_size=8
 
-With no --model_path (or one that cannot be reached), a tiny Llama is built deterministically on
-the spot from the instruction set that ships with trainer_lib, and the output says so.
+With no --model_path, a tiny Llama is built deterministically on the spot from the instruction
+set that ships with trainer_lib, and the output says so. A --model_path that does not exist, or a
+hub id while the hub cannot be reached (and the model is not cached), is an error at once.
 """
 
 import argparse
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer_lib import Config, default_sft_config, train
+from trainer_lib import Config, ConfigError, DataError, default_sft_config, train
 from trainer_lib.data.samples import alpaca_prompt
 from trainer_lib.defaults import DEFAULT_DATA, tiny_model
+from trainer_lib.modeling import model_source
 
 
 def pick_model(model_path):
+    """(path, embedded): the embedded tiny model only when no model is given; a given one is
+    used as it is, and train() refuses one that does not exist or cannot be reached."""
     if model_path is None:
         path = tiny_model()
         print(f"model: the embedded tiny Llama (built at {path})")
         return path, True
-    try:
-        AutoTokenizer.from_pretrained(model_path)
-        return model_path, False
-    except Exception as e:  # noqa: BLE001 - offline, or a wrong id: say so and fall back
-        path = tiny_model()
-        print(f"model: could not reach '{model_path}' ({type(e).__name__}); training the embedded "
-              f"tiny Llama built at {path} instead")
-        return path, True
+    model_source(model_path, "--model_path")  # a missing folder or an unreachable hub: now
+    print(f"model: {model_path}")
+    return model_path, False
 
 
 def main():
@@ -82,4 +82,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError) as e:  # a setting or the data: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -11,12 +11,14 @@ with the model's own chat template (tokenizer.chat_template="default").
 
 import argparse
 import json
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer_lib import default_sft_config, train
+from trainer_lib import ConfigError, DataError, default_sft_config, train
 from trainer_lib.defaults import CHAT_TOOLS_DATA, tiny_model
+from trainer_lib.modeling import model_source
 
 
 def main():
@@ -28,6 +30,8 @@ def main():
     args = parser.parse_args()
 
     embedded = args.model_path is None
+    if not embedded:
+        model_source(args.model_path, "--model_path")  # a missing folder or an unreachable hub
     model_path = tiny_model() if embedded else args.model_path
     if embedded:
         print(f"model: the embedded tiny Llama (built at {model_path})")
@@ -72,4 +76,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError) as e:  # a setting or the data: one line, no traceback
+        sys.exit(f"error: {e}")

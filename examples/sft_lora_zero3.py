@@ -11,14 +11,16 @@ Offline it trains the embedded tiny Llama on the shipped instruction set; --mode
 """
 
 import argparse
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from trainer_lib import default_sft_config, train
+from trainer_lib import ConfigError, DataError, default_sft_config, train
 from trainer_lib.data.samples import alpaca_prompt
 from trainer_lib.defaults import DEFAULT_DATA, tiny_model
+from trainer_lib.modeling import model_source
 
 
 def main():
@@ -32,6 +34,8 @@ def main():
     args = parser.parse_args()
 
     embedded = args.model_path is None
+    if not embedded:
+        model_source(args.model_path, "--model_path")  # a missing folder or an unreachable hub
     model_path = tiny_model() if embedded else args.model_path
     lora = dict(rank=16, alpha=32, dropout=0.0, target_modules="all-linear")
     if embedded:
@@ -73,4 +77,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError) as e:  # a setting or the data: one line, no traceback
+        sys.exit(f"error: {e}")

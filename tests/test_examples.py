@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +74,48 @@ def test_lora_zero3_example_on_two_processes(tmp_path):
     assert adapter and all(v.numel() > 0 for v in adapter.values())
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in k for k in merged.state_dict())
+
+
+# --------------------------------------------------------------------------- where the model is
+
+
+def test_a_model_path_that_does_not_exist_is_an_error_not_the_embedded_model(tmp_path):
+    proc = subprocess.run([sys.executable, "examples/sft_alpaca.py", "--model_path",
+                           str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out")],
+                          cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --model_path={str(tmp_path / 'no-such-model')!r}: this local path does not "
+        "exist; give an existing folder (as written by save_pretrained) or a Hugging Face hub id "
+        "(owner/name)"]
+    assert "embedded" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    from trainer_lib import ConfigError
+    from trainer_lib.modeling import model_source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # refused
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"model.model_path='someone/tiny' is a hub id, but the "
+                                          r"Hugging Face hub \(http://127.0.0.1:9\) cannot be "
+                                          r"reached .* not in the local cache"):
+        model_source("someone/tiny", "model.model_path")
+    assert time.monotonic() - start < 10  # instead of a minute of retries
+    # the same id, cached: used from the cache without asking the hub
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
+    assert model_source("someone/tiny", "model.model_path") == {"local_files_only": True}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set and it is not in the local cache"):
+        model_source("someone/other", "model.model_path")

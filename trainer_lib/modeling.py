@@ -1,8 +1,16 @@
-"""Loading the model and tokenizer named by the config."""
+"""Loading the model and tokenizer named by the config.
+
+Where they come from is checked first, in a second or two: a local path that does not exist is
+an error (never a hub lookup), and a hub id when the hub cannot be reached is either read from
+the local cache or an error, instead of a minute of retries inside `from_pretrained`.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,6 +31,70 @@ def _check_path(path: str | None, what: str) -> str:
     return str(path)
 
 
+# a hub repository id: "name" or "owner/name" (letters, digits, "-", "_", ".")
+_REPO_ID = re.compile(r"^[\w][\w.-]*(/[\w][\w.-]*)?$")
+HUB_CHECK_TIMEOUT = 3.0  # seconds
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable() -> tuple[bool, str]:
+    """(whether the hub answers, what failed): one request with a short timeout, through the
+    same client and proxies huggingface_hub uses; asked once per process and endpoint."""
+    from huggingface_hub import constants
+
+    return _reachable(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _reachable(endpoint: str) -> tuple[bool, str]:
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_CHECK_TIMEOUT)
+        return True, ""
+    except Exception as e:  # noqa: BLE001 - any failure to get an answer is "unreachable"
+        return False, f"{type(e).__name__}: {e}"
+
+
+def model_source(path: str, setting: str, probe_files: tuple = ("config.json",)) -> dict:
+    """Checks where `path` (the value of `setting`) points before anything is loaded; returns
+    extra `from_pretrained` arguments (`local_files_only` when the hub is unreachable but the
+    files are cached)."""
+    if os.path.isdir(path):
+        return {}
+    expanded = os.path.expanduser(path)
+    local = (path.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(expanded)
+             or os.path.exists(expanded) or not _REPO_ID.fullmatch(path))
+    if local:
+        what = "is a file, not a model folder" if os.path.isfile(expanded) else "does not exist"
+        raise ConfigError(f"{setting}={path!r}: this local path {what}; give an existing folder "
+                          "(as written by save_pretrained) or a Hugging Face hub id (owner/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = any(isinstance(try_to_load_from_cache(path, f), str) for f in probe_files)
+    if _hub_offline():
+        if cached:
+            return {}
+        raise ConfigError(f"{setting}={path!r} is a hub id, but HF_HUB_OFFLINE is set and it is "
+                          "not in the local cache; download it beforehand (`hf download "
+                          f"{path}`) with the network on, or give a local folder")
+    start = time.monotonic()
+    reachable, why = hub_reachable()
+    if reachable:
+        return {}
+    if cached:
+        return {"local_files_only": True}  # use the cached copy without asking the hub
+    raise ConfigError(
+        f"{setting}={path!r} is a hub id, but the Hugging Face hub ({constants.ENDPOINT}) cannot "
+        f"be reached ({why}; checked in {time.monotonic() - start:.1f} s) and it is not in the "
+        f"local cache. Connect to the network, download it beforehand (`hf download {path}`), "
+        "or give a local folder; with HF_HUB_OFFLINE=1 only the cache is used")
+
+
 def _load_error(path: str, what: str, err: Exception) -> ConfigError:
     where = "local folder" if os.path.isdir(path) else "hub id (or a path that does not exist)"
     return ConfigError(f"could not load the {what} from '{path}' ({where}): {err}")
@@ -30,8 +102,11 @@ def _load_error(path: str, what: str, err: Exception) -> ConfigError:
 
 def load_tokenizer(config: Config):
     path = _check_path(config.tokenizer.tokenizer_path or config.model.model_path, "tokenizer path")
+    setting = "tokenizer.tokenizer_path" if config.tokenizer.tokenizer_path else "model.model_path"
+    extra = model_source(path, setting, ("tokenizer_config.json", "tokenizer.json", "config.json"))
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code,
+                                            **extra)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and what to do
         raise _load_error(path, "tokenizer", e) from e
     if tok.pad_token is None:
@@ -47,7 +122,8 @@ def load_tokenizer(config: Config):
 def load_model(config: Config):
     path = _check_path(config.model.model_path, "model path")
     kwargs = dict(dtype=_DTYPES[config.model.torch_dtype],
-                  trust_remote_code=config.model.trust_remote_code)
+                  trust_remote_code=config.model.trust_remote_code,
+                  **model_source(path, "model.model_path"))
     if config.model.attn_implementation:
         kwargs["attn_implementation"] = config.model.attn_implementation
     try:
