@@ -171,6 +171,72 @@ def check_mask(tok, conversation, template, expected, loss_on="assistant"):
     return out, rendered
 
 
+# ---------------------------------------------------------------- masks on the embedded template
+# These need no fixtures: the embedded tokenizer (trainer_lib.defaults) has a ChatML template with
+# tools, and its byte-level BPE decodes every piece exactly.
+
+
+@functools.lru_cache(maxsize=None)
+def embedded_tokenizer():
+    from trainer_lib.defaults import build_tokenizer, load_default_samples
+
+    texts = [v for row in load_default_samples() for v in row.values()]
+    return build_tokenizer(texts + [json.dumps(WEATHER), "Weather in Paris? It is 21 C."], 600)
+
+
+def check_embedded_mask(tok, conversation, template, expected, loss_on="assistant"):
+    """check_mask for a tokenizer that puts BOS before plain text while the template writes none:
+    the example starts with one BOS that carries no loss, then the render, token for token."""
+    out = tokenize_conversation(tok, conversation["messages"], conversation["tools"], template,
+                                loss_on, index=0)
+    assert loss_texts(tok, out) == expected
+    rendered = tok.apply_chat_template(conversation["messages"], tools=conversation["tools"],
+                                       chat_template=template, tokenize=False)
+    assert out["input_ids"][0] == tok.bos_token_id and out["labels"][0] == -100
+    assert "".join(text for _, text in segments(tok, out)) == tok.bos_token + rendered
+    return out, rendered
+
+
+def test_embedded_chatml_masks_tool_calls_exactly():
+    tok = embedded_tokenizer()
+    conversation = normalize_conversation({"messages": weather_conversation(), "tools": [WEATHER]}, 0)
+    out, rendered = check_embedded_mask(tok, conversation, resolve_chat_template(tok, "default"), [
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>',
+        "It is 21 C in Paris.<|im_end|>",
+    ])
+    no_loss = [text for loss, text in segments(tok, out) if not loss]
+    # the role headers are context: each assistant turn's loss starts right after its header
+    assert no_loss[0].startswith("<s><|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n")
+    assert no_loss[0].endswith("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n")
+    assert no_loss[1] == '\n<|im_start|>tool\n{"temp_c": 21}<|im_end|>\n<|im_start|>assistant\n'
+    assert rendered.count("<|im_start|>assistant") == 2
+
+
+def test_embedded_chatml_last_assistant_and_prompt_completion_messages():
+    tok = embedded_tokenizer()
+    template = resolve_chat_template(tok, "default")
+    conversation = normalize_conversation({"messages": CAPITALS}, 0)
+    check_embedded_mask(tok, conversation, template, ["The capital of France is Paris.<|im_end|>",
+                                                      "Rome.<|im_end|>"])
+    check_embedded_mask(tok, conversation, template, ["Rome.<|im_end|>"], loss_on="last_assistant")
+    out = tokenize_prompt_completion_messages(tok, CAPITALS[:4], [CAPITALS[4]], None, template)
+    assert loss_texts(tok, out) == ["Rome.<|im_end|>"]  # the earlier assistant turn is context
+    assert render_generation_prompt(tok, CAPITALS[:4], None, template).endswith(
+        "<|im_start|>assistant\n")
+
+
+def test_a_tokenizer_without_template_is_offered_only_what_can_work():
+    tok = copy.deepcopy(embedded_tokenizer())
+    tok.chat_template = None
+    with pytest.raises(ChatError) as caught:
+        resolve_chat_template(tok, "default")
+    message = str(caught.value)
+    assert "has no chat template, so chat_template='default' cannot be used" in message
+    assert message.endswith("set tokenizer.chat_template to None (passthrough: contents "
+                            "concatenated), a Jinja template string, or a path to a .jinja file")
+    assert '"default"' not in message
+
+
 # ---------------------------------------------------------------- masks on real templates
 
 
@@ -393,8 +459,9 @@ def test_tokenizer_without_template(name):
     tok = tokenizer(name)
     with pytest.raises(ChatError) as caught:
         resolve_chat_template(tok, "default")
-    for option in ['"default"', "None (passthrough", "Jinja template string", ".jinja file"]:
+    for option in ["None (passthrough", "Jinja template string", ".jinja file"]:
         assert option in str(caught.value)
+    assert '"default"' not in str(caught.value)  # the value that just failed
     template = resolve_chat_template(tok, None)
     assert template is None
     conversation = normalize_conversation({"messages": CAPITALS[1:3] + [{"role": "user", "content": " More?"},
@@ -429,3 +496,24 @@ def test_clean_dataset_row_keeps_what_the_user_wrote():
            "tools": None, "system": None}
     assert clean_dataset_row(row) == {"messages": [{"role": "user", "content": "a"},
                                                    {"role": "assistant", "content": "b"}]}
+
+
+def test_kto_with_a_tokenizer_without_template_names_only_the_settings_that_work(tiny_config,
+                                                                                  tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainer_lib import default_kto_config, train
+
+    tok = AutoTokenizer.from_pretrained(tiny_config.model.model_path)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "no_template")
+    samples = [{"prompt": [{"role": "user", "content": f"word{i}"}], "completion": f" token{i}",
+                "label": i % 2 == 0} for i in range(4)]
+    config = default_kto_config().evolve(
+        model=dict(model_path=tiny_config.model.model_path),
+        tokenizer=dict(tokenizer_path=str(tmp_path / "no_template")),
+        train=dict(batch_size=2, total_steps=1, checkpoint_dir=str(tmp_path / "ckpts")))
+    with pytest.raises(ChatError) as caught:
+        train(samples=samples, config=config)
+    assert "chat_template='default' cannot be used" in str(caught.value)
+    assert '"default"' not in str(caught.value) and "None (passthrough" in str(caught.value)

@@ -66,3 +66,33 @@ def test_eval_split_holds_out_conversations(tiny_config):
         train=dict(seq_length=256, total_steps=2, eval_split=0.2, eval_interval=1)))
     assert len(trainer.eval_items) == 2 and len(trainer.train_items) == 8
     assert "eval/loss" in trainer.log_history[-1]
+
+
+def test_the_trainer_masks_exactly_the_assistant_turns_with_the_embedded_template(tiny_config):
+    """The embedded model's own ChatML template (chat_template="default"), through the SFT
+    trainer: the loss-carrying tokens are each assistant turn's content, tool call and <|im_end|>,
+    never the "<|im_start|>assistant" header. Runs without the real-data fixtures."""
+    from trainer_lib.trainers.sft import SFTTrainer
+
+    sample = {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "word1 word2"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather",
+                                              "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "word3"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]}
+    trainer = SFTTrainer(tiny_config.evolve(train=dict(seq_length=512)), samples=[sample] * 2)
+    tok = trainer.tokenizer
+    [example, _] = trainer.train_items
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == -100 and current:
+            runs.append(tok.decode(current))
+            current = []
+        elif label != -100:
+            assert label == token
+            current.append(token)
+    runs += [tok.decode(current)] if current else []
+    assert runs == ['Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": '
+                    '"Paris"}}</tool_call><|im_end|>', "It is sunny.<|im_end|>"]

@@ -27,10 +27,11 @@ from trainer_lib.data.conversations import ChatError, _err
 
 LOSS_ON = ("assistant", "last_assistant", "all")
 IGNORE_INDEX = -100
-TEMPLATE_OPTIONS = (
-    '"default" (the tokenizer\'s own template), None (passthrough: contents concatenated), '
-    "a Jinja template string, or a path to a .jinja file"
+# what works without the tokenizer's own template; "default" is offered only where there is one
+OTHER_TEMPLATE_OPTIONS = (
+    "None (passthrough: contents concatenated), a Jinja template string, or a path to a .jinja file"
 )
+TEMPLATE_OPTIONS = '"default" (the tokenizer\'s own template), ' + OTHER_TEMPLATE_OPTIONS
 _PROBE = "\u2063PROBE\u2063"  # content no real turn contains, used to learn a template's end-of-turn marker
 
 
@@ -52,7 +53,7 @@ def resolve_chat_template(tokenizer, spec) -> str | None:
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
             raise ChatError(
                 f"tokenizer {name!r} has no chat template, so chat_template='default' cannot be used; "
-                f"set tokenizer.chat_template to {TEMPLATE_OPTIONS}"
+                f"set tokenizer.chat_template to {OTHER_TEMPLATE_OPTIONS}"
             )
         return template
     if spec.endswith(".jinja"):
