@@ -172,20 +172,30 @@ def test_the_readme_deepspeed_command_trains_on_two_processes(tiny_model_dir, tm
     rows = [{"instruction": f"Repeat word{i}.", "input": "", "output": f"word{i} word{i}"}
             for i in range(8)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = tmp_path / "eval.jsonl"  # 5: the two processes evaluate 3 and 2 of them
+    eval_rows = [{"instruction": f"Say word{i}.", "input": "", "output": f"word{i}"}
+                 for i in range(5)]
+    evals.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
     command = README_DEEPSPEED.replace("my_instructions.jsonl", str(data)).split()
     command[1:1] = ["--master_port", str(_free_port())]
     out = tmp_path / "out"
     command += [*fast(tmp_path, tiny_model_dir), "train.total_steps=2", "train.batch_size=2",
-                "train.tracker=jsonl", "--output", str(out)]
+                "train.tracker=jsonl", "--eval-data", str(evals), "--output", str(out)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**_env(), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 processes (DeepSpeed ZeRO-3)" in proc.stdout
     assert proc.stdout.count("trainer-lib: model:") == 1  # said once, by the main process
     metrics = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
-    assert metrics[0]["data/samples"] == 8 and [m["step"] for m in metrics[1:]] == [1, 2]
+    assert metrics[0]["data/samples"] == 8
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
     adapter = load_file(out / "adapter_model.safetensors")  # configs/sft_lora.yaml is LoRA
     assert adapter and all(v.numel() > 0 for v in adapter.values())
+    # eval/loss over both processes' shares is the saved model's mean token loss on all 5
+    from trainer_lib.data.samples import alpaca_prompt
+
+    pairs = [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in eval_rows]
+    assert metrics[-1]["eval/loss"] == pytest.approx(_eval_loss_in_torch(out, pairs), rel=1e-4)
 
 
 def _free_port() -> int:
@@ -197,6 +207,27 @@ def _free_port() -> int:
 
 
 # --------------------------------------------------------------------------- training
+
+
+def _eval_loss_in_torch(model_dir, pairs) -> float:
+    """eval/loss by hand: the summed cross-entropy of every completion token of every pair,
+    divided by their count (the library's tokenisation, plain torch for the loss)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer_lib.data.tokenize import tokenize_pair
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(
+        model_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, completion in pairs:
+            ex = tokenize_pair(tok, prompt, completion)
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(ex["labels"][1:])
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
 
 
 def _completion_nll(model_dir, rows) -> float:
@@ -239,6 +270,9 @@ def test_sft_trains_on_data_with_the_overrides_applied(tiny_model_dir, tmp_path,
     assert {m["learning_rate"] for m in steps} == {5e-3}  # the constant schedule's lr
     saved = Config.load_yaml(tmp_path / "ckpts" / "step_6" / "config.yaml")
     assert saved.train.batch_size == 2 and saved.optimizer.kwargs["lr"] == 5e-3
+    # eval/loss at the last step is the final model's mean token loss on --eval-data
+    expected = _eval_loss_in_torch(final, [(r["prompt"], r["completion"]) for r in rows[:4]])
+    assert metrics[-1]["eval/loss"] == pytest.approx(expected, rel=1e-5)
     # it learned --data: the completions are likelier than under the model it started from
     assert _completion_nll(final, rows) < _completion_nll(tiny_model_dir, rows) - 0.5
 
