@@ -160,8 +160,9 @@ def test_a_bad_local_rank_is_a_usage_error(capsys):
 
 # The README's command for DeepSpeed's launcher, run as written (2 CPU processes), with
 # overrides that make it small and quick
-README_DEEPSPEED = ("deepspeed --num_gpus 2 --module trainer_lib sft --config configs/sft_lora.yaml "
-                    "--data my_instructions.jsonl train.deepspeed_config=configs/deepspeed/zero3.json")
+README_DEEPSPEED = ("deepspeed --num_gpus 2 --module trainer_lib sft --config "
+                    "configs/sft_lora.yaml --data my_instructions.jsonl "
+                    "train.deepspeed_config=configs/deepspeed/zero3.json")
 
 
 def test_the_readme_deepspeed_command_trains_on_two_processes(tiny_model_dir, tmp_path):
@@ -251,13 +252,15 @@ def _completion_nll(model_dir, rows) -> float:
 
 
 def test_sft_trains_on_data_with_the_overrides_applied(tiny_model_dir, tmp_path, capsys):
-    rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}"} for w in ["red", "blue", "green"] * 4]
+    rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}"}
+            for w in ["red", "blue", "green"] * 4]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     evals = tmp_path / "eval.json"
     evals.write_text(json.dumps(rows[:4]))
     args = ["sft", "--data", str(data), *fast(tmp_path, tiny_model_dir), "--eval-data", str(evals),
-            "train.eval_interval=6", "train.total_steps=6", "train.batch_size=2", "train.epochs=100",
+            "train.eval_interval=6", "train.total_steps=6", "train.batch_size=2",
+            "train.epochs=100",
             "optimizer.kwargs.lr=5e-3", "scheduler.name=constant", "train.tracker=jsonl"]
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -136,8 +136,9 @@ class TrainConfig:
         tracker_names(self.tracker)
         for name, kwargs in self.tracker_kwargs.items():
             if name not in TRACKER_NAMES or not isinstance(kwargs, dict):
-                raise ConfigError(f"train.tracker_kwargs maps a tracker name ({', '.join(TRACKER_NAMES)}) "
-                                  f"to its keyword arguments; got {name!r}: {kwargs!r}")
+                raise ConfigError(f"train.tracker_kwargs maps a tracker name "
+                                  f"({', '.join(TRACKER_NAMES)}) to its keyword arguments; got "
+                                  f"{name!r}: {kwargs!r}")
 
 
 @dataclass

@@ -3,18 +3,13 @@
 The dict takes LoraConfig's own keyword arguments, and the keys NeMo RL's LoRA configs use, as
 they are written there:
 
-| key                                  | peft.LoraConfig                                         |
-|--------------------------------------|---------------------------------------------------------|
-| `dim` (or `rank`)                    | `r`                                                     |
-| `alpha`                              | `lora_alpha`                                            |
-| `dropout`                            | `lora_dropout`                                          |
-| `dropout_position`                   | "pre" (peft's: dropout on the adapter's input); "post" only with dropout 0 |
-| `lora_A_init` (`lora_A_init_method`) | "kaiming"/"uniform": peft's kaiming-uniform; "xavier": lora_A re-drawn xavier-normal |
-| `lora_B_init_method`                 | "zero" (peft's)                                         |
-| `match_all_linear`                   | `target_modules="all-linear"` (every linear layer but the output head) |
-| `target_modules`, `exclude_modules`  | the same; names with `*` wildcards become one regular expression |
-| `enabled`                            | false: no LoRA                                          |
-| `use_triton`                         | accepted; a kernel choice with the same result          |
+- `dim` (or `rank`) -> `r`; `alpha` -> `lora_alpha`; `dropout` -> `lora_dropout`
+- `dropout_position`: "pre" is peft's (dropout on the adapter's input); "post" only with dropout 0
+- `lora_A_init` / `lora_A_init_method`: "kaiming" ("uniform") is peft's kaiming-uniform;
+  "xavier" re-draws lora_A xavier-normal once the adapters exist; `lora_B_init_method`: "zero"
+- `match_all_linear` -> `target_modules="all-linear"` (every linear layer but the output head)
+- `target_modules`, `exclude_modules`: names with `*` wildcards become one regular expression
+- `enabled: false`: no LoRA; `use_triton`: accepted (a kernel choice, the same result)
 
 `target_modules` is a list of module names, a regular expression, or "all-linear" ("all_linear").
 """
@@ -69,7 +64,8 @@ def _from_nemo(kwargs: dict) -> dict:
     init = kwargs.pop("lora_A_init", None)
     init_method = kwargs.pop("lora_A_init_method", None)
     if init is not None and init_method is not None and init != init_method:
-        raise ConfigError("model.peft_config gives both lora_A_init and lora_A_init_method; keep one")
+        raise ConfigError("model.peft_config gives both lora_A_init and lora_A_init_method; "
+                          "keep one")
     init = init if init is not None else init_method
     if init is not None:
         if init not in _A_INITS:
@@ -120,8 +116,9 @@ def build_lora_config(spec):
         if short in kwargs:
             if full in kwargs:
                 given = [k for k, v in _SHORTHANDS.items() if v == full and k in spec] + [full]
-                raise ConfigError(f"model.peft_config gives both {' and '.join(repr(g) for g in given)}"
-                                  f" (the same setting); keep one")
+                both = " and ".join(repr(g) for g in given)
+                raise ConfigError(f"model.peft_config gives both {both} (the same setting); "
+                                  "keep one")
             kwargs[full] = kwargs.pop(short)
     if kwargs.get("target_modules") in ("all_linear", "all-linear"):
         kwargs["target_modules"] = "all-linear"
