@@ -21,6 +21,15 @@ from trainer_lib.defaults import CHAT_TOOLS_DATA, tiny_model
 from trainer_lib.modeling import model_source
 
 
+def _first_tools(path):
+    """The tools of the first conversation of a .jsonl file (None for other files)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.readline()).get("tools")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_path", default=None, help="default: the embedded tiny Llama")
@@ -54,13 +63,12 @@ def main():
     print(f"loss: {losses[0]['loss']:.3f} at step {losses[0]['step']} -> {losses[-1]['loss']:.3f} "
           f"at step {losses[-1]['step']}; eval/loss {trainer.log_history[-1].get('eval/loss', 0):.3f}")
 
-    if args.data != str(CHAT_TOOLS_DATA):  # the questions below are about the shipped tools
+    tools = _first_tools(CHAT_TOOLS_DATA)
+    if _first_tools(args.data) != tools:  # the questions below are about the shipped tools
         print(f"saved to {args.output}")
         return
     tokenizer = AutoTokenizer.from_pretrained(args.output)
     model = AutoModelForCausalLM.from_pretrained(args.output)
-    with open(CHAT_TOOLS_DATA, encoding="utf-8") as f:
-        tools = json.loads(f.readline())["tools"]
     # stop at the end of the assistant's turn as well as at EOS
     stop = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>"])]
     stop = [t for t in stop if t is not None and t != tokenizer.unk_token_id]
