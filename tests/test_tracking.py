@@ -65,8 +65,8 @@ def test_tensorboard_and_jsonl_together_hold_the_same_metrics(tiny_config):
 def test_a_resumed_run_does_not_repeat_the_steps_after_its_checkpoint(tiny_config):
     """The first run logged steps 1-4 and checkpointed at 2; a run resumed from step 2 logs
     3 and 4 again: metrics.jsonl then holds every step once, the resumed run's figures."""
-    config = tiny_config.evolve(train=dict(total_steps=4, checkpoint_interval=2, tracker="jsonl",
-                                           run_name="r"))
+    config = tiny_config.evolve(train=dict(total_steps=4, checkpoint_interval=2, run_name="r",
+                                           tracker=["jsonl", "tensorboard"]))
     train(samples=SAMPLES, config=config)
     checkpoint = Path(config.train.checkpoint_dir) / "step_2"
     resumed = train(samples=SAMPLES, config=config.evolve(
@@ -75,6 +75,14 @@ def test_a_resumed_run_does_not_repeat_the_steps_after_its_checkpoint(tiny_confi
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
     assert lines[1:] == resumed.log_history
+    # TensorBoard hides the first run's events after the checkpoint (its purge_step)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path.parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(
+        [e["loss"] for e in resumed.log_history])
 
 
 def test_unknown_and_missing_trackers_fail_before_anything_loads(tiny_config, monkeypatch):
