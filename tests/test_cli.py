@@ -115,6 +115,30 @@ def test_missing_or_broken_config_file(tmp_path, capsys):
     assert "a config must be a mapping" in capsys.readouterr().err
 
 
+def test_a_trlx_yaml_validates_as_an_sft_config(tmp_path, capsys):
+    path = tmp_path / "trlx_sft.yml"  # trlX's SFT settings as its YAML files write them
+    path.write_text("train: {total_steps: 10, seq_length: 64, epochs: 1, batch_size: 8, "
+                    "minibatch_size: 4, checkpoint_interval: 100, eval_interval: 100, "
+                    "pipeline: PromptPipeline, trainer: AccelerateSFTTrainer}\n"
+                    "tokenizer: {tokenizer_path: gpt2, truncation_side: right}\n"
+                    "scheduler: {name: cosine_annealing, "
+                    "kwargs: {T_max: 1.0e+12, eta_min: 1.0e-4}}\n"
+                    "method: {name: sftconfig, gen_kwargs: {max_new_tokens: 40}}\n")
+    config = _validated_file(capsys, path)
+    assert config["train"]["batch_size"] == 4
+    assert config["train"]["gradient_accumulation_steps"] == 2
+    # the sft command takes the file (and stops at the bad override, not at trlX's names)
+    assert main(["sft", "--config", str(path), "train.batch_size=x"]) == 2
+    assert "train.batch_size must be an integer" in capsys.readouterr().err
+
+
+def _validated_file(capsys, path) -> dict:
+    assert main(["config", "validate", str(path), "--show"]) == 0
+    first, rest = capsys.readouterr().out.split("\n", 1)
+    assert first.endswith("a valid sft config")
+    return yaml.safe_load(rest)
+
+
 def test_a_config_runs_only_under_its_own_method(capsys):
     kto_file = REPO / "configs" / "kto_feedback.yaml"
     assert main(["sft", "--config", str(kto_file)]) == 2

@@ -24,6 +24,7 @@ from trainer_lib.config import (
     default_sft_config,
 )
 from trainer_lib.data.samples import DataError
+from trainer_lib.trlx_names import from_trlx_names
 
 DEFAULT_CONFIGS = {"sft": default_sft_config, "kto": default_kto_config}
 LOCAL_SUFFIXES = (".json", ".jsonl")
@@ -49,6 +50,7 @@ def load_config(method: Optional[str], path: Optional[str], overrides: Sequence[
     None takes the method from the file.
     """
     data = _read_yaml(path) if path is not None else {}
+    data = from_trlx_names(data)  # a trlX file names its method "sftconfig"
     section = data.get("method") or {}
     if method is not None and isinstance(section, dict):
         named = section.get("name", method)
