@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -59,8 +60,11 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         lr = self.kwargs.get("lr", 1e-4)
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
-            raise ConfigError(f"optimizer.kwargs.lr must be a non-negative number, got {lr!r}")
+        if (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr)
+                or lr < 0):
+            raise ConfigError(f"optimizer.kwargs.lr must be a non-negative number, got {lr!r}"
+                              + ("; a learning rate must be finite"
+                                 if isinstance(lr, float) and not math.isfinite(lr) else ""))
         wd = self.kwargs.get("weight_decay", 0.0)
         if not isinstance(wd, (int, float)) or wd < 0:
             raise ConfigError(f"optimizer.kwargs.weight_decay must be >= 0, got {wd!r}")
@@ -112,6 +116,9 @@ class TrainConfig:
     tags: list = field(default_factory=list)
     deepspeed_config: Any = None  # a path to a DeepSpeed JSON, or a dict
     progress_bar: bool = True
+    # Steps whose loss or gradient norm is NaN/inf that may be skipped (not applied) in a run
+    # before it stops; 0: stop at the first.
+    skip_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -126,6 +133,9 @@ class TrainConfig:
             raise ConfigError(f"train.eval_split must be within [0, 1), got {self.eval_split}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError("train.max_grad_norm must be positive, or None to disable clipping")
+        if self.skip_nonfinite_steps < 0:
+            raise ConfigError("train.skip_nonfinite_steps must be >= 0 (0: stop at the first "
+                              f"non-finite step), got {self.skip_nonfinite_steps}")
         if self.keep_last_n is not None and self.keep_last_n < 1:
             raise ConfigError("train.keep_last_n must be at least 1, or None to keep all")
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
