@@ -146,6 +146,11 @@ def run_training(args: argparse.Namespace) -> int:
         _say(f"model: {config.model.model_path}")
 
     output = args.output or str(Path(config.train.checkpoint_dir) / "final")
+    from trainer_lib.preflight import check_writable
+
+    if Path(output).exists() and not Path(output).is_dir():
+        raise CLIError(f"--output {output} is a file; give a folder for the model")
+    check_writable(Path(output).parent, "the folder of --output")  # before training, not after
     trainer = train(samples=samples, eval_samples=eval_samples, config=config)
     trainer.save_pretrained(output)
     if trainer.accelerator.is_main_process:
@@ -258,12 +263,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0 when done; 2 for a mistake in the command, config, data or checkpoint (one
+    line, before training starts); 1 for a run that failed (one line: a non-finite step, a
+    checkpoint that could not be written); 130 when interrupted (the run said where it saved)."""
+    from trainer_lib.checkpoint import CheckpointWriteError
+    from trainer_lib.faults import NonFiniteLossError
+    from trainer_lib.integrity import CheckpointError
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, DataError) as e:
-        print(f"trainer-lib: error: {e}", file=sys.stderr)
+    except (CLIError, ConfigError, DataError, CheckpointError) as e:
+        # every process finds the same mistake: one of them says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"trainer-lib: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CheckpointWriteError) as e:
+        rank = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"trainer-lib: error{rank}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
