@@ -214,8 +214,9 @@ def nonfinite_report(what: str, micro: list, step: int, last_checkpoint: Optiona
     skip = (f"allow skipping a few such steps with train.skip_nonfinite_steps (now {allowed})"
             if allowed else "let such steps be skipped with train.skip_nonfinite_steps=N")
     kept = (f"the last good checkpoint is {last_checkpoint}: resume from it with "
-            f"train.resume_from_checkpoint={last_checkpoint}" if last_checkpoint
-            else "no checkpoint was written before it")
+            f"train.resume_from_checkpoint={last_checkpoint} and a lower learning rate (resumed "
+            "as it was, the same batches on the same weights fail the same way)"
+            if last_checkpoint else "no checkpoint was written before it")
     return (f"{what} at step {step} ({len(micro)} micro-batch(es), {tokens} tokens; first token "
             f"ids of the first row: {preview}). Try a lower learning rate (optimizer.kwargs.lr), "
             f"gradient clipping (train.max_grad_norm), or check this data; or {skip}. The step "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -173,10 +174,10 @@ def _load_weights_only(path: Path) -> None:
 
 
 def _unsupported(e: Exception) -> str:
-    for line in str(e).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip().split(" We recommend")[0]
-    return "objects other than tensors and plain data"
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return f"it refers to {found.group(1)}"
+    return "it uses pickle instructions beyond tensors and plain data"
 
 
 def load_plain(path: Path) -> Any:
