@@ -57,13 +57,13 @@ def check_eval_inputs(eval_prompts: Any, metric_fn: Any) -> None:
     prompts needs the tokenizer and comes later)."""
     if metric_fn is not None and not callable(metric_fn):
         raise EvalPromptError(f"metric_fn must be a function (samples, prompts, outputs, "
-                              f"**metadata) -> dict, got a {type(metric_fn).__name__}")
+                              f"**metadata) -> dict, got {_kind(metric_fn)}")
     if eval_prompts is None:
         return
     if not isinstance(eval_prompts, (list, tuple)):
         raise EvalPromptError(
-            f"eval_prompts must be a list of prompts, each {_PROMPT_FORMS}; got a "
-            f"{type(eval_prompts).__name__}: {str(eval_prompts)[:60]!r}"
+            f"eval_prompts must be a list of prompts, each {_PROMPT_FORMS}; got "
+            f"{_kind(eval_prompts)}"
             + ("; wrap it in a list" if isinstance(eval_prompts, (str, dict)) else ""))
     if not eval_prompts:
         raise EvalPromptError("eval_prompts is empty; give at least one prompt, or None")
@@ -76,7 +76,7 @@ def check_eval_inputs(eval_prompts: Any, metric_fn: Any) -> None:
             _check_prompt(p["prompt"], f"eval_prompts[{i}]['prompt']")
             if p.get("tools") is not None and not isinstance(p["tools"], list):
                 raise EvalPromptError(f"eval_prompts[{i}]['tools'] must be a list of tool "
-                                      f"schemas, got a {type(p['tools']).__name__}")
+                                      f"schemas, got {_kind(p['tools'])}")
         else:
             _check_prompt(p, f"eval_prompts[{i}]")
 
@@ -90,11 +90,17 @@ def _check_prompt(prompt: Any, where: str) -> None:
                 raise EvalPromptError(f"{where}[{j}] must be a message dict with a 'role' and a "
                                       f"'content', got {str(m)[:60]!r}")
             if not isinstance(m.get("content", ""), str):
-                raise EvalPromptError(f"{where}[{j}]['content'] must be a string, got a "
-                                      f"{type(m['content']).__name__}")
+                raise EvalPromptError(f"{where}[{j}]['content'] must be a string, got "
+                                      f"{_kind(m['content'])}")
         return
-    raise EvalPromptError(f"{where} must be {_PROMPT_FORMS}; got "
-                          f"{type(prompt).__name__}: {str(prompt)[:60]!r}")
+    raise EvalPromptError(f"{where} must be {_PROMPT_FORMS}; got {_kind(prompt)}")
+
+
+def _kind(value: Any) -> str:
+    name = type(value).__name__
+    text = repr(value)
+    return (f"{'an' if name[0] in 'aeiou' else 'a'} {name}: "
+            f"{text if len(text) <= 60 else text[:57] + '...'}")
 
 
 # generate() arguments that set what the loop relies on: one output per prompt, token ids back
