@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -53,8 +54,6 @@ from trainer_lib.faults import NonFiniteLossError  # noqa: F401 - where it used 
 from trainer_lib.integrity import (
     MANIFEST,
     CheckpointError,
-    check_safe_to_load,
-    damage,
     identity_differences,
     load_plain,
     read_manifest,
@@ -102,28 +101,6 @@ def _not_a_checkpoint(spec: str) -> str:
     return (f"train.resume_from_checkpoint={spec!r} is not a checkpoint folder (no {MANIFEST} "
             "in it, so it does not exist, is incomplete, or was not written by trainer_lib); "
             "give a step_<N> folder under train.checkpoint_dir, or \"latest\"")
-
-
-def clean_leftovers(checkpoint_dir: Path) -> list[str]:
-    """Removes what interrupted saves and deletions left in the folder (only names this library
-    makes); a previous folder whose replacement never arrived is put back."""
-    if not checkpoint_dir.is_dir():
-        return []
-    removed = []
-    for p in sorted(checkpoint_dir.iterdir()):
-        if not p.is_dir():
-            continue
-        if _LEFTOVER.match(p.name):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-        elif m := _PREVIOUS.match(p.name):
-            target = checkpoint_dir / m.group(1)
-            if target.exists():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-            else:
-                p.rename(target)
-    return removed
 
 
 def _manifest_or_none(path: Path) -> Optional[dict]:
@@ -176,130 +153,16 @@ class Checkpointer:
     # ------------------------------------------------------------------ before the model loads
 
     def prepare(self, trainer, identity: dict) -> None:
-        """Cleans up after interrupted saves, picks and checks the checkpoint to resume (or, for
-        a fresh run, makes sure no other run's checkpoint is in the way). Main process; the
-        outcome is shared with the others."""
+        """Before the model loads: cleans up after interrupted saves and picks the checkpoint to
+        resume, checked (`trainer_lib.resume`). Main process; the outcome is shared."""
         from trainer_lib.preflight import on_main_process
+        from trainer_lib.resume import plan_start
 
         self.identity = identity
-        path, run_id = on_main_process(trainer.accelerator,
-                                       lambda: self._plan(trainer.total_steps))
+        path, run_id = on_main_process(trainer.accelerator, lambda: plan_start(
+            self.config, identity, trainer.total_steps))
         self.resume_path = Path(path) if path else None
         self.run_id = run_id or self.run_id
-
-    def _plan(self, total_steps: int) -> tuple[Optional[str], Optional[str]]:
-        removed = clean_leftovers(self.dir)
-        if removed:
-            print(f"removed {len(removed)} leftover folder(s) of interrupted saves in "
-                  f"{self.dir}: {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}",
-                  flush=True)
-        found = [(p, _manifest_or_none(p)) for p in list_checkpoints(self.dir)]
-        spec = self.config.train.resume_from_checkpoint
-        if not spec:
-            self._guard_fresh_run(found, total_steps)
-            return None, None
-        path = self._pick_latest(found) if spec == "latest" else self._check_explicit(spec)
-        if path is None:
-            return None, None
-        return str(path), read_manifest(path).get("run_id")
-
-    def _pick_latest(self, found: list) -> Optional[Path]:
-        own = [(p, m) for p, m in found if m and not identity_differences(m.get("identity"),
-                                                                           self.identity)]
-        if not own:
-            if found:
-                newest, manifest = found[-1]
-                diffs = identity_differences(manifest and manifest.get("identity"),
-                                             self.identity) if manifest else ["unreadable"]
-                raise CheckpointError(
-                    f"train.resume_from_checkpoint='latest': the checkpoints in {self.dir} are "
-                    f"from another run ({newest.name}: {'; '.join(diffs[:3])}); resume with that "
-                    f"run's settings, or give this run its own train.checkpoint_dir")
-            print(f"resume_from_checkpoint='latest': no checkpoint under {self.dir}; "
-                  "starting from scratch", flush=True)
-            return None
-        others = [p.name for p, m in found if (p, m) not in own]
-        if others:
-            print(f"resume_from_checkpoint='latest': leaving aside {len(others)} checkpoint(s) of "
-                  f"another run in {self.dir} ({', '.join(others[:4])})", flush=True)
-        damaged = []
-        for path, _ in reversed(own):
-            problem = damage(path)
-            if problem is None:
-                check_safe_to_load(path)
-                if damaged:
-                    print(f"resume_from_checkpoint='latest': {'; '.join(damaged)}; resuming from "
-                          f"{path.name}, the newest intact checkpoint, instead", flush=True)
-                return path
-            damaged.append(f"{path.name} is unusable: {problem}")
-        raise CheckpointError(f"train.resume_from_checkpoint='latest': no intact checkpoint of "
-                              f"this run in {self.dir} ({'; '.join(damaged)})")
-
-    def _check_explicit(self, spec: str) -> Path:
-        path = Path(spec)
-        if not path.exists():
-            raise CheckpointError(f"train.resume_from_checkpoint={spec!r} does not exist; give a "
-                                  "step_<N> folder under train.checkpoint_dir, or \"latest\"")
-        if not (path / MANIFEST).is_file() and (path / STATE_FILE).is_file():
-            raise CheckpointError(
-                f"train.resume_from_checkpoint={spec!r} has no {MANIFEST}: it was written by an "
-                "earlier trainer_lib, which recorded no checksums or run identity, or its save "
-                f"did not finish; start a new run from its weights with "
-                f"model.model_path={path / 'hf_model'}")
-        manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
-        if manifest is None:
-            raise CheckpointError(_not_a_checkpoint(spec))
-        diffs = identity_differences(manifest.get("identity"), self.identity)
-        if diffs:
-            raise CheckpointError(
-                f"train.resume_from_checkpoint={spec!r} is from another run: {'; '.join(diffs)}. "
-                "Resume it with the settings, model and data it was saved with, or start a new "
-                f"run from its weights with model.model_path={path / 'hf_model'}")
-        problem = damage(path)
-        if problem:
-            raise CheckpointError(
-                f"train.resume_from_checkpoint={spec!r} cannot be resumed: {problem}. Resume "
-                "from an earlier checkpoint, or with \"latest\", which falls back to the newest "
-                "intact one")
-        check_safe_to_load(path)
-        return path
-
-    def _guard_fresh_run(self, found: list, total_steps: int) -> None:
-        """A fresh run in a folder with checkpoints: says so, and refuses to start if it would
-        overwrite a checkpoint of another run (one of the same run settings, model and data is
-        replaced, as a re-run of the same job replaces its files)."""
-        t = self.config.train
-        best = self.dir / "best"
-        if t.save_best and (best / MANIFEST).is_file():
-            found = found + [(best, _manifest_or_none(best))]
-        if not found:
-            return
-        planned = set(range(t.checkpoint_interval, total_steps + 1, t.checkpoint_interval))
-        planned.add(total_steps)
-        same, other = [], []
-        for path, manifest in found:
-            diffs = identity_differences(manifest and manifest.get("identity"), self.identity) \
-                if manifest else ["its manifest is unreadable"]
-            (other if diffs else same).append((path, diffs))
-        for path, diffs in other:
-            m = _STEP_DIR.match(path.name)
-            if path.name == "best" or (m and int(m.group(1)) in planned):
-                raise CheckpointError(
-                    f"train.checkpoint_dir={str(self.dir)!r} holds {path.name} of another run "
-                    f"({'; '.join(diffs[:3])}), which this run would overwrite; give this run "
-                    "its own train.checkpoint_dir, resume that run with its settings, or remove "
-                    "the folder")
-        names = [p.name for p, _ in same + other]
-        whose = ("an earlier run of the same job" if not other else "another run" if not same
-                 else "earlier runs")
-        replaced = [p.name for p, _ in same
-                    if (m := _STEP_DIR.match(p.name)) and int(m.group(1)) in planned]
-        print(f"train.checkpoint_dir {self.dir} already holds {len(names)} checkpoint(s) of "
-              f"{whose} ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); this run "
-              "starts from scratch and leaves them alone"
-              + (f", except {', '.join(replaced[:4])}, which it writes again" if replaced else "")
-              + "; to continue a run instead, set train.resume_from_checkpoint=latest",
-              flush=True)
 
     # ------------------------------------------------------------------ saving
 
@@ -445,30 +308,29 @@ class Checkpointer:
         self.last_saved = path
         if acc.is_main_process:
             print(f"resumed from {path} at step {trainer.step}", flush=True)
-        _follow_configured_lr(trainer, acc.is_main_process)
+        from trainer_lib.resume import follow_configured_lr
+
+        follow_configured_lr(trainer, acc.is_main_process)
         return state["epoch"], state["steps_in_epoch"]
 
 
-def _follow_configured_lr(trainer, is_main: bool) -> None:
-    """A resumed run uses `optimizer.kwargs.lr` as given now (the optimiser state would bring back
-    the saved one), so that lowering it after a non-finite step takes effect; the schedule goes on
-    from the same position, scaled."""
-    lr = trainer.config.optimizer.kwargs.get("lr")
-    groups = trainer.optimizer.param_groups
-    saved = groups[0].get("initial_lr", groups[0]["lr"]) if groups else None
-    if lr is None or not saved or math.isclose(lr, saved, rel_tol=1e-9):
-        return
-    ratio = lr / saved
-    for g in groups:
-        g["initial_lr"] = g.get("initial_lr", g["lr"]) * ratio
-        g["lr"] *= ratio
-    scheduler = trainer.scheduler
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
-        scheduler._last_lr = [g["lr"] for g in groups]
-    if is_main:
-        print(f"optimizer.kwargs.lr is {lr:g} now and was {saved:g} when the checkpoint was "
-              "saved: the schedule goes on from the new value", flush=True)
+class BestFigureWatch:
+    """Warns once when `train.save_best` names a figure that the first training log line, or the
+    first evaluation, does not hold (a typo, or a figure this method does not log)."""
+
+    def __init__(self, name: Optional[str]):
+        self.name = name
+        self.done = not name
+
+    def see(self, values: dict, step: int, evaluation: bool) -> None:
+        if self.done or self.name.startswith(("eval/", "metrics/")) != evaluation or not values:
+            return
+        self.done = True
+        if self.name not in values:
+            logged = ", ".join(sorted(k for k in values if k != "step"))
+            warnings.warn(f"train.save_best={self.name!r} is not among the figures logged at "
+                          f"step {step} ({logged}), so best/ may never be written; name one of "
+                          "them", stacklevel=2)
 
 
 def skip_batches(batches: Iterator, n: int) -> None:

@@ -110,13 +110,15 @@ def damage(folder: Path) -> Optional[str]:
 # --------------------------------------------------------------------------- loading safely
 
 
-def _harmless_classes() -> list:
+def _harmless_classes(deepspeed: bool) -> list:
     """Classes that a resume's pickles legitimately hold and that are safe to rebuild."""
     classes: list = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
     try:
         classes.append(np._core.multiarray._reconstruct)
     except AttributeError:  # numpy < 2
         classes.append(np.core.multiarray._reconstruct)
+    if not deepspeed:  # importing it takes seconds
+        return classes
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -133,12 +135,14 @@ def check_safe_to_load(folder: Path) -> None:
     that would run code, CheckpointError for a file that does not parse."""
     from safetensors import safe_open
 
+    files = _files(folder)
     allowed = None
-    for path in _files(folder):
+    for path in files:
         name = path.name
         if name.endswith(PICKLE_SUFFIXES):
             if allowed is None:
-                allowed = _harmless_classes()
+                allowed = _harmless_classes(deepspeed=any(
+                    "zero_pp_rank_" in f.name or f.name.startswith("mp_rank_") for f in files))
             try:
                 with torch.serialization.safe_globals(allowed):
                     _load_weights_only(path)

@@ -18,9 +18,6 @@ from accelerate.utils import broadcast_object_list
 
 from trainer_lib.config import Config, ConfigError
 
-_EVAL_FAMILIES = ("eval/", "metrics/")
-
-
 def on_main_process(accelerator, fn: Callable[[], Any]) -> Any:
     """`fn()` run on the main process, its result given to every process; an exception raised
     there is raised on every process, with the same type and message."""
@@ -140,25 +137,3 @@ def check_seq_length(config: Config, model_config: Any) -> None:
         return
     raise ConfigError(f"{message}, and its position embeddings end there; lower "
                       f"train.seq_length to {limit} or less")
-
-
-# --------------------------------------------------------------------------- while training
-
-
-class BestFigureWatch:
-    """Warns once when `train.save_best` names a figure that the first training log line, or the
-    first evaluation, does not hold (a typo, or a figure this method does not log)."""
-
-    def __init__(self, name: Optional[str]):
-        self.name = name
-        self.done = not name
-
-    def see(self, values: dict, step: int, evaluation: bool) -> None:
-        if self.done or self.name.startswith(_EVAL_FAMILIES) != evaluation or not values:
-            return
-        self.done = True
-        if self.name not in values:
-            logged = ", ".join(sorted(k for k in values if k != "step"))
-            warnings.warn(f"train.save_best={self.name!r} is not among the figures logged at "
-                          f"step {step} ({logged}), so best/ may never be written; name one of "
-                          "them", stacklevel=2)

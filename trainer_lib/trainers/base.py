@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainer_lib import preflight
-from trainer_lib.checkpoint import Checkpointer, skip_batches
+from trainer_lib.checkpoint import BestFigureWatch, Checkpointer, skip_batches
 from trainer_lib.config import Config
 from trainer_lib.distributed import (
     align_micro_batches,
@@ -158,7 +158,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress_bar))
         window = _Window()
-        best_watch = preflight.BestFigureWatch(cfg.save_best)
+        best_watch = BestFigureWatch(cfg.save_best)
         self.model.train()
         while self.step < self.total_steps:
             if hasattr(self.train_loader, "set_epoch"):
