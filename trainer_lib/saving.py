@@ -25,7 +25,8 @@ _HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 @contextmanager
 def held_interrupts():
     """Delays SIGINT and SIGTERM (delivered on exit) in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")):  # Windows has no signal masks
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
