@@ -324,23 +324,30 @@ def test_resuming_with_other_data_or_another_model_is_refused(ckpts, tiny_model_
         train(samples=SAMPLES, config=_config(str(other), ckpts, resume_from_checkpoint=step))
 
 
-def test_a_fresh_run_never_overwrites_or_deletes_another_runs_checkpoints(
-        ckpts, tiny_model_dir, monkeypatch, capsys):
+def test_a_fresh_run_never_overwrites_or_deletes_another_runs_checkpoints(ckpts, tiny_model_dir,
+                                                                           capsys):
     before = _snapshot(ckpts)
-    # another run (batch 2) would write step_2 and step_4 over this folder's: refused up front
-    with pytest.raises(CheckpointError, match=r"holds step_2 of another run \(train.batch_size "
-                       r"is 2 here, 4 there\), which this run would overwrite"):
-        with monkeypatch.context() as m:
-            m.setattr("trainer_lib.trainers.base.load_model", _refuse_model)
-            train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts, batch_size=2))
-    # one that writes only step_3, with keep_last_n=1: the other run's higher steps stay, and so
-    # does its own newest checkpoint
-    train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts, batch_size=2, total_steps=3,
+    run_a = read_manifest(ckpts / "step_2")["run_id"]
+    # keep_last_n=1 in a run that writes only step_3: the other run's higher steps do not count
+    # against it, and it deletes none of them
+    train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts, total_steps=3,
                                           checkpoint_interval=3, keep_last_n=1))
-    assert ("already holds 2 checkpoint(s) of another run (step_2, step_4); this run starts "
+    assert ("already holds 2 checkpoint(s) of earlier runs (step_2, step_4); this run starts "
             "from scratch and leaves them alone") in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_2", "step_3", "step_4"]
     assert {k: v for k, v in _snapshot(ckpts).items() if not k.startswith("step_3/")} == before
+
+    # a run (other settings) that writes step_2 and step_4 itself keeps the other run's aside
+    shutil.rmtree(ckpts / "step_3")
+    train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts, batch_size=2, keep_last_n=1))
+    out = capsys.readouterr().out
+    assert f"{ckpts / 'step_2'} held a checkpoint of another run: kept as step_2.run-{run_a}" in out
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        f"step_2.run-{run_a}", "step_4", f"step_4.run-{run_a}"]
+    kept = {k.replace(f".run-{run_a}", ""): v for k, v in _snapshot(ckpts).items()
+            if f".run-{run_a}" in k}
+    assert kept == before
+    assert read_manifest(ckpts / "step_4")["run_id"] != run_a
 
 
 # --------------------------------------------------------------------------- a full disk

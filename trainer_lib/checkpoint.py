@@ -36,6 +36,7 @@ import errno
 import itertools
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -54,12 +55,16 @@ from trainer_lib.faults import NonFiniteLossError  # noqa: F401 - where it used 
 from trainer_lib.integrity import (
     MANIFEST,
     CheckpointError,
-    identity_differences,
     load_plain,
     read_manifest,
     write_manifest,
 )
-from trainer_lib.saving import atomic_directory, discard_directory, save_pretrained
+from trainer_lib.saving import (
+    atomic_directory,
+    discard_directory,
+    held_interrupts,
+    save_pretrained,
+)
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -159,8 +164,8 @@ class Checkpointer:
         from trainer_lib.resume import plan_start
 
         self.identity = identity
-        path, run_id = on_main_process(trainer.accelerator, lambda: plan_start(
-            self.config, identity, trainer.total_steps))
+        path, run_id = on_main_process(trainer.accelerator,
+                                       lambda: plan_start(self.config, identity))
         self.resume_path = Path(path) if path else None
         self.run_id = run_id or self.run_id
 
@@ -172,7 +177,8 @@ class Checkpointer:
         self._note_best(trainer)
         if self.last_saved == path and path.exists():
             return path
-        self._refuse_foreign(path)
+        if trainer.accelerator.is_main_process:
+            self._move_aside(path)
         self._write(trainer, path, position)
         self.last_saved = path
         if trainer.accelerator.is_main_process and self.config.train.keep_last_n:
@@ -182,14 +188,23 @@ class Checkpointer:
                 discard_directory(old)
         return path
 
-    def _refuse_foreign(self, path: Path) -> None:
-        """Never writes over another run's checkpoint (the start-up check covers the planned
-        steps; this covers saves at other steps, e.g. on Ctrl-C)."""
-        manifest = _manifest_or_none(path) if (path / MANIFEST).is_file() else None
-        if manifest and manifest.get("run_id") != self.run_id and identity_differences(
-                manifest.get("identity"), self.identity):
-            raise CheckpointError(f"{path} belongs to another run; not overwriting it. The "
-                                  f"last checkpoint of this run is {self.last_saved}")
+    def _move_aside(self, path: Path) -> None:
+        """Never writes over another run's checkpoint: it is renamed `<name>.run-<its run id>`
+        first (main process), and the run says so."""
+        if not path.exists():
+            return
+        manifest = _manifest_or_none(path) or {}
+        owner = manifest.get("run_id")
+        if owner == self.run_id:
+            return  # this run's own (written again, e.g. after falling back past a damaged one)
+        aside = path.parent / f"{path.name}.run-{owner or 'unknown'}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.parent / f"{path.name}.run-{owner or 'unknown'}-{n}"
+        with held_interrupts():
+            os.rename(path, aside)
+        print(f"{path} held a checkpoint of another run: kept as {aside.name}", flush=True)
 
     def _write(self, trainer, path: Path, position: tuple[int, int]) -> None:
         acc = trainer.accelerator
@@ -270,7 +285,8 @@ class Checkpointer:
         best = self.dir / "best"
         step_dir = self.dir / f"step_{trainer.step}"
         acc = trainer.accelerator
-        self._refuse_foreign(best)
+        if acc.is_main_process:
+            self._move_aside(best)
         if self.last_saved == step_dir and step_dir.exists():
             # this step's checkpoint is already on disk: copy it rather than gather again
             if acc.is_main_process:

@@ -7,9 +7,9 @@
   records the run identity) that is intact and safe to load, passing over damaged ones and saying
   so, and leaving other runs' checkpoints aside; a path is checked the same way, and any problem is
   an error naming the file or the difference.
-- A fresh run in a folder with checkpoints says so, and does not start if it would overwrite a
-  checkpoint of another run (a re-run of the same job replaces its own step folders, as the HF
-  Trainer does).
+- A fresh run in a folder that holds checkpoints says so. It never deletes or overwrites them: a
+  checkpoint of another run that has the name of one this run writes is renamed
+  `<name>.run-<its run id>` first (`Checkpointer.save`), and keep_last_n counts only this run's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Optional
 from trainer_lib.checkpoint import (
     _LEFTOVER,
     _PREVIOUS,
-    _STEP_DIR,
     STATE_FILE,
     _manifest_or_none,
     _not_a_checkpoint,
@@ -38,7 +37,7 @@ from trainer_lib.integrity import (
 )
 
 
-def plan_start(config, identity: dict, total_steps: int) -> tuple[Optional[str], Optional[str]]:
+def plan_start(config, identity: dict) -> tuple[Optional[str], Optional[str]]:
     """(the checkpoint to resume or None, the run it belongs to); says what it found."""
     folder = Path(config.train.checkpoint_dir)
     removed = clean_leftovers(folder)
@@ -49,12 +48,22 @@ def plan_start(config, identity: dict, total_steps: int) -> tuple[Optional[str],
     found = [(p, _manifest_or_none(p)) for p in list_checkpoints(folder)]
     spec = config.train.resume_from_checkpoint
     if not spec:
-        _guard_fresh_run(config, folder, found, identity, total_steps)
+        if found:
+            names = [p.name for p, _ in found]
+            print(f"train.checkpoint_dir {folder} already holds {len(names)} checkpoint(s) of "
+                  f"earlier runs ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); "
+                  "this run starts from scratch and leaves them alone (one it would overwrite "
+                  "is renamed <name>.run-<its run id> first); to continue a run instead, set "
+                  "train.resume_from_checkpoint=latest", flush=True)
         return None, None
-    path = _pick_latest(folder, found, identity) if spec == "latest" else _check_explicit(spec, identity)
+    if spec == "latest":
+        path = _pick_latest(folder, found, identity)
+    else:
+        path = _check_explicit(spec, identity)
     if path is None:
         return None, None
     return str(path), read_manifest(path).get("run_id")
+
 
 def _pick_latest(folder: Path, found: list, identity: dict) -> Optional[Path]:
     own = [(p, m) for p, m in found if m and not identity_differences(m.get("identity"),
@@ -88,6 +97,7 @@ def _pick_latest(folder: Path, found: list, identity: dict) -> Optional[Path]:
     raise CheckpointError(f"train.resume_from_checkpoint='latest': no intact checkpoint of "
                           f"this run in {folder} ({'; '.join(damaged)})")
 
+
 def _check_explicit(spec: str, identity: dict) -> Path:
     path = Path(spec)
     if not path.exists():
@@ -116,44 +126,6 @@ def _check_explicit(spec: str, identity: dict) -> Path:
             "intact one")
     check_safe_to_load(path)
     return path
-
-def _guard_fresh_run(config, folder: Path, found: list, identity: dict, total_steps: int
-                     ) -> None:
-    """A fresh run in a folder with checkpoints: says so, and refuses to start if it would
-    overwrite a checkpoint of another run (one of the same run settings, model and data is
-    replaced, as a re-run of the same job replaces its files)."""
-    t = config.train
-    best = folder / "best"
-    if t.save_best and (best / MANIFEST).is_file():
-        found = found + [(best, _manifest_or_none(best))]
-    if not found:
-        return
-    planned = set(range(t.checkpoint_interval, total_steps + 1, t.checkpoint_interval))
-    planned.add(total_steps)
-    same, other = [], []
-    for path, manifest in found:
-        diffs = identity_differences(manifest and manifest.get("identity"), identity) \
-            if manifest else ["its manifest is unreadable"]
-        (other if diffs else same).append((path, diffs))
-    for path, diffs in other:
-        m = _STEP_DIR.match(path.name)
-        if path.name == "best" or (m and int(m.group(1)) in planned):
-            raise CheckpointError(
-                f"train.checkpoint_dir={str(folder)!r} holds {path.name} of another run "
-                f"({'; '.join(diffs[:3])}), which this run would overwrite; give this run "
-                "its own train.checkpoint_dir, resume that run with its settings, or remove "
-                "the folder")
-    names = [p.name for p, _ in same + other]
-    whose = ("an earlier run of the same job" if not other else "another run" if not same
-             else "earlier runs")
-    replaced = [p.name for p, _ in same
-                if (m := _STEP_DIR.match(p.name)) and int(m.group(1)) in planned]
-    print(f"train.checkpoint_dir {folder} already holds {len(names)} checkpoint(s) of "
-          f"{whose} ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); this run "
-          "starts from scratch and leaves them alone"
-          + (f", except {', '.join(replaced[:4])}, which it writes again" if replaced else "")
-          + "; to continue a run instead, set train.resume_from_checkpoint=latest",
-          flush=True)
 
 
 def clean_leftovers(checkpoint_dir: Path) -> list[str]:
