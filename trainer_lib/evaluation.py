@@ -19,7 +19,6 @@ ranks in each forward pass), padding with a dummy prompt whose output is dropped
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 import numbers
 import warnings
@@ -108,19 +107,24 @@ _FIXED = {"num_return_sequences": 1, "return_dict_in_generate": False}
 _POSITIVE_INTS = ("max_new_tokens", "max_length", "num_beams", "num_beam_groups")
 _NON_NEGATIVE_INTS = ("min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size")
 _BOOLS = ("do_sample", "use_cache", "output_scores", "output_logits", "renormalize_logits")
+# model.generate's own arguments besides the GenerationConfig fields (listed rather than read
+# from its signature: importing GenerationMixin takes seconds, too long for a config check)
+_GENERATE_ARGUMENTS = {"generation_config", "logits_processor", "stopping_criteria",
+                       "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "streamer",
+                       "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
+                       "tokenizer", "assistant_tokenizer", "use_model_defaults"}
 
 
 def check_gen_kwargs(gen_kwargs: Any) -> None:
     """`method.gen_kwargs` against what `model.generate` takes, before the model loads: unknown
     keys (with the closest valid one), wrong types and values, and transformers' own checks
     (`GenerationConfig.validate`)."""
-    from transformers import GenerationConfig, GenerationMixin
+    from transformers import GenerationConfig
 
     if not isinstance(gen_kwargs, dict):
         raise ConfigError(f"method.gen_kwargs must be a mapping of generate() arguments, got "
                           f"{gen_kwargs!r}")
-    known = set(GenerationConfig().to_dict()) | set(
-        inspect.signature(GenerationMixin.generate).parameters) - {"self", "inputs", "kwargs"}
+    known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS
     for key, value in gen_kwargs.items():
         where = f"method.gen_kwargs.{key}"
         if key not in known:
