@@ -146,7 +146,8 @@ CASES = [
     Case("eval_prompts is empty", lambda c: c.train(eval_prompts=[]), EvalPromptError,
          ["eval_prompts is empty", "at least one prompt, or None"]),
     Case("an eval prompt that is a number", lambda c: c.train(eval_prompts=["Hi", 7]),
-         EvalPromptError, [r"eval_prompts\[1\] must be a string, a list of messages", "got an int"]),
+         EvalPromptError,
+         [r"eval_prompts\[1\] must be a string, a list of messages", "got an int"]),
     Case("an eval prompt dict without 'prompt'",
          lambda c: c.train(eval_prompts=["Hi", {"text": "Hello", "answer": "x"}]), EvalPromptError,
          [r"eval_prompts\[1\] is a dict without a 'prompt' key \(keys: \['answer', 'text'\]\)",
@@ -283,7 +284,8 @@ def test_bad_input_is_refused_before_the_model_loads(case, ctx):
 
 CLI_CASES = {
     "a data file that does not exist": (
-        lambda c: ["--data", str(c.tmp / "missing.jsonl")], "data file .*missing.jsonl does not exist"),
+        lambda c: ["--data", str(c.tmp / "missing.jsonl")],
+        "data file .*missing.jsonl does not exist"),
     "a bad sample in the data file": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n" + json.dumps(
             {"prompt": "x", "completion": ""}) + "\n")], "sample 1: field 'completion' is empty"),

@@ -175,6 +175,11 @@ class Plant:
         return os.mkdir, (self.marker,)
 
 
+def _header(step: Path) -> dict:
+    """A checkpoint's manifest without its list of files: what writing it anew keeps."""
+    return {k: v for k, v in read_manifest(step).items() if k not in ("format", "files")}
+
+
 # every file a single-process resume reads (hf_model/ and config.yaml are for people)
 RESUME_READS = ["accelerate/model.safetensors", "accelerate/optimizer.bin",
                 "accelerate/random_states_0.pkl", "scheduler.pt", "trainer_state.json"]
@@ -190,8 +195,7 @@ def test_a_planted_pickle_in_any_file_a_resume_reads_is_refused_and_never_runs(
     for name in RESUME_READS:
         copy = Path(shutil.copytree(step, tmp_path / "planted" / name.replace("/", "_")))
         torch.save({"state": Plant(marker)}, copy / name)
-        header = {k: v for k, v in read_manifest(copy).items() if k not in ("format", "files")}
-        write_manifest(copy, header)  # as someone who can write the folder would
+        write_manifest(copy, _header(copy))  # as someone who can write the folder would
         kind = UnsafeCheckpointError if name.endswith((".bin", ".pkl", ".pt")) else CheckpointError
         with pytest.raises(kind) as e:
             train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts,
@@ -206,8 +210,7 @@ def test_a_planted_pickle_in_any_file_a_resume_reads_is_refused_and_never_runs(
 def test_latest_refuses_an_unsafe_newest_checkpoint_rather_than_passing_over_it(
         ckpts, tiny_model_dir, tmp_path, no_model_load):
     torch.save({"state": Plant(tmp_path / "code-ran")}, ckpts / "step_4" / "scheduler.pt")
-    header = {k: v for k, v in read_manifest(ckpts / "step_4").items() if k not in ("format", "files")}
-    write_manifest(ckpts / "step_4", header)
+    write_manifest(ckpts / "step_4", _header(ckpts / "step_4"))
     with pytest.raises(UnsafeCheckpointError, match="step_4/scheduler.pt"):
         train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts,
                                               resume_from_checkpoint="latest"))
@@ -297,7 +300,7 @@ def test_an_interrupted_deletion_never_leaves_a_folder_that_looks_complete(ckpts
     assert resolve_checkpoint("latest", ckpts) == ckpts / "step_2"
 
 
-# --------------------------------------------------------------------------- other runs' checkpoints
+# --------------------------------------------------------------------------- other runs
 
 
 def test_latest_refuses_another_runs_checkpoints_naming_the_difference(ckpts, tiny_model_dir,

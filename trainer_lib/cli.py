@@ -279,8 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"trainer-lib: error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointWriteError) as e:
-        rank = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"trainer-lib: error{rank}: {e}", file=sys.stderr)
+        several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        where = f" (process {os.environ.get('RANK', 0)})" if several else ""
+        print(f"trainer-lib: error{where}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -44,7 +44,7 @@ class EvalPromptError(DataError):
     """`eval_prompts` (or `metric_fn`) that cannot be used; the message names the prompt."""
 
 
-# --------------------------------------------------------------------------- checks before the model
+# --------------------------------------------------------------------------- checks before loading
 
 
 _PROMPT_FORMS = ("a string, a list of messages ({'role': ..., 'content': ...}), or a dict with a "

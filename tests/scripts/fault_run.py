@@ -1,15 +1,16 @@
-"""Runs that tests/test_faults.py watches from outside the process, alone or launched on 2 processes.
+"""Runs that tests/test_faults.py watches from outside, alone or launched on 2 processes.
 
     python fault_run.py '{"model_dir": ..., "checkpoint_dir": ..., "at_step": 3, ...}'
 
-SIGINT is sent to this process while it trains step `at_step` (to process `rank` only, when given), as
-a terminal or a launcher would send it; with `second_in_save` another one follows while the checkpoint
-is being written. Uncaught, the interrupt ends the process as it would end a user's script.
+SIGINT is sent to this process while it trains step `at_step` (to process `rank` only, when
+given), as a terminal or a launcher would send it; with `second_in_save` another one follows
+while the checkpoint is being written. Uncaught, the interrupt ends the process as it would end a
+user's script.
 
-With `out`, the interrupt is caught instead: the run resumes from the checkpoint it names and trains one
-more step; then, for each pickle file of that checkpoint, a copy with a planted pickle (one that would
-create a marker folder when loaded) is resumed, which must be refused. Each process writes what
-happened to rank<N>.json in `out`.
+With `out`, the interrupt is caught instead: the run resumes from the checkpoint it names and
+trains one more step; then, for each pickle file of that checkpoint, a copy with a planted pickle
+(one that would create a marker folder when loaded) is resumed, which must be refused. Each
+process writes what happened to rank<N>.json in `out`.
 """
 
 import json
@@ -34,17 +35,14 @@ def samples():
 def make_config(spec: dict, **train):
     from trainer_lib import default_sft_config
 
-    settings = dict(seq_length=32, batch_size=2, epochs=100, total_steps=spec.get("total_steps", 50),
-                    log_interval=1, eval_interval=1000, checkpoint_interval=1000,
+    settings = dict(seq_length=32, batch_size=2, epochs=100, total_steps=50, log_interval=1,
+                    eval_interval=1000, checkpoint_interval=1000,
                     checkpoint_dir=spec["checkpoint_dir"], progress_bar=False)
     settings.update(train)
-    config = default_sft_config().evolve(
+    return default_sft_config().evolve(
         model=dict(model_path=spec["model_dir"]), train=settings,
         optimizer=dict(kwargs=dict(lr=1e-3)), scheduler=dict(name="constant"),
         method=dict(packing=False))
-    if spec.get("deepspeed_config"):
-        config = config.evolve(train=dict(deepspeed_config=spec["deepspeed_config"]))
-    return config
 
 
 def run(spec: dict) -> None:

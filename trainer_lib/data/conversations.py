@@ -213,6 +213,6 @@ def _check_tool_call_ids(messages, index):
         ids += [str(call["id"]) for call in message.get("tool_calls", ()) if call.get("id") is not None]
         answer = message.get("tool_call_id")
         if message["role"] == "tool" and answer is not None and str(answer) not in ids:
-            raise _err(index, f"messages[{pos}].tool_call_id is {answer!r}, which answers no tool call made "
-                              f"before it (the calls' ids: {', '.join(ids) or 'none yet'}); give it the id of "
-                              "the call it answers")
+            raise _err(index, f"messages[{pos}].tool_call_id is {answer!r}, which answers no tool call "
+                              f"made before it (the calls' ids: {', '.join(ids) or 'none yet'}); give it "
+                              "the id of the call it answers")

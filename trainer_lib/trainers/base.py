@@ -261,7 +261,8 @@ class Trainer:
         names = sorted(metric_sums)
         # one all-reduce for the figures and for Ctrl-C: every process stops after the same step
         interrupts = getattr(self, "_interrupts", None)
-        flat = [float(loss_sum), float(num_tokens), float(bool(interrupts and interrupts.requested))]
+        stop = float(bool(interrupts and interrupts.requested))
+        flat = [float(loss_sum), float(num_tokens), stop]
         flat += [v for n in names for v in metric_sums[n]]
         totals = reduce_sum(acc, flat).tolist()
         loss = totals[0] / max(total_weight, 1)
