@@ -364,7 +364,7 @@ def test_a_save_that_fails_for_lack_of_space_says_so_and_keeps_the_previous_chec
     original = checkpoint.save_pretrained
 
     def full_disk(accelerator, model, tokenizer, path, **kw):
-        if ".step_4.tmp" in str(path):
+        if ".step_2.tmp" in str(path):
             if failure == "ENOSPC":
                 raise OSError(errno.ENOSPC, "No space left on device")
             # what torch.save raises when the disk fills under it; little is free by then
@@ -377,15 +377,16 @@ def test_a_save_that_fails_for_lack_of_space_says_so_and_keeps_the_previous_chec
     monkeypatch.setattr(checkpoint, "save_pretrained", full_disk)
     folder = tmp_path / "ckpts"
     with pytest.raises(CheckpointWriteError) as e:
-        train(samples=SAMPLES, config=_config(tiny_model_dir, folder))
+        train(samples=SAMPLES, config=_config(tiny_model_dir, folder, total_steps=2,
+                                              checkpoint_interval=1))
     message = str(e.value)
-    assert f"could not write the checkpoint {folder / 'step_4'} at step 4: the disk is full" \
+    assert f"could not write the checkpoint {folder / 'step_2'} at step 2: the disk is full" \
         in message
     assert "a checkpoint of this run takes about" in message and "are free there" in message
-    assert f"the previous checkpoint {folder / 'step_2'} is intact" in message
+    assert f"the previous checkpoint {folder / 'step_1'} is intact" in message
     assert e.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in folder.iterdir()) == ["step_2"]  # nothing half-written
-    assert damage(folder / "step_2") is None
+    assert sorted(p.name for p in folder.iterdir()) == ["step_1"]  # nothing half-written
+    assert damage(folder / "step_1") is None
 
 
 # --------------------------------------------------------------------------- Ctrl-C
