@@ -444,7 +444,8 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_temporary_folder(tiny_model
 def test_ctrl_c_on_one_of_two_zero3_processes_stops_both_after_the_same_step(tiny_model_dir,
                                                                             tmp_path):
     """Rank 1 alone gets the signal; both stop after step 2 and save it; the ZeRO-3 checkpoint
-    resumes on both, and a planted pickle in any of its files is refused on both."""
+    resumes on both; a NaN step is skipped by both; and a planted pickle in any of the
+    checkpoint's files is refused on both."""
     import socket
 
     with socket.socket() as s:
@@ -463,6 +464,10 @@ def test_ctrl_c_on_one_of_two_zero3_processes_stops_both_after_the_same_step(tin
         assert report["processes"] == 2 and report["distributed_type"].endswith("DEEPSPEED")
         assert report["stopped_at"] == 2 and report["resumed_to"] == 3
         assert report["checkpoint"] == str(tmp_path / "ckpts" / "step_2")
+        # DeepSpeed applied none of the NaN step: its schedule moved for 2 steps of 3
+        assert report["nan_step"]["steps"] == 3 and report["nan_step"]["skipped"] == 1
+        assert report["nan_step"]["schedule_steps"] == 2
+        assert report["nan_step"]["logged_steps"] == [1, 3]
         planted = report["planted"]
         assert {"scheduler.pt", "accelerate/random_states_0.pkl",
                 "accelerate/random_states_1.pkl"} < set(planted)
@@ -471,3 +476,4 @@ def test_ctrl_c_on_one_of_two_zero3_processes_stops_both_after_the_same_step(tin
             assert result["outcome"].startswith("UnsafeCheckpointError") and name in \
                 result["outcome"], result
             assert not result["code_ran"]
+    assert reports[0]["nan_step"]["finite"] is True

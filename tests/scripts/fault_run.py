@@ -8,9 +8,10 @@ while the checkpoint is being written. Uncaught, the interrupt ends the process 
 user's script.
 
 With `out`, the interrupt is caught instead: the run resumes from the checkpoint it names and
-trains one more step; then, for each pickle file of that checkpoint, a copy with a planted pickle
-(one that would create a marker folder when loaded) is resumed, which must be refused. Each
-process writes what happened to rank<N>.json in `out`.
+trains one more step; a run with a NaN loss at one step skips that step; then, for each pickle
+file of that checkpoint, a copy with a planted pickle (one that would create a marker folder when
+loaded) is resumed, which must be refused. Each process writes what happened to rank<N>.json in
+`out`.
 """
 
 import json
@@ -83,8 +84,36 @@ def run(spec: dict) -> None:
     report = {"stopped_at": trainer.step, "checkpoint": str(path), "resumed_to": resumed.step,
               "processes": trainer.accelerator.num_processes,
               "distributed_type": str(trainer.accelerator.distributed_type),
+              "nan_step": skip_a_nan_step(spec),
               "planted": plant_and_resume(spec, Path(path), rank, resumed.accelerator)}
     (Path(spec["out"]) / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+def skip_a_nan_step(spec: dict) -> dict:
+    """A NaN loss at step 2 of 3, with train.skip_nonfinite_steps=1: the update is not applied
+    (under DeepSpeed the engine skips it) and the run goes on."""
+    from trainer_lib import train
+    from trainer_lib.trainers.sft import SFTTrainer
+
+    original = SFTTrainer.compute_loss
+
+    def compute_loss(self, model, batch):
+        loss, metrics = original(self, model, batch)
+        return (loss * float("nan") if self.step + 1 == 2 else loss), metrics
+
+    SFTTrainer.compute_loss = compute_loss
+    try:
+        trainer = train(samples=samples(), config=make_config(
+            spec, checkpoint_dir=spec["checkpoint_dir"] + "-nan", total_steps=3,
+            skip_nonfinite_steps=1))
+    finally:
+        SFTTrainer.compute_loss = original
+    weights = trainer.accelerator.get_state_dict(trainer.model)  # gathered from every process
+    return {"steps": trainer.step, "skipped": trainer.nonfinite_steps.skipped,
+            "schedule_steps": trainer.scheduler.last_epoch,
+            "logged_steps": [h["step"] for h in trainer.log_history if "loss" in h],
+            "finite": None if weights is None else all(
+                bool(torch.isfinite(w).all()) for w in weights.values())}
 
 
 class Plant:
