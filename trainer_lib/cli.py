@@ -124,6 +124,8 @@ def run_training(args: argparse.Namespace) -> int:
         get_trainer_class(config.method)
     except ValueError as e:  # no trainer registered for this method
         raise CLIError(f"`trainer-lib {args.command}` cannot train: {e}") from None
+    output = args.output or str(Path(config.train.checkpoint_dir) / "final")
+    _check_output(output)
 
     if args.data is None:
         if args.command != "sft":
@@ -145,17 +147,20 @@ def run_training(args: argparse.Namespace) -> int:
     else:
         _say(f"model: {config.model.model_path}")
 
-    output = args.output or str(Path(config.train.checkpoint_dir) / "final")
-    from trainer_lib.preflight import check_writable
-
-    if Path(output).exists() and not Path(output).is_dir():
-        raise CLIError(f"--output {output} is a file; give a folder for the model")
-    check_writable(Path(output).parent, "the folder of --output")  # before training, not after
     trainer = train(samples=samples, eval_samples=eval_samples, config=config)
     trainer.save_pretrained(output)
     if trainer.accelerator.is_main_process:
         print(_summary(trainer.log_history, output), flush=True)
     return 0
+
+
+def _check_output(output: str) -> None:
+    """Where the final model goes can be written: found out before training, not after it."""
+    from trainer_lib.preflight import check_writable
+
+    if Path(output).exists() and not Path(output).is_dir():
+        raise CLIError(f"--output {output} is a file; give a folder for the model")
+    check_writable(Path(output).parent, "the folder of --output")
 
 
 def _summary(history: list[dict], output: str) -> str:
