@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer_lib import train
 from trainer_lib.checkpoint import NonFiniteLossError, list_checkpoints, resolve_checkpoint
+from trainer_lib.integrity import CheckpointError
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_run.py"
 REPO = SCRIPT.parents[2]
@@ -111,7 +112,7 @@ def test_latest_with_no_checkpoint_starts_fresh(tiny_config, capsys):
 
 def test_resume_from_a_missing_path_is_a_clear_error(tiny_config, tmp_path):
     config = tiny_config.evolve(train=dict(resume_from_checkpoint=str(tmp_path / "nope")))
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="'.*nope' does not exist.*step_<N> folder"):
         train(samples=[["a b", " c"]] * 8, config=config)
 
 
@@ -154,8 +155,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_co
 
 
 def test_non_finite_loss_report_skips_the_empty_share_of_a_short_rank():
-    from trainer_lib.checkpoint import check_finite_loss
+    from trainer_lib.faults import NonFiniteSteps
 
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "num_tokens": 3}
+    out = {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True}
     with pytest.raises(NonFiniteLossError, match=r"2 micro-batch\(es\), 6 tokens.*\[5, 6, 7\]"):
-        check_finite_loss({"loss": float("nan")}, [batch, None, batch], 7, None)
+        NonFiniteSteps(0).check(out, [batch, None, batch], 7, None, True)

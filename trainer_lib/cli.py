@@ -126,6 +126,8 @@ def run_training(args: argparse.Namespace) -> int:
         get_trainer_class(config.method)
     except ValueError as e:  # no trainer registered for this method
         raise CLIError(f"`trainer-lib {args.command}` cannot train: {e}") from None
+    output = args.output or str(Path(config.train.checkpoint_dir) / "final")
+    _check_output(output)
 
     if args.data is None:
         if args.command != "sft":
@@ -147,12 +149,20 @@ def run_training(args: argparse.Namespace) -> int:
     else:
         _say(f"model: {config.model.model_path}")
 
-    output = args.output or str(Path(config.train.checkpoint_dir) / "final")
     trainer = train(samples=samples, eval_samples=eval_samples, config=config)
     trainer.save_pretrained(output)
     if trainer.accelerator.is_main_process:
         print(_summary(trainer.log_history, output, trainer.accelerator), flush=True)
     return 0
+
+
+def _check_output(output: str) -> None:
+    """Where the final model goes can be written: found out before training, not after it."""
+    from trainer_lib.preflight import check_writable
+
+    if Path(output).exists() and not Path(output).is_dir():
+        raise CLIError(f"--output {output} is a file; give a folder for the model")
+    check_writable(Path(output).parent, "the folder of --output")
 
 
 def _summary(history: list[dict], output: str, accelerator=None) -> str:
@@ -287,12 +297,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0 when done; 2 for a mistake in the command, config, data or checkpoint (one
+    line, before training starts); 1 for a run that failed (one line: a non-finite step, a
+    checkpoint that could not be written); 130 when interrupted (the run said where it saved)."""
+    from trainer_lib.checkpoint import CheckpointWriteError
+    from trainer_lib.faults import NonFiniteLossError
+    from trainer_lib.integrity import CheckpointError
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, DataError) as e:
-        print(f"trainer-lib: error: {e}", file=sys.stderr)
+    except (CLIError, ConfigError, DataError, CheckpointError) as e:
+        # every process finds the same mistake: one of them says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"trainer-lib: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CheckpointWriteError) as e:
+        several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        where = f" (process {os.environ.get('RANK', 0)})" if several else ""
+        print(f"trainer-lib: error{where}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

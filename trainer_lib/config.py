@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -113,6 +114,9 @@ class TrainConfig:
     tags: list = field(default_factory=list)
     deepspeed_config: Any = None  # a path to a DeepSpeed JSON, or a dict
     progress_bar: bool = True
+    # Steps whose loss or gradient norm is NaN/inf that may be skipped (not applied) in a run
+    # before it stops; 0: stop at the first.
+    skip_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -127,6 +131,9 @@ class TrainConfig:
             raise ConfigError(f"train.eval_split must be within [0, 1), got {self.eval_split}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError("train.max_grad_norm must be positive, or None to disable clipping")
+        if self.skip_nonfinite_steps < 0:
+            raise ConfigError("train.skip_nonfinite_steps must be >= 0 (0: stop at the first "
+                              f"non-finite step), got {self.skip_nonfinite_steps}")
         if self.keep_last_n is not None and self.keep_last_n < 1:
             raise ConfigError("train.keep_last_n must be at least 1, or None to keep all")
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):

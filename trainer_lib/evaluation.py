@@ -18,13 +18,17 @@ ranks in each forward pass), padding with a dummy prompt whose output is dropped
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
+from trainer_lib.config import ConfigError
+from trainer_lib.data.samples import DataError
 from trainer_lib.distributed import is_zero3
 
 IGNORE_INDEX = -100
@@ -34,6 +38,121 @@ NUM_PRINTED_ROWS = 3
 
 class MetricFnError(RuntimeError):
     """`metric_fn` raised, or returned something that is not {name: float | [float per sample]}."""
+
+
+class EvalPromptError(DataError):
+    """`eval_prompts` (or `metric_fn`) that cannot be used; the message names the prompt."""
+
+
+# --------------------------------------------------------------------------- checks before loading
+
+
+_PROMPT_FORMS = ("a string, a list of messages ({'role': ..., 'content': ...}), or a dict with a "
+                 "'prompt' key")
+
+
+def check_eval_inputs(eval_prompts: Any, metric_fn: Any) -> None:
+    """The shape of `eval_prompts` and `metric_fn`, checked before anything loads (encoding the
+    prompts needs the tokenizer and comes later)."""
+    if metric_fn is not None and not callable(metric_fn):
+        raise EvalPromptError(f"metric_fn must be a function (samples, prompts, outputs, "
+                              f"**metadata) -> dict, got {_kind(metric_fn)}")
+    if eval_prompts is None:
+        return
+    if not isinstance(eval_prompts, (list, tuple)):
+        raise EvalPromptError(
+            f"eval_prompts must be a list of prompts, each {_PROMPT_FORMS}; got "
+            f"{_kind(eval_prompts)}"
+            + ("; wrap it in a list" if isinstance(eval_prompts, (str, dict)) else ""))
+    if not eval_prompts:
+        raise EvalPromptError("eval_prompts is empty; give at least one prompt, or None")
+    for i, p in enumerate(eval_prompts):
+        if isinstance(p, dict):
+            if "prompt" not in p:
+                raise EvalPromptError(f"eval_prompts[{i}] is a dict without a 'prompt' key "
+                                      f"(keys: {sorted(map(str, p))}); put the text to complete "
+                                      "under 'prompt'")
+            _check_prompt(p["prompt"], f"eval_prompts[{i}]['prompt']")
+            if p.get("tools") is not None and not isinstance(p["tools"], list):
+                raise EvalPromptError(f"eval_prompts[{i}]['tools'] must be a list of tool "
+                                      f"schemas, got {_kind(p['tools'])}")
+        else:
+            _check_prompt(p, f"eval_prompts[{i}]")
+
+
+def _check_prompt(prompt: Any, where: str) -> None:
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, (list, tuple)) and prompt:
+        for j, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise EvalPromptError(f"{where}[{j}] must be a message dict with a 'role' and a "
+                                      f"'content', got {str(m)[:60]!r}")
+            if not isinstance(m.get("content", ""), str):
+                raise EvalPromptError(f"{where}[{j}]['content'] must be a string, got "
+                                      f"{_kind(m['content'])}")
+        return
+    raise EvalPromptError(f"{where} must be {_PROMPT_FORMS}; got {_kind(prompt)}")
+
+
+def _kind(value: Any) -> str:
+    name = type(value).__name__
+    text = repr(value)
+    return (f"{'an' if name[0] in 'aeiou' else 'a'} {name}: "
+            f"{text if len(text) <= 60 else text[:57] + '...'}")
+
+
+# generate() arguments that set what the loop relies on: one output per prompt, token ids back
+_FIXED = {"num_return_sequences": 1, "return_dict_in_generate": False}
+_POSITIVE_INTS = ("max_new_tokens", "max_length", "num_beams", "num_beam_groups")
+_NON_NEGATIVE_INTS = ("min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size")
+_BOOLS = ("do_sample", "use_cache", "output_scores", "output_logits", "renormalize_logits")
+# model.generate's own arguments besides the GenerationConfig fields (listed rather than read
+# from its signature: importing GenerationMixin takes seconds, too long for a config check)
+_GENERATE_ARGUMENTS = {"generation_config", "logits_processor", "stopping_criteria",
+                       "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "streamer",
+                       "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
+                       "tokenizer", "assistant_tokenizer", "use_model_defaults"}
+
+
+def check_gen_kwargs(gen_kwargs: Any) -> None:
+    """`method.gen_kwargs` against what `model.generate` takes, before the model loads: unknown
+    keys (with the closest valid one), wrong types and values, and transformers' own checks
+    (`GenerationConfig.validate`)."""
+    from transformers import GenerationConfig
+
+    if not isinstance(gen_kwargs, dict):
+        raise ConfigError(f"method.gen_kwargs must be a mapping of generate() arguments, got "
+                          f"{gen_kwargs!r}")
+    known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS
+    for key, value in gen_kwargs.items():
+        where = f"method.gen_kwargs.{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else (
+                "; it must be an argument of model.generate / transformers.GenerationConfig")
+            raise ConfigError(f"unknown key '{where}'{hint}")
+        if key in _FIXED and value != _FIXED[key]:
+            raise ConfigError(f"{where} must be {_FIXED[key]} (evaluation scores one output "
+                              f"per prompt), got {value!r}")
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if key in _POSITIVE_INTS and value is not None and not (is_int and value >= 1):
+            raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+        if key in _NON_NEGATIVE_INTS and value is not None and not (is_int and value >= 0):
+            raise ConfigError(f"{where} must be an integer >= 0, got {value!r}")
+        if key in _BOOLS and not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        if key in ("temperature", "top_p", "repetition_penalty", "min_p", "typical_p") and (
+                value is not None and (not isinstance(value, (int, float)) or isinstance(
+                    value, bool) or not math.isfinite(value) or value < 0)):
+            raise ConfigError(f"{where} must be a non-negative number, got {value!r}")
+    if gen_kwargs.get("stop_strings"):
+        raise ConfigError("method.gen_kwargs.stop_strings needs the tokenizer inside generate(); "
+                          "use method.stop_sequences, which cuts each output at the first one")
+    try:
+        GenerationConfig(**gen_kwargs).validate()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method.gen_kwargs: {str(e).strip().splitlines()[0]}") from None
 
 
 def function_name(fn: Callable) -> str:
@@ -242,10 +361,20 @@ class GenerationEval:
             if status == "error":
                 raise MetricFnError(result)
             values, per_sample = result
+            _warn_non_finite(values, function_name(self.metric_fn), trainer.step,
+                             acc.is_main_process)
         columns = ["prompt", "output", *per_sample]
         rows = [[p, o, *(per_sample[k][i] for k in per_sample)]
                 for i, (p, o) in enumerate(zip(prompts, outputs))]
         return values, columns, rows
+
+
+def _warn_non_finite(values: dict, name: str, step: int, is_main: bool) -> None:
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad and is_main:
+        warnings.warn(f"metric_fn '{name}' returned {', '.join(f'{k}={values[k]}' for k in bad)} "
+                      f"at step {step}: logged as is, and never counted as the best value "
+                      "(train.save_best)", stacklevel=2)
 
 
 def format_table(columns: list[str], rows: list[list], n: int = NUM_PRINTED_ROWS,

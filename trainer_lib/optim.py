@@ -134,8 +134,11 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
     # weight_decay is applied through the parameter groups; 0 suits every optimiser
     _check_kwargs("optimizer", owner, cfg.kwargs, accepted, ("weight_decay",))
     lr = cfg.kwargs.get("lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ConfigError(f"optimizer.kwargs.lr must be a non-negative number, got {lr!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                           or not math.isfinite(lr) or lr < 0):
+        raise ConfigError(f"optimizer.kwargs.lr must be a non-negative number, got {lr!r}"
+                          + ("; a learning rate must be finite"
+                             if isinstance(lr, float) and not math.isfinite(lr) else ""))
     wd = cfg.kwargs.get("weight_decay", 0.0)
     if isinstance(wd, bool) or not (isinstance(wd, (int, float)) and wd >= 0):
         raise ConfigError(f"optimizer.kwargs.weight_decay must be a number >= 0, got {wd!r}")

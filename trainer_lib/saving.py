@@ -3,18 +3,39 @@
 The folder is written under a temporary name beside the target and renamed into place only when
 complete, so a crash mid-save never leaves a half-written folder where a good one was: either the
 previous folder or the new one is there (an interrupted swap leaves the previous one under
-`<name>.previous-*`, never a partial one under `<name>`).
+`<name>.previous-*`, never a partial one under `<name>`). A folder is deleted the same way round:
+renamed out of sight first, then removed, so an interrupted deletion leaves no folder under its
+name. Ctrl-C is held back while a folder is committed or cleaned up, so that it cannot leave a
+temporary folder behind; it takes effect right after.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from trainer_lib.quiet import no_progress_bars
+
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def held_interrupts():
+    """Delays SIGINT and SIGTERM (delivered on exit) in the main thread."""
+    if (threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")):  # Windows has no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager
@@ -28,16 +49,32 @@ def atomic_directory(path: str | os.PathLike):
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with held_interrupts():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_tree(tmp)
-    if path.exists():
-        old = path.parent / f"{path.name}.previous-{tag}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
+    with held_interrupts():
+        try:
+            _fsync_tree(tmp)
+            if path.exists():
+                old = path.parent / f"{path.name}.previous-{tag}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def discard_directory(path: str | os.PathLike) -> None:
+    """Removes a folder: renamed to a hidden `.<name>.deleting-*` first, so that an interrupted
+    deletion never leaves a partial folder under its own name."""
+    path = Path(path)
+    gone = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"
+    with held_interrupts():
+        os.rename(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:

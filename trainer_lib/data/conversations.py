@@ -199,4 +199,20 @@ def normalize_conversation(sample: dict, index: int) -> dict:
         raise _err(index, f"no 'messages' (OpenAI) or 'conversations' (ShareGPT) key; got keys {keys}")
     if not any(m["role"] == "assistant" for m in messages):
         raise _err(index, "the conversation has no assistant turn, so nothing would be trained on; add one")
+    _check_tool_call_ids(messages, index)
     return {"messages": messages, "tools": _parse_tools(sample.get("tools"), index)}
+
+
+def _check_tool_call_ids(messages, index):
+    """Each tool turn's tool_call_id answers a call made before it. Checked only when the calls carry
+    ids: many datasets leave them out, and then there is nothing to match."""
+    if not any("id" in call for m in messages for call in m.get("tool_calls", ())):
+        return
+    ids = []
+    for pos, message in enumerate(messages):
+        ids += [str(call["id"]) for call in message.get("tool_calls", ()) if call.get("id") is not None]
+        answer = message.get("tool_call_id")
+        if message["role"] == "tool" and answer is not None and str(answer) not in ids:
+            raise _err(index, f"messages[{pos}].tool_call_id is {answer!r}, which answers no tool call "
+                              f"made before it (the calls' ids: {', '.join(ids) or 'none yet'}); give it "
+                              "the id of the call it answers")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -28,7 +29,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from trainer_lib.checkpoint import Checkpointer, check_finite_loss, skip_batches
+from trainer_lib import preflight
+from trainer_lib.checkpoint import BestFigureWatch, Checkpointer, skip_batches
 from trainer_lib.config import Config
 from trainer_lib.distributed import (
     align_micro_batches,
@@ -37,6 +39,14 @@ from trainer_lib.distributed import (
     reduce_sum,
 )
 from trainer_lib.evaluation import GenerationEval, MetricFnError, format_table
+from trainer_lib.faults import (
+    InterruptGuard,
+    NonFiniteSteps,
+    apply_update,
+    quiet_interrupt_exit,
+    training_interrupted,
+)
+from trainer_lib.integrity import run_identity
 from trainer_lib.modeling import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.optim import build_optimizer, build_scheduler
 from trainer_lib.saving import save_pretrained
@@ -53,26 +63,32 @@ class Trainer:
         self.step = 0
         self.accelerator = build_accelerator(config)
         set_seed(config.train.seed)
+        # everything that can be wrong is found before anything heavy is loaded: the settings,
+        # eval prompts and output folders first, then the data, then the checkpoint to resume
+        model_config = preflight.check_run(
+            config, self.accelerator, eval_samples is not None or config.train.eval_split > 0,
+            eval_prompts, metric_fn)
         self.tokenizer = load_tokenizer(config)
-        # data before the model: bad input fails in seconds, before anything heavy is loaded
         self.train_items, self.eval_items = self.build_datasets(samples, eval_samples)
-        self.model = load_model(config)
-        align_special_tokens(self.model, self.tokenizer)
-        self.setup_model()
-        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
         loader = self.make_loader(self.train_items, shuffle=True)
         k = config.train.gradient_accumulation_steps
         self.total_steps = min(config.train.total_steps,
                                config.train.epochs * math.ceil(
                                    batches_per_process(self.accelerator, len(loader)) / k))
+        self.checkpoints = Checkpointer(config)
+        self.checkpoints.prepare(self, run_identity(self, model_config))
+        self.nonfinite_steps = NonFiniteSteps(config.train.skip_nonfinite_steps)
+        self.model = load_model(config)
+        align_special_tokens(self.model, self.tokenizer)
+        self.setup_model()
+        self.optimizer = build_optimizer(self.model, config.optimizer)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
         )
         self.after_prepare()
         # stepped by hand once per optimiser step (accelerate would step it once per process)
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
-        self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
-        self.checkpoints = Checkpointer(config)
         self.tracker = build_tracker(config, self.accelerator)
         if getattr(self, "data_report", None) is not None:  # what happened to the samples
             self.tracker.log({f"data/{k}": v for k, v in self.data_report.as_dict().items()}, 0)
@@ -121,14 +137,29 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> "Trainer":
-        acc, cfg = self.accelerator, self.config.train
-        k = cfg.gradient_accumulation_steps
+        """Trains to `total_steps`. Ctrl-C (or SIGTERM) finishes the step, saves a checkpoint and
+        raises KeyboardInterrupt carrying `.checkpoint` and `.trainer`; a second one stops at
+        once (see trainer_lib.faults)."""
+        acc = self.accelerator
         epoch, done = self.checkpoints.resume(self)  # (0, 0) unless resuming: where data resumes
         self.tracker.start(self.step)  # a resumed run's logs continue after the resumed step
+        self.num_tokens = getattr(self, "num_tokens", 0)
+        with InterruptGuard(announce=acc.is_main_process) as self._interrupts:
+            try:
+                self._loop(epoch, done)
+            except KeyboardInterrupt as stop:
+                self._report_interrupt(stop)
+                raise
+        self.tracker.finish()
+        return self
+
+    def _loop(self, epoch: int, done: int) -> None:
+        acc, cfg = self.accelerator, self.config.train
+        k = cfg.gradient_accumulation_steps
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress_bar))
         window = _Window()
-        self.num_tokens = getattr(self, "num_tokens", 0)
+        best_watch = BestFigureWatch(cfg.save_best)
         self.model.train()
         while self.step < self.total_steps:
             if hasattr(self.train_loader, "set_epoch"):
@@ -142,27 +173,60 @@ class Trainer:
                 if not micro:
                     break
                 out = self.training_step(micro)
-                check_finite_loss(out, micro, self.step + 1, self.checkpoints.last_saved)
+                # a step with a non-finite loss or gradient norm was not applied: it is skipped
+                # (within train.skip_nonfinite_steps) or the run stops, naming the last checkpoint
+                skipped = self.nonfinite_steps.check(out, micro, self.step + 1,
+                                                     self.checkpoints.last_saved,
+                                                     acc.is_main_process)
                 self.step += 1
                 done += 1
-                window.add(out)
+                if not skipped:
+                    window.add(out)
                 self.num_tokens += out["num_tokens"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}",
                                 tok_s=f"{window.tokens / max(window.seconds, 1e-9):,.0f}")
                 last = self.step == self.total_steps
                 if self.step % cfg.log_interval == 0 or last:
-                    self.log({**window.summary(), "num_tokens": self.num_tokens, "epoch": epoch})
+                    if window.weight or window.metrics:
+                        values = {**window.summary(), "num_tokens": self.num_tokens,
+                                  "epoch": epoch}
+                        if self.nonfinite_steps.skipped:
+                            values["skipped_steps"] = self.nonfinite_steps.skipped
+                        self.log(values)
+                        best_watch.see(values, self.step, evaluation=False)
                     window = _Window()
                 if self.step % cfg.eval_interval == 0 or last:
-                    self.log(self.run_evaluation((epoch, done)))
-                if self.step % cfg.checkpoint_interval == 0 or last:
+                    values = self.run_evaluation((epoch, done))
+                    self.log(values)
+                    best_watch.see(values, self.step, evaluation=True)
+                if self.step % cfg.checkpoint_interval == 0 or last or out["interrupted"]:
                     self.checkpoints.save(self, (epoch, done))
                 self.checkpoints.maybe_save_best(self, (epoch, done))
+                if out["interrupted"]:
+                    bar.close()
+                    path = self.checkpoints.last_saved
+                    raise training_interrupted(
+                        f"training interrupted at step {self.step}: saved {path}; resume with "
+                        f"train.resume_from_checkpoint={path}", path, self)
             epoch, done = epoch + 1, 0
         bar.close()
+
+    def _report_interrupt(self, stop: KeyboardInterrupt) -> None:
+        """One line on the main process, then no traceback for a script that does not catch it."""
+        if not getattr(stop, "from_trainer_lib", False):
+            return  # a KeyboardInterrupt of the user's own (e.g. from a callback)
+        stop.trainer = self
+        if stop.checkpoint is None:
+            last = self.checkpoints.last_saved
+            stop.args = (f"{stop.args[0]} after step {self.step}; "
+                         + (f"the last checkpoint is {last}: resume with "
+                            f"train.resume_from_checkpoint={last}" if last
+                            else "no checkpoint was written"),)
+        if self.accelerator.is_main_process:
+            print(stop.args[0], file=sys.stderr, flush=True)
         self.tracker.finish()
-        return self
+        quiet_interrupt_exit(stop)
 
     def training_step(self, micro: list[dict]) -> dict:
         acc, model = self.accelerator, self.model
@@ -195,24 +259,21 @@ class Trainer:
                 continue
             loss_sum += batch_loss.detach().double().cpu()
             num_tokens += int(batch.get("num_tokens", 0))
-        grad_norm = None
-        if self.config.train.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips itself
-            grad_norm = model.get_global_grad_norm()
         names = sorted(metric_sums)
-        flat = [float(loss_sum), float(num_tokens)] + [v for n in names for v in metric_sums[n]]
+        # one all-reduce for the figures and for Ctrl-C: every process stops after the same step
+        interrupts = getattr(self, "_interrupts", None)
+        stop = float(bool(interrupts and interrupts.requested))
+        flat = [float(loss_sum), float(num_tokens), stop]
+        flat += [v for n in names for v in metric_sums[n]]
         totals = reduce_sum(acc, flat).tolist()
-        metrics = {n: (totals[2 + 2 * j], totals[3 + 2 * j]) for j, n in enumerate(names)}
+        loss = totals[0] / max(total_weight, 1)
+        lr = self.scheduler.get_last_lr()[0]
+        update = apply_update(self, loss)  # checked before it is applied
+        metrics = {n: (totals[3 + 2 * j], totals[4 + 2 * j]) for j, n in enumerate(names)}
         return {
-            "loss_sum": totals[0], "weight": total_weight, "loss": totals[0] / max(total_weight, 1),
-            "num_tokens": int(totals[1]), "learning_rate": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "metrics": metrics, "seconds": time.perf_counter() - start,
+            "loss_sum": totals[0], "weight": total_weight, "loss": loss,
+            "num_tokens": int(totals[1]), "learning_rate": lr, "interrupted": totals[2] > 0,
+            **update, "metrics": metrics, "seconds": time.perf_counter() - start,
         }
 
     def run_evaluation(self, position: tuple[int, int]) -> dict:

@@ -1,0 +1,358 @@
+"""Bad input is refused before the model loads, with the error type a user can catch and words
+that name the sample, setting or file and the fix; nothing is written. One table of mistakes
+through the public `train()`, the same through the command line, and what is accepted with a
+warning."""
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from trainer_lib import ConfigError, DataError, default_kto_config, default_sft_config, train
+from trainer_lib.checkpoint import list_checkpoints
+from trainer_lib.data.conversations import ChatError
+from trainer_lib.data.kto_data import KTODataError
+from trainer_lib.evaluation import EvalPromptError
+from trainer_lib.integrity import CheckpointError
+
+PAIRS = [{"prompt": f"word{i} ", "completion": f"token{i} word{i + 1}"} for i in range(8)]
+KTO = [{"prompt": f"word{i} ", "completion": f" token{i}", "label": i % 2 == 0} for i in range(8)]
+
+
+class Ctx:
+    """What a case needs: the tiny model, a fresh folder, a config with files under it."""
+
+    def __init__(self, model: str, tmp: Path):
+        self.model, self.tmp = model, tmp
+        self.ckpts = tmp / "ckpts"
+
+    def config(self, kind: str = "sft", **sections):
+        base = default_kto_config() if kind == "kto" else default_sft_config()
+        config = base.evolve(
+            model=dict(model_path=self.model),
+            train=dict(seq_length=32, batch_size=2, total_steps=2, progress_bar=False,
+                       checkpoint_dir=str(self.ckpts), logging_dir=str(self.tmp / "logs")))
+        return config.evolve(**sections)
+
+    def train(self, samples=PAIRS, kind: str = "sft", **kwargs):
+        """train() with `kwargs` that name config sections applied to the config."""
+        sections = {k: kwargs.pop(k) for k in list(kwargs)
+                    if k in ("train", "optimizer", "method", "model", "scheduler")}
+        return train(samples=samples, config=self.config(kind, **sections), **kwargs)
+
+    def file(self, name: str, text: str) -> str:
+        path = self.tmp / name
+        path.write_text(text)
+        return str(path)
+
+    def gpt2_like(self) -> str:
+        """A model folder whose positions are learned embeddings, 32 of them (config only: it
+        must never load)."""
+        folder = self.tmp / "gpt2-like"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "gpt2", "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2,
+            "vocab_size": 512}))
+        return str(folder)
+
+
+def chat(*messages, **extra):
+    return {"messages": list(messages), **extra}
+
+
+def user(text="Weather in Paris?"):
+    return {"role": "user", "content": text}
+
+
+def assistant(text="Sunny.", **extra):
+    return {"role": "assistant", "content": text, **extra}
+
+
+def call(name="get_weather", call_id=None, arguments='{"city": "Paris"}'):
+    c = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {**c, "id": call_id} if call_id else c
+
+
+GOOD_CHAT = chat(user(), assistant())
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[Ctx], object]
+    error: type
+    words: list = field(default_factory=list)
+
+
+CASES = [
+    # ---------------------------------------------------------------- settings
+    Case("lr is NaN", lambda c: c.train(optimizer=dict(kwargs=dict(lr=math.nan))), ConfigError,
+         [r"optimizer\.kwargs\.lr must be a non-negative number, got nan", "must be finite"]),
+    Case("lr is infinite", lambda c: c.train(optimizer=dict(kwargs=dict(lr=math.inf))),
+         ConfigError, [r"optimizer\.kwargs\.lr", "got inf; a learning rate must be finite"]),
+    Case("lr is negative", lambda c: c.train(optimizer=dict(kwargs=dict(lr=-1e-4))), ConfigError,
+         [r"optimizer\.kwargs\.lr must be a non-negative number, got -0\.0001"]),
+    Case("lr is a word", lambda c: c.train(optimizer=dict(kwargs=dict(lr="fast"))), ConfigError,
+         [r"optimizer\.kwargs\.lr must be a non-negative number, got 'fast'"]),
+    Case("batch size 0", lambda c: c.train(train=dict(batch_size=0)), ConfigError,
+         [r"train\.batch_size must be at least 1, got 0"]),
+    Case("a misspelt setting", lambda c: c.train(train=dict(batch_sise=4)), ConfigError,
+         [r"unknown key 'train\.batch_sise'", "did you mean 'batch_size'"]),
+    Case("negative skip_nonfinite_steps", lambda c: c.train(train=dict(skip_nonfinite_steps=-1)),
+         ConfigError, [r"train\.skip_nonfinite_steps must be >= 0", "stop at the first"]),
+    Case("seq_length beyond learned positions",
+         lambda c: c.train(model=dict(model_path=c.gpt2_like()), train=dict(seq_length=64)),
+         ConfigError, [r"train\.seq_length=64 is above the model's max_position_embeddings=32",
+                       r"lower train\.seq_length to 32"]),
+    Case("save_best eval/loss without evaluation data",
+         lambda c: c.train(train=dict(save_best="eval/loss")), ConfigError,
+         [r"train\.save_best='eval/loss'", "no evaluation data", r"eval_samples=",
+          r"train\.eval_split"]),
+    Case("save_best a metric without metric_fn",
+         lambda c: c.train(train=dict(save_best="metrics/accuracy")), ConfigError,
+         [r"train\.save_best='metrics/accuracy'", "no metric_fn", r"pass metric_fn="]),
+    # ---------------------------------------------------------------- generation settings
+    Case("max_new_tokens 0", lambda c: c.train(method=dict(gen_kwargs=dict(max_new_tokens=0))),
+         ConfigError, [r"method\.gen_kwargs\.max_new_tokens must be an integer >= 1, got 0"]),
+    Case("max_new_tokens as text",
+         lambda c: c.train(method=dict(gen_kwargs=dict(max_new_tokens="64"))), ConfigError,
+         [r"method\.gen_kwargs\.max_new_tokens must be an integer >= 1, got '64'"]),
+    Case("a misspelt generate argument",
+         lambda c: c.train(method=dict(gen_kwargs=dict(max_new_token=8))), ConfigError,
+         [r"unknown key 'method\.gen_kwargs\.max_new_token'", "did you mean 'max_new_tokens'"]),
+    Case("do_sample as text", lambda c: c.train(method=dict(gen_kwargs=dict(do_sample="yes"))),
+         ConfigError, [r"method\.gen_kwargs\.do_sample must be true or false, got 'yes'"]),
+    Case("several outputs per prompt",
+         lambda c: c.train(method=dict(gen_kwargs=dict(num_return_sequences=2))), ConfigError,
+         [r"method\.gen_kwargs\.num_return_sequences must be 1", "one output per prompt"]),
+    Case("a negative temperature",
+         lambda c: c.train(method=dict(gen_kwargs=dict(temperature=-1.0, do_sample=True))),
+         ConfigError, [r"method\.gen_kwargs\.temperature must be a non-negative number"]),
+    Case("stop_strings in gen_kwargs",
+         lambda c: c.train(method=dict(gen_kwargs=dict(stop_strings=["\n"]))), ConfigError,
+         [r"method\.gen_kwargs\.stop_strings", r"use method\.stop_sequences"]),
+    # ---------------------------------------------------------------- eval prompts and metric_fn
+    Case("eval_prompts is a number", lambda c: c.train(eval_prompts=5), EvalPromptError,
+         ["eval_prompts must be a list of prompts", "got an int: 5"]),
+    Case("eval_prompts is one string", lambda c: c.train(eval_prompts="Hello"), EvalPromptError,
+         ["eval_prompts must be a list", "got a str: 'Hello'", "wrap it in a list"]),
+    Case("eval_prompts is one dict", lambda c: c.train(eval_prompts={"prompt": "Hi"}),
+         EvalPromptError, ["got a dict", "wrap it in a list"]),
+    Case("eval_prompts is empty", lambda c: c.train(eval_prompts=[]), EvalPromptError,
+         ["eval_prompts is empty", "at least one prompt, or None"]),
+    Case("an eval prompt that is a number", lambda c: c.train(eval_prompts=["Hi", 7]),
+         EvalPromptError,
+         [r"eval_prompts\[1\] must be a string, a list of messages", "got an int"]),
+    Case("an eval prompt dict without 'prompt'",
+         lambda c: c.train(eval_prompts=["Hi", {"text": "Hello", "answer": "x"}]), EvalPromptError,
+         [r"eval_prompts\[1\] is a dict without a 'prompt' key \(keys: \['answer', 'text'\]\)",
+          "put the text to complete under 'prompt'"]),
+    Case("an eval message without a role",
+         lambda c: c.train(eval_prompts=[[{"content": "Hi"}]]), EvalPromptError,
+         [r"eval_prompts\[0\]\[0\] must be a message dict with a 'role' and a 'content'"]),
+    Case("an eval message whose content is a number",
+         lambda c: c.train(eval_prompts=[{"prompt": [{"role": "user", "content": 3}]}]),
+         EvalPromptError, [r"eval_prompts\[0\]\['prompt'\]\[0\]\['content'\] must be a string"]),
+    Case("metric_fn is a name", lambda c: c.train(metric_fn="accuracy"), EvalPromptError,
+         ["metric_fn must be a function", "got a str: 'accuracy'"]),
+    # ---------------------------------------------------------------- where output goes
+    Case("checkpoint_dir is a file",
+         lambda c: c.train(train=dict(checkpoint_dir=c.file("ckpt-file", "x"))), ConfigError,
+         [r"train\.checkpoint_dir='.*ckpt-file' is a file, not a folder",
+          r"set train\.checkpoint_dir to a folder you can write to"]),
+    Case("checkpoint_dir inside a file",
+         lambda c: c.train(train=dict(checkpoint_dir=c.file("blocker", "x") + "/ckpts")),
+         ConfigError, [r"train\.checkpoint_dir=.* cannot be made: .*blocker is a file"]),
+    Case("checkpoint_dir where nobody may write",
+         lambda c: c.train(train=dict(checkpoint_dir="/sys/trainer_lib_ckpts")), ConfigError,
+         [r"train\.checkpoint_dir='/sys/trainer_lib_ckpts' is not writable",
+          "a folder you can write to"]),
+    Case("logging_dir is a file",
+         lambda c: c.train(train=dict(tracker="jsonl", logging_dir=c.file("logs-file", "x"))),
+         ConfigError, [r"train\.logging_dir='.*logs-file' is a file, not a folder"]),
+    # ---------------------------------------------------------------- resuming
+    Case("resume from a folder that does not exist",
+         lambda c: c.train(train=dict(resume_from_checkpoint=str(c.tmp / "nope"))),
+         CheckpointError, [r"train\.resume_from_checkpoint='.*nope' does not exist",
+                           r"step_<N> folder under train\.checkpoint_dir, or \"latest\""]),
+    Case("resume from a folder that is no checkpoint",
+         lambda c: c.train(train=dict(resume_from_checkpoint=str(c.tmp))), CheckpointError,
+         ["is not a checkpoint folder", "no manifest.json"]),
+    # ---------------------------------------------------------------- samples
+    Case("no samples", lambda c: c.train(samples=[]), DataError,
+         ["samples is empty", "at least one training sample"]),
+    Case("samples is one dict", lambda c: c.train(samples=PAIRS[0]), DataError,
+         ["got a single dict; wrap it in a list"]),
+    Case("a data file that does not exist",
+         lambda c: c.train(samples=str(c.tmp / "missing.jsonl")), DataError,
+         [r"samples file .*missing\.jsonl does not exist"]),
+    Case("a line of a .jsonl file that is not JSON",
+         lambda c: c.train(samples=c.file("data.jsonl", json.dumps(PAIRS[0]) + "\n{oops\n")),
+         DataError, [r"data\.jsonl:2: not valid JSON"]),
+    Case("an empty completion",
+         lambda c: c.train(samples=PAIRS[:2] + [{"prompt": "x", "completion": " "}]), DataError,
+         ["sample 2: field 'completion' is empty", "remove the sample or fill it in"]),
+    Case("a prompt that is a number",
+         lambda c: c.train(samples=[PAIRS[0], {"prompt": 12, "completion": "x"}]), DataError,
+         ["sample 1: field 'prompt' is a int", "expected a string"]),
+    Case("a sample of no known kind", lambda c: c.train(samples=PAIRS[:3] + [5]), DataError,
+         ["sample 3: cannot tell what it is", r"expected a string, a \{'text': ...\} dict"]),
+    Case("two kinds of sample in one dataset",
+         lambda c: c.train(samples=[PAIRS[0], "plain text"]), DataError,
+         ["sample 1 is a text sample but sample 0 is a pair sample",
+          "one dataset must hold one kind of sample"]),
+    Case("a missing completion field",
+         lambda c: c.train(samples=[{"prompt": "x", "answer": "y"}]), DataError,
+         ["sample 0: missing field 'completion'", r"method\.output_key"]),
+    Case("a bad validation sample",
+         lambda c: c.train(eval_samples=[PAIRS[0], {"prompt": "x", "completion": ""}]),
+         DataError, ["sample 1: field 'completion' is empty"]),
+    # ---------------------------------------------------------------- conversations
+    Case("an unknown role",
+         lambda c: c.train(samples=[GOOD_CHAT, chat(user(), {"role": "robot", "content": "x"})]),
+         ChatError, [r"sample 1: messages\[1\]\.role is 'robot'",
+                     "expected one of system, user, assistant, tool"]),
+    Case("a conversation with no assistant turn", lambda c: c.train(samples=[chat(user())]),
+         ChatError, ["sample 0: the conversation has no assistant turn", "add one"]),
+    Case("content as a list of parts",
+         lambda c: c.train(samples=[chat({"role": "user", "content": [{"text": "hi"}]},
+                                         assistant())]),
+         ChatError, [r"sample 0: messages\[0\]\.content is a list", "join text parts"]),
+    Case("a tool call without a name",
+         lambda c: c.train(samples=[chat(user(), assistant("", tool_calls=[
+             {"type": "function", "function": {"arguments": {}}}]))]),
+         ChatError, [r"sample 0: messages\[1\]\.tool_calls\[0\] has no function name"]),
+    Case("tool-call arguments that are not JSON",
+         lambda c: c.train(samples=[chat(user(), assistant("", tool_calls=[
+             call(arguments="{city: Paris")]), {"role": "tool", "content": "sunny"},
+             assistant())]),
+         ChatError, [r"sample 0: messages\[1\]\.tool_calls\[0\]\.function\.arguments is not "
+                     "valid JSON"]),
+    Case("a tool_call_id that answers no call",
+         lambda c: c.train(samples=[GOOD_CHAT, chat(
+             user(), assistant("", tool_calls=[call(call_id="call_1")]),
+             {"role": "tool", "tool_call_id": "call_9", "content": "sunny"}, assistant())]),
+         ChatError, [r"sample 1: messages\[2\]\.tool_call_id is 'call_9', which answers no tool "
+                     r"call made before it \(the calls' ids: call_1\)",
+                     "give it the id of the call it answers"]),
+    # ---------------------------------------------------------------- KTO
+    Case("a KTO label that is text",
+         lambda c: c.train(samples=KTO[:1] + [{**KTO[1], "label": "yes"}], kind="kto"),
+         KTODataError, ["sample 1: field 'label' is 'yes'", "expected true or false"]),
+    Case("KTO with one class only",
+         lambda c: c.train(samples=[{**s, "label": True} for s in KTO], kind="kto"),
+         KTODataError, ["undesirable"]),
+    Case("KTO micro-batches of one",
+         lambda c: c.train(samples=KTO, kind="kto", train=dict(batch_size=1)), ConfigError,
+         [r"train\.batch_size=1", "at least 2 examples", "apo_zero_unpaired"]),
+]
+
+
+@pytest.fixture
+def ctx(tiny_model_dir, tmp_path, monkeypatch):
+    def refuse(config):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr("trainer_lib.trainers.base.load_model", refuse)
+    return Ctx(tiny_model_dir, tmp_path)
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_before_the_model_loads(case, ctx):
+    with pytest.raises(Exception) as e:
+        case.run(ctx)
+    assert type(e.value) is case.error, f"{type(e.value).__name__}: {e.value}"
+    message = str(e.value)
+    for words in case.words:
+        assert re.search(words, message), f"{words!r} not in: {message}"
+    assert "\n" not in message  # one line
+    assert list_checkpoints(ctx.ckpts) == []
+    assert not ctx.ckpts.exists() or not any(ctx.ckpts.iterdir())  # nothing written
+
+
+# ---------------------------------------------------------------- the command line
+
+
+CLI_CASES = {
+    "a data file that does not exist": (
+        lambda c: ["--data", str(c.tmp / "missing.jsonl")],
+        "data file .*missing.jsonl does not exist"),
+    "a bad sample in the data file": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n" + json.dumps(
+            {"prompt": "x", "completion": ""}) + "\n")], "sample 1: field 'completion' is empty"),
+    "save_best that is never logged": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "train.save_best=eval/loss"], r"train\.save_best='eval/loss'.*--eval-data"),
+    "a NaN learning rate": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "optimizer.kwargs.lr=.nan"], "optimizer.kwargs.lr .*must be finite"),
+    "an --output that is a file": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"), "--output",
+                   c.file("out-file", "x")], "--output .*out-file is a file"),
+    "a checkpoint folder that cannot be written": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "train.checkpoint_dir=/sys/trainer_lib_ckpts"], "is not writable"),
+}
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_the_command_line_says_each_mistake_in_one_line_with_status_2(name, ctx, capsys):
+    from trainer_lib.cli import main
+
+    args, words = CLI_CASES[name]
+    status = main(["sft", f"model.model_path={ctx.model}", f"train.checkpoint_dir={ctx.ckpts}",
+                   "train.progress_bar=false", *args(ctx)])  # the case's own settings last
+    err = capsys.readouterr().err
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trainer-lib: error: "), err
+    assert re.search(words, lines[0]), lines[0]
+
+
+# ---------------------------------------------------------------- accepted, with a warning
+
+
+def test_a_learning_rate_of_0_trains_with_a_warning(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"optimizer\.kwargs\.lr is 0: the weights will not "
+                      "change"):
+        Ctx(tiny_model_dir, tmp_path).train(optimizer=dict(kwargs=dict(lr=0.0)))
+
+
+def test_seq_length_beyond_rotary_positions_is_a_warning(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"train\.seq_length=2048 is above the model's "
+                      r"max_position_embeddings=1024: the model uses rotary positions"):
+        Ctx(tiny_model_dir, tmp_path).train(train=dict(seq_length=2048))
+
+
+def test_save_best_naming_a_figure_that_is_not_logged_warns_at_the_first_log(tiny_model_dir,
+                                                                           tmp_path):
+    with pytest.warns(UserWarning, match=r"train\.save_best='los' is not among the figures "
+                      r"logged at step 1 \(.*loss.*\)"):
+        Ctx(tiny_model_dir, tmp_path).train(train=dict(save_best="los", log_interval=1))
+
+
+def test_a_metric_fn_returning_nan_warns_and_never_counts_as_best(tiny_model_dir, tmp_path):
+    values = iter([math.nan, 0.5, math.nan])
+    c = Ctx(tiny_model_dir, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = c.train(train=dict(total_steps=3, epochs=3, eval_interval=1,
+                                     save_best="metrics/score",
+                                     save_best_mode="max"),
+                          method=dict(gen_kwargs=dict(max_new_tokens=2)), eval_prompts=["word1"],
+                          metric_fn=lambda samples, prompts, outputs: {"score": next(values)})
+    messages = [str(w.message) for w in caught]
+    assert any("metric_fn '<lambda>' returned metrics/score=nan at step 1" in m for m in messages)
+    assert any("at step 3" in m for m in messages)
+    best = json.loads((c.ckpts / "best" / "trainer_state.json").read_text())
+    assert (best["step"], best["best_value"]) == (2, 0.5)
+    assert trainer.checkpoints.best_value == 0.5

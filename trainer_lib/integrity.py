@@ -1,0 +1,289 @@
+"""Whether a checkpoint folder can be trusted: complete, undamaged, safe to load, and from this run.
+
+- A manifest (`manifest.json`) lists every file of a checkpoint with its size and xxh3-128
+  checksum. It is written last, so it also marks the checkpoint complete; resuming recomputes
+  the checksums and names the first file that differs.
+- Loading must not run code. Checksums guard against damage, not against someone who can write
+  the folder (they can rewrite the manifest too), so every file a resume reads is also opened the
+  safe way before anything else reads it: pickles (`.bin`, `.pt`, `.pth`, `.pkl`: accelerate's
+  optimiser and RNG states, DeepSpeed's shards, the schedule) with `torch.load(weights_only=True)`,
+  which builds only tensors, plain containers and a few known harmless classes (numpy's arrays for
+  RNG states, DeepSpeed's loss scaler and ZeRO stage); safetensors and JSON files are parsed.
+  accelerate reads its pickles the safe way too, but swallows a failure on the RNG file; DeepSpeed
+  reads its shards with `weights_only=False`, which is why they are opened here first.
+- The run identity: the model, the data and the settings that change shapes or the data order.
+  A checkpoint records it; resuming with another one is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: missing, incomplete, damaged, unsafe to load, or
+    written by another run. The message names the folder, the file or setting, and what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds objects that loading would have to execute."""
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def file_checksum(path: Path) -> str:
+    import xxhash  # a dependency of datasets
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, header: Optional[dict] = None) -> int:
+    """Writes `folder/manifest.json` (`header`, e.g. the run it belongs to, then the files);
+    returns the checkpoint's size in bytes."""
+    files = {}
+    for path in _files(folder):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size,
+                                                      "xxh3_128": file_checksum(path)}
+    data = json.dumps({"format": 1, **(header or {}), "files": files}, indent=1)
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return sum(v["size"] for v in files.values())
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it is incomplete (a save that did "
+                              "not finish) or not a trainer_lib checkpoint")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except Exception:  # noqa: BLE001 - any damage to the manifest itself
+        raise CheckpointError(f"{path} is damaged (not the JSON list of files a checkpoint "
+                              "ends with)") from None
+    return manifest
+
+
+def damage(folder: Path) -> Optional[str]:
+    """None when every file listed in the manifest is there with its size and checksum;
+    otherwise what is wrong, naming the file."""
+    try:
+        files = read_manifest(folder)["files"]
+    except CheckpointError as e:
+        return str(e)
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{path} is damaged ({size:,} bytes, {entry.get('size'):,} when saved)"
+        if file_checksum(path) != entry.get("xxh3_128"):
+            return f"{path} is damaged (its checksum differs from the one saved with it)"
+    return None
+
+
+# --------------------------------------------------------------------------- loading safely
+
+
+def _harmless_classes(deepspeed: bool) -> list:
+    """Classes that a resume's pickles legitimately hold and that are safe to rebuild."""
+    classes: list = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        classes.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # numpy < 2
+        classes.append(np.core.multiarray._reconstruct)
+    if not deepspeed:  # importing it takes seconds
+        return classes
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        classes += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except Exception:  # noqa: BLE001 - without DeepSpeed no checkpoint holds them
+        pass
+    return classes
+
+
+def check_safe_to_load(folder: Path) -> None:
+    """Opens every file a resume reads the safe way; raises UnsafeCheckpointError for a pickle
+    that would run code, CheckpointError for a file that does not parse."""
+    from safetensors import safe_open
+
+    files = _files(folder)
+    allowed = None
+    for path in files:
+        name = path.name
+        if name.endswith(PICKLE_SUFFIXES):
+            if allowed is None:
+                allowed = _harmless_classes(deepspeed=any(
+                    "zero_pp_rank_" in f.name or f.name.startswith("mp_rank_") for f in files))
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    _load_weights_only(path)
+            except Exception as e:  # noqa: BLE001 - UnpicklingError for code, others for damage
+                if isinstance(e, pickle.UnpicklingError):
+                    raise UnsafeCheckpointError(
+                        f"{path} holds objects that loading would have to run "
+                        f"({_unsupported(e)}), so it is not loaded: trainer_lib writes only "
+                        "tensors and plain data there. Someone or something changed the file; "
+                        "resume from a checkpoint you trust") from None
+                raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: "
+                                      f"{str(e)[:200]})") from None
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+        elif name.endswith(".json"):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except Exception:  # noqa: BLE001
+                raise CheckpointError(f"{path} is not valid JSON") from None
+
+
+def _load_weights_only(path: Path) -> None:
+    try:  # mapped rather than read, so a large shard costs no memory
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unsupported(e: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return f"it refers to {found.group(1)}"
+    return "it uses pickle instructions beyond tensors and plain data"
+
+
+def load_plain(path: Path) -> Any:
+    """A small state written with torch.save (the schedule), read without running code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+# --------------------------------------------------------------------------- run identity
+
+
+def data_fingerprint(items: Any, sampled: int = 1000) -> dict:
+    """The number of tokenised examples, with a checksum of all their lengths and of the tokens
+    and labels of up to `sampled` of them, spread evenly (all of a small dataset), from the loader
+    items (examples, packed rows of examples, or KTO micro-batches): cheap for millions of
+    examples, and no other dataset passes for this one by chance."""
+    import xxhash
+
+    examples: list = []
+
+    def visit(x):
+        if isinstance(x, dict) and "input_ids" in x:
+            examples.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y)
+
+    for item in items:
+        visit(item)
+    h = xxhash.xxh3_64()
+    h.update(np.asarray([len(ex["input_ids"]) for ex in examples], dtype=np.int64).tobytes())
+    every = max(1, len(examples) // sampled)
+    for ex in examples[::every]:
+        for key in ("input_ids", "labels"):
+            if key in ex:
+                v = ex[key]
+                h.update(np.asarray(v.tolist() if torch.is_tensor(v) else v, dtype=np.int64)
+                         .tobytes())
+    return {"examples": len(examples), "checksum": h.hexdigest()}
+
+
+def model_fingerprint(model_config: Any) -> Optional[str]:
+    """A checksum of the model's architecture (its config.json, without paths and versions)."""
+    if model_config is None:
+        return None
+    import xxhash
+
+    d = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    for key in ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path",
+                "torch_dtype", "dtype", "use_cache"):
+        d.pop(key, None)
+    return xxhash.xxh3_64(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_identity(trainer, model_config: Any) -> dict:
+    """What a checkpoint must share with a run that resumes it."""
+    from trainer_lib.distributed import zero_stage
+
+    cfg = trainer.config
+    plain = cfg.to_dict()
+    settings = {
+        "method.name": cfg.method.name,
+        "train.seq_length": cfg.train.seq_length,
+        "train.batch_size": cfg.train.batch_size,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train.seed": cfg.train.seed,
+        "number of processes": trainer.accelerator.num_processes,
+        "DeepSpeed ZeRO stage": zero_stage(trainer.accelerator)
+        if trainer.accelerator.distributed_type.name == "DEEPSPEED" else None,
+        "model.peft_config": json.dumps(plain["model"]["peft_config"], sort_keys=True,
+                                        default=str),
+        "model.num_layers_unfrozen": cfg.model.num_layers_unfrozen,
+        "optimizer.name": cfg.optimizer.name,
+    }
+    if hasattr(cfg.method, "packing"):
+        settings["method.packing"] = cfg.method.packing
+    return {"model_path": str(cfg.model.model_path),
+            "model": model_fingerprint(model_config),
+            "data": data_fingerprint(trainer.train_items),
+            "settings": settings}
+
+
+def identity_differences(saved: Optional[dict], current: dict) -> list[str]:
+    """What differs between a checkpoint's identity and this run's, in words; [] when none."""
+    if not saved:
+        return ["it records no run identity (written by an earlier trainer_lib)"]
+    out = []
+    if saved.get("model") != current["model"]:
+        out.append(f"the model differs (model.model_path '{current['model_path']}' here, "
+                   f"'{saved.get('model_path')}' there, with another architecture)")
+    a, b = saved.get("data", {}), current["data"]
+    if a != b:
+        if a.get("examples") != b["examples"]:
+            out.append(f"the training data differs ({b['examples']} examples here, "
+                       f"{a.get('examples')} there)")
+        else:
+            out.append(f"the training data differs (the same number of examples, "
+                       f"{b['examples']}, with other tokens)")
+    for key, value in current["settings"].items():
+        if key in saved.get("settings", {}) and saved["settings"][key] != value:
+            out.append(f"{key} is {value} here, {saved['settings'][key]} there")
+    return out
