@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,7 +39,8 @@ from trainer_lib.data.cache import (
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.sources import Source, decode_json_row, open_source, read_errors_message
 from trainer_lib.data.store import Examples, ExampleStore
-from trainer_lib.data.tokenize import DataReport, count_loss_tokens, fit_to_length
+from trainer_lib.data.constants import IGNORE_INDEX
+from trainer_lib.data.tokenize import DataReport, fit_to_length
 
 # the stage at which a sample failed: errors of an earlier stage are reported first
 READ, FORM, NORMALIZE, TOKENIZE = 0, 1, 2, 3
@@ -200,12 +201,12 @@ class _Rows:
                       **common)
         for piece in pieces:
             labels = piece["labels"]
-            num_loss = count_loss_tokens(labels)
+            mask = [0 if label == IGNORE_INDEX else 1 for label in labels]
+            num_loss = sum(mask) - (mask[0] if mask else 0)  # the first token is never a target
             if num_loss == 0 and recipe.drop_without_loss:
                 self._row((), (), length=0, num_loss=0, outcome=what, dropped="no_loss_tokens",
                           **common)
                 continue
-            mask = [0 if label == -100 else 1 for label in labels]
             self._row(piece["input_ids"], mask, length=len(labels), num_loss=num_loss,
                       outcome=what, dropped="", **common)
 
@@ -235,7 +236,7 @@ class PreparedData:
     report: DataReport
     folder: Optional[Path]  # the train entry: derived results are cached inside it
     context: "_Context"
-    stream: Any = None  # a StreamSource when the training samples are streamed
+    stream: Optional[Source] = None  # the training samples, when they are a stream
     key: str = ""
 
     def derived(self, name: str, key_parts: Any, build: Callable[[Path], None]) -> Path:
@@ -275,7 +276,6 @@ class _Context:
     show_progress: bool
     temporary: Optional[Path] = None
     hf_cache: Optional[str] = None
-    notes: list = field(default_factory=list)
 
     def release(self) -> None:
         if self.temporary is None:
@@ -376,7 +376,7 @@ def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEn
             features=table_features(recipe), num_proc=num_proc if num_proc > 1 else None,
             cache_file_name=str(folder / "prepared.arrow"), new_fingerprint=entry.key,
             load_from_cache_file=False,
-            desc=f"tokenising {source.name}" + (f" ({num_proc} processes)" if num_proc > 1 else ""))
+            desc=f"tokenising {source.name}")
         check_errors(prepared.data.table, recipe, source)
         meta["files"] = [Path(f["filename"]).name for f in prepared.cache_files]
         meta["rows"] = len(prepared)

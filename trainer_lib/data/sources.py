@@ -210,21 +210,15 @@ def _json_file_rows(path: Path) -> Iterator[tuple[bytes, int]]:
 
 
 def _holds_json_lines(path: Path) -> bool:
-    """A .json file whose first non-blank line is a complete JSON value followed by more lines."""
+    """A .json file whose first non-blank line is a whole JSON object or array, with more lines
+    after it: JSON Lines under a .json name (what Dataset.to_json() writes)."""
     with open(path, "rb") as f:
-        first = b""
-        for line in f:
-            if line.strip():
-                first = line
-                break
-        rest = any(line.strip() for line in f)
-    if not first or not rest:
-        return False
-    try:
-        value = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(value, (dict, list))
+        first = next((line for line in f if line.strip()), b"")
+        try:
+            value = json.loads(first)
+        except ValueError:
+            return False
+        return isinstance(value, (dict, list)) and any(line.strip() for line in f)
 
 
 def _read_json_document(path: Path) -> list:
