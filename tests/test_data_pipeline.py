@@ -8,7 +8,6 @@ and with the real tokenizers and data of the shared fixtures when they are prese
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import datasets
 import pytest

@@ -93,7 +93,7 @@ def test_a_resumed_stream_ends_with_the_weights_of_an_uninterrupted_run(tiny_con
     assert all(torch.equal(whole[k], got[k]) for k in whole)
 
 
-def test_what_a_stream_cannot_do_is_said_before_the_model_loads(tiny_config):
+def test_what_a_stream_cannot_do_is_said_before_the_model_loads(tiny_config, tmp_path):
     stream = datasets.Dataset.from_list(numbered(10)).to_iterable_dataset()
     with pytest.raises(DataError, match="KTO cannot train from a stream"):
         train(samples=stream, config=tiny_config.evolve(method=dict(name="kto")))
@@ -103,3 +103,7 @@ def test_what_a_stream_cannot_do_is_said_before_the_model_loads(tiny_config):
     bad[4] = {"prompt": "p\n", "completion": ""}
     with pytest.raises(DataError, match=r"^sample 4: field 'completion' is empty"):
         train(samples=datasets.Dataset.from_list(bad).to_iterable_dataset(), config=tiny_config)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "a b"}\n{"text": "b c"}\n{"text": "c \xff"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: not UTF-8"):
+        train(samples=str(path), config=tiny_config.evolve(data=dict(streaming=True)))

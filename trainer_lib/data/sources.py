@@ -51,7 +51,6 @@ class Source:
     load: Callable[[Path, bool], Any]
     path: Optional[str] = None  # the file, for messages naming its lines
     stream: Any = None  # a datasets.IterableDataset when streaming
-    length: Optional[int] = None  # number of samples when known without reading
 
 
 @dataclass
@@ -108,7 +107,7 @@ def _list_source(samples: Iterable, what: str, streaming: bool = False) -> Sourc
         return _write_raw(folder / "raw.arrow", ((t, 0) for t in _json_texts(samples, what)),
                           _bar(show, len(samples), f"reading {what}", "samples"))
 
-    return Source(what, f"list-{digest.hexdigest()}", "json", load, length=len(samples))
+    return Source(what, f"list-{digest.hexdigest()}", "json", load)
 
 
 def _json_texts(samples: Iterable, what: str) -> Iterator[bytes]:
@@ -196,6 +195,7 @@ def _json_file_source(path: Path) -> Source:
     stat = path.stat()
     # as datasets does for local files: the file is named by its path, size and modification time
     key = f"file-{path.resolve()}-{stat.st_size}-{stat.st_mtime_ns}"
+
     def load(folder: Path, show: bool):
         bar = _bar(show, stat.st_size, f"reading {path.name}", "B")
         return _write_raw(folder / "raw.arrow", _json_file_rows(path), bar, by_bytes=True)
@@ -297,8 +297,7 @@ def read_errors_message(name: str, problems: list[str], total: int) -> str:
 
 def _dataset_source(dataset, what: str) -> Source:
     dataset = dataset.with_format(None)
-    return Source(what, f"dataset-{dataset._fingerprint}", "records", lambda folder, show: dataset,
-                  length=len(dataset))
+    return Source(what, f"dataset-{dataset._fingerprint}", "records", lambda folder, show: dataset)
 
 
 def _from_dict(dataset_dict, what: str, streaming: bool, hf_cache: Optional[str],

@@ -28,13 +28,14 @@ import numpy as np
 
 from trainer_lib.data.packing import pack_lengths
 from trainer_lib.data.pipeline import (
+    READ,
     DataRecipe,
     _error_class,
     make_report,
     prepare_samples,
 )
 from trainer_lib.data.samples import DataError
-from trainer_lib.data.sources import decode_json_row
+from trainer_lib.data.sources import decode_json_row, read_errors_message
 from trainer_lib.data.store import ExampleStore
 
 CHECKED = 256  # samples of a stream checked before the model loads
@@ -47,10 +48,10 @@ class StreamItems:
     is what a padding batch or the default evaluation prompts need."""
 
     def __init__(self, stream, rows: str, recipe: DataRecipe, *, packing: bool, seed: int,
-                 buffer_size: int, rank: int = 0, world: int = 1):
+                 buffer_size: int, rank: int = 0, world: int = 1, name: str = "samples"):
         from datasets.distributed import split_dataset_by_node
 
-        self.recipe, self.rows, self.packing = recipe, rows, packing
+        self.recipe, self.rows, self.packing, self.name = recipe, rows, packing, name
         self.seed, self.buffer_size, self.rank, self.world = seed, buffer_size, rank, world
         self.whole = stream
         self.stream = split_dataset_by_node(stream, rank, world) if world > 1 else stream
@@ -68,7 +69,7 @@ class StreamItems:
             raise DataError("samples: the stream yields no samples")
         table = prepare_samples([self._decode(r) for r in head], list(range(len(head))),
                                 self.recipe)
-        _raise_first_error(table)
+        _raise_first_error(table, self.name)
         examples = ExampleStore(table, self.recipe.carried)
         kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
         if not len(kept):
@@ -103,7 +104,7 @@ class StreamItems:
             local = range(start, start + len(batch))
             indices = [i if self.by_shards else i * self.world + self.rank for i in local]
             table = prepare_samples([self._decode(r) for r in batch], indices, self.recipe)
-            _raise_first_error(table, self.rank if self.by_shards else None)
+            _raise_first_error(table, self.name, self.rank if self.by_shards else None)
             kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
             yield from ExampleStore(table, self.recipe.carried).fetch(kept)
 
@@ -124,13 +125,16 @@ class StreamItems:
                 yield items[i]
 
 
-def _raise_first_error(table, rank: Optional[int] = None) -> None:
+def _raise_first_error(table, name: str, rank: Optional[int] = None) -> None:
     errors = table.column("error")
     for i, message in enumerate(errors.to_pylist()):
-        if message is not None:
-            if rank is not None:
-                message += (f" (numbered within the shards of the stream read by process {rank})")
-            raise _error_class(table.column("error_type")[i].as_py())(message)
+        if message is None:
+            continue
+        if table.column("stage")[i].as_py() == READ:  # a line of a file: name the file
+            message = read_errors_message(name, [message], 1)
+        if rank is not None:
+            message += f" (numbered within the shards of the stream read by process {rank})"
+        raise _error_class(table.column("error_type")[i].as_py())(message)
 
 
 class StreamLoader:

@@ -121,7 +121,8 @@ class SFTTrainer(Trainer):
             items = StreamItems(data.stream.stream, data.stream.rows, recipe,
                                 packing=self.method.packing, seed=t.seed,
                                 buffer_size=self.config.data.stream_buffer,
-                                rank=acc.process_index, world=acc.num_processes)
+                                rank=acc.process_index, world=acc.num_processes,
+                                name=data.stream.name)
             self.data_report = items.report
             self.train_examples = items.first
             return items, data.eval
