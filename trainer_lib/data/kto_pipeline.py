@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from trainer_lib.data.chat import RunTemplate, _as_messages, tokenize_prompt_completion_messages
 from trainer_lib.data.kto_data import _KIND_NAMES, KTODataError, _kind, normalize_kto_samples
-from trainer_lib.data.pipeline import DataRecipe, PreparedData, resolve_num_proc
+from trainer_lib.data.pipeline import PreparedData, resolve_num_proc
+from trainer_lib.data.recipe import DataRecipe
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.store import ExampleStore, GroupLayout, Groups
 from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_pairs
@@ -31,6 +32,7 @@ from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_pai
 
 class KTORecipe(DataRecipe):
     name = "kto"
+    error = KTODataError
     drop_without_loss = False  # as KTO always did: an example is kept whatever its loss tokens
     carried = ("sample", "label")
 

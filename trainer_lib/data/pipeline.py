@@ -1,31 +1,25 @@
 """One data pipeline for every method: samples -> records -> tokenised examples, on disk.
 
-    open_source -> datasets.Dataset -> Dataset.map(prepare_batch, batched, num_proc)
-        -> prepared table (cached, shared by processes) -> checks -> hold-out -> data report
-        -> ExampleStore and views the loaders draw from
+    open_source (sources.py) -> datasets.Dataset
+        -> Dataset.map(prepare_batch (recipe.py), batched, data.num_proc workers)
+        -> prepared table, cached and shared by processes (cache.py)
+        -> checks, hold-out, data report (checks.py)
+        -> ExampleStore and the views the loaders draw from (store.py)
 
-A method supplies a `DataRecipe`: how to tell a sample's form, normalise it into records and
-tokenise records (reusing the per-sample functions of `tokenize.py` and `chat.py`, so the result
-is token for token theirs). Everything else is shared: reading, the over-long policy, the
-accounting of truncations and drops, errors that name the sample, caching and sharing.
-
-Errors never cross the worker processes as exceptions: `prepare_batch` writes each problem into
-the `error` column of the sample's row, and `check_errors` raises the first one (every unreadable
-line of a file at once) once the map is done, before anything is trained or loaded.
+A method supplies a `DataRecipe` (how to tell a sample's form, normalise it, tokenise it);
+everything else is shared. It all happens before the model loads, so bad input fails early.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from trainer_lib.data.cache import (
     PIPELINE_VERSION,
@@ -36,193 +30,14 @@ from trainer_lib.data.cache import (
     shared_token,
     temporary_root,
 )
+from trainer_lib.data.checks import check_errors, column, held_out, kept_rows, make_report
+from trainer_lib.data.recipe import DataRecipe, prepare_batch, table_features
 from trainer_lib.data.samples import DataError
-from trainer_lib.data.sources import Source, decode_json_row, open_source, read_errors_message
+from trainer_lib.data.sources import Source, open_source
 from trainer_lib.data.store import Examples, ExampleStore
-from trainer_lib.data.constants import IGNORE_INDEX
-from trainer_lib.data.tokenize import DataReport, fit_to_length
+from trainer_lib.data.tokenize import DataReport
 
-# the stage at which a sample failed: errors of an earlier stage are reported first
-READ, FORM, NORMALIZE, TOKENIZE = 0, 1, 2, 3
 SMALL_DATASET = 1000  # samples per worker below which starting a worker costs more than it saves
-
-
-class DataRecipe:
-    """What a method supplies to the pipeline. Subclasses must be picklable (they travel to the
-    tokenising workers): keep the tokenizer and plain settings on them, not a trainer."""
-
-    name = "data"
-    # examples whose labels carry no loss are left out (and counted as dropped)
-    drop_without_loss = True
-    # per-example columns stored beside the tokens: name -> datasets feature
-    scalar_features: dict = {}
-    # columns that every fetched example carries (scalars: `sample` is the user's index)
-    carried: tuple = ("sample",)
-
-    def __init__(self, tokenizer, seq_length: int, overlong: str):
-        self.tokenizer, self.seq_length, self.overlong = tokenizer, seq_length, overlong
-
-    def settings(self) -> dict:
-        """Everything besides the data and the tokenizer that changes the prepared examples."""
-        return {"seq_length": self.seq_length, "overlong": self.overlong}
-
-    def form(self, sample: Any, index: int) -> str:
-        """The sample's format; raises DataError when it has none."""
-        raise NotImplementedError
-
-    def mixed_forms(self, index: int, form: str, first: str) -> str:
-        return (f"sample {index} is a {form} sample but sample 0 is a {first} sample; one dataset "
-                "must hold one kind of sample")
-
-    def normalize(self, sample: Any, index: int, form: str) -> list[dict]:
-        """The records of one sample; raises DataError naming the sample and the field."""
-        raise NotImplementedError
-
-    def tokenize(self, records: list[dict], indices: list[int]) -> list:
-        """`{"input_ids", "labels"}` per record (or the DataError it raised), in order."""
-        raise NotImplementedError
-
-    def fit_kind(self, record: dict) -> str:
-        """How the over-long policy treats the record: "text", "pair" or "chat"."""
-        return "pair"
-
-    def report_kind(self, record: dict) -> str:
-        return record.get("kind", "sample")
-
-    def scalars(self, record: dict) -> dict:
-        """Values of `scalar_features` for the record's examples."""
-        return {}
-
-    def empty_message(self, what: str) -> str:
-        return f"{what} is empty: give at least one training sample"
-
-
-# ---------------------------------------------------------------------- one batch of samples
-
-
-def prepare_batch(batch: pa.Table, indices: list[int], recipe: DataRecipe, rows: str) -> pa.Table:
-    """Raw samples -> rows of tokenised examples (one row per example, plus one row per sample
-    that failed or was dropped entirely, so that every sample is accounted for)."""
-    return prepare_samples(decode_rows(batch, rows), indices, recipe)
-
-
-def decode_rows(batch: pa.Table, rows: str) -> list[tuple[Any, Optional[str]]]:
-    """(sample, None) per row, or (None, what is wrong with it)."""
-    if rows == "json":
-        texts, lines = batch.column("json").to_pylist(), batch.column("line").to_pylist()
-        return [decode_json_row(t, n) for t, n in zip(texts, lines)]
-    from trainer_lib.data.conversations import clean_dataset_row
-
-    return [(clean_dataset_row(row), None) for row in batch.to_pylist()]
-
-
-def prepare_samples(samples: list[tuple[Any, Optional[str]]], indices: list[int],
-                    recipe: DataRecipe) -> pa.Table:
-    out = _Rows(recipe)
-    pending = []
-    for index, (sample, problem) in zip(indices, samples):
-        if problem is not None:
-            out.error(index, READ, problem)
-            continue
-        try:
-            form = recipe.form(sample, index)
-        except DataError as e:
-            out.error(index, FORM, e)
-            continue
-        try:
-            records = recipe.normalize(sample, index, form)
-        except DataError as e:
-            out.error(index, NORMALIZE, e, form)
-            continue
-        pending.extend((index, sub, record, form) for sub, record in enumerate(records))
-    examples = recipe.tokenize([p[2] for p in pending], [p[0] for p in pending]) if pending else []
-    for (index, sub, record, form), example in zip(pending, examples):
-        if isinstance(example, DataError):
-            out.error(index, TOKENIZE, example, form)
-        else:
-            out.add(index, sub, form, record, example)
-    return out.table()
-
-
-def table_features(recipe: DataRecipe):
-    import datasets
-
-    v = datasets.Value
-    return datasets.Features({
-        "input_ids": datasets.List(v("int32")), "loss_mask": datasets.List(v("uint8")),
-        "length": v("int32"), "num_loss": v("int32"),
-        "sample": v("int64"), "record": v("int64"),  # the user's index; sample * 4 + record
-        "form": v("string"), "kind": v("string"),
-        "outcome": v("string"),  # what the over-long policy did to the record
-        "dropped": v("string"),  # why this row holds no example ("" when it holds one)
-        "error": v("string"), "error_type": v("string"), "stage": v("int8"),
-        **recipe.scalar_features,
-    })
-
-
-class _Rows:
-    """Column builders for `prepare_batch`."""
-
-    def __init__(self, recipe: DataRecipe):
-        self.recipe = recipe
-        self.ids, self.mask, self.offsets = [], [], [0]
-        self.cols = {k: [] for k in ("length", "num_loss", "sample", "record", "form", "kind",
-                                     "outcome", "dropped", "error", "error_type", "stage",
-                                     *recipe.scalar_features)}
-
-    def _row(self, ids, mask, **values) -> None:
-        self.ids.extend(ids)
-        self.mask.extend(mask)
-        self.offsets.append(len(self.ids))
-        for name, column in self.cols.items():
-            column.append(values.get(name))
-
-    def error(self, index: int, stage: int, error: Any, form: str = "") -> None:
-        self._row((), (), length=0, num_loss=0, sample=index, record=index * 4, form=form,
-                  kind="", outcome="", dropped="", error=str(error), stage=stage,
-                  error_type=type(error).__name__ if isinstance(error, Exception) else None)
-
-    def add(self, index: int, sub: int, form: str, record: dict, example: dict) -> None:
-        recipe = self.recipe
-        kind, policy = recipe.fit_kind(record), recipe.overlong
-        n = len(example["input_ids"])
-        common = dict(sample=index, record=index * 4 + sub, form=form,
-                      kind=recipe.report_kind(record), **recipe.scalars(record))
-        if policy == "split" and kind != "text" and n > recipe.seq_length:
-            self._row((), (), length=0, num_loss=0, outcome="", dropped="", stage=TOKENIZE,
-                      error=f"sample {index}: {n} tokens, more than train.seq_length="
-                            f"{recipe.seq_length}, and method.overlong=\"split\" cuts only text "
-                            "samples; set method.overlong to \"truncate\" or \"drop\" for "
-                            "prompt/completion pairs and conversations", **common)
-            return
-        pieces, what = fit_to_length(example, recipe.seq_length, kind, policy)
-        if not pieces:
-            self._row((), (), length=0, num_loss=0, outcome=what, dropped=what.split(":", 1)[1],
-                      **common)
-        for piece in pieces:
-            labels = piece["labels"]
-            mask = [0 if label == IGNORE_INDEX else 1 for label in labels]
-            num_loss = sum(mask) - (mask[0] if mask else 0)  # the first token is never a target
-            if num_loss == 0 and recipe.drop_without_loss:
-                self._row((), (), length=0, num_loss=0, outcome=what, dropped="no_loss_tokens",
-                          **common)
-                continue
-            self._row(piece["input_ids"], mask, length=len(labels), num_loss=num_loss,
-                      outcome=what, dropped="", **common)
-
-    def table(self) -> pa.Table:
-        offsets = pa.array(self.offsets, pa.int32())
-        columns = {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
-            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(self.mask, pa.uint8())),
-        }
-        features = table_features(self.recipe)
-        for name, values in self.cols.items():
-            columns[name] = pa.array(values, features[name].pa_type)
-        return pa.table(columns)
-
-
-# ---------------------------------------------------------------------- the whole dataset
 
 
 @dataclass
@@ -320,7 +135,7 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
             raise DataError("train.eval_split holds out a fraction of the samples, which a stream "
                             "does not have; pass eval_samples instead, or set train.eval_split=0")
         store = ExampleStore(eval_table, recipe.carried) if eval_table is not None else None
-        rows = _kept(eval_table) if eval_table is not None else np.zeros(0, np.int64)
+        rows = kept_rows(eval_table) if eval_table is not None else np.zeros(0, np.int64)
         return PreparedData(store, None, Examples(store, rows), DataReport(), None, context,
                             stream=sources.train)
 
@@ -330,11 +145,11 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
                          recipe.carried)
     if eval_table is not None:
         in_train = np.ones(train_table.num_rows, dtype=bool)
-        eval_rows = _kept(eval_table) + train_table.num_rows
+        eval_rows = kept_rows(eval_table) + train_table.num_rows
     else:
-        in_train = ~_held_out(train_table, t.eval_split, t.seed)
-        eval_rows = np.nonzero(~in_train & (_column(train_table, "length") > 0))[0]
-    train_rows = np.nonzero(in_train & (_column(train_table, "length") > 0))[0]
+        in_train = ~held_out(train_table, t.eval_split, t.seed)
+        eval_rows = np.nonzero(~in_train & (column(train_table, "length") > 0))[0]
+    train_rows = np.nonzero(in_train & (column(train_table, "length") > 0))[0]
     report = make_report(train_table, in_train)
     key = digest(entry.key, eval_entry.key if eval_entry else None, t.eval_split, t.seed)
     return PreparedData(store, Examples(store, train_rows), Examples(store, eval_rows), report,
@@ -406,100 +221,3 @@ def _datasets_progress(show: bool):
         yield
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
-
-
-# ---------------------------------------------------------------------- checks
-
-
-def check_errors(table: pa.Table, recipe: DataRecipe, source: Source) -> None:
-    """Raises the first problem: every unreadable line of a file at once; then a sample whose
-    form cannot be told, a sample of another form than sample 0, a sample that cannot be
-    normalised, one that cannot be tokenised, in that order; within a stage the lowest index."""
-    errors = table.column("error")
-    failed = np.nonzero(pc.is_valid(errors).to_numpy(zero_copy_only=False))[0]
-    stages = _column(table, "stage")[failed] if len(failed) else failed
-    read = failed[stages == READ]
-    if len(read):
-        messages = [errors[int(i)].as_py() for i in read[:20]]
-        raise DataError(read_errors_message(source.path or source.name, messages, len(read)))
-    for stage in (FORM,):
-        at = failed[stages == stage]
-        if len(at):
-            raise DataError(errors[int(at[0])].as_py())
-    forms = table.column("form")
-    first = forms[0].as_py()
-    other = np.nonzero(pc.not_equal(forms, first).to_numpy(zero_copy_only=False))[0]
-    if len(other):
-        i = int(other[0])
-        raise DataError(recipe.mixed_forms(int(table.column("sample")[i].as_py()),
-                                           forms[i].as_py(), first))
-    for stage in (NORMALIZE, TOKENIZE):
-        at = failed[stages == stage]
-        if len(at):
-            i = int(at[0])
-            raise _error_class(table.column("error_type")[i].as_py())(errors[i].as_py())
-
-
-def _error_class(name: str) -> type:
-    """The class of the error a sample raised (ChatError and KTODataError are DataErrors)."""
-    from trainer_lib.data.conversations import ChatError
-    from trainer_lib.data.kto_data import KTODataError
-
-    return {"ChatError": ChatError, "KTODataError": KTODataError}.get(name, DataError)
-
-
-def _column(table: pa.Table, name: str) -> np.ndarray:
-    column = table.column(name)
-    return column.to_numpy() if column.num_chunks != 1 else column.chunk(0).to_numpy(
-        zero_copy_only=False)
-
-
-def _kept(table: pa.Table) -> np.ndarray:
-    return np.nonzero(_column(table, "length") > 0)[0]
-
-
-def _first_rows(table: pa.Table) -> np.ndarray:
-    """True on the first row of every record (a record's rows are consecutive)."""
-    record = _column(table, "record")
-    first = np.ones(len(record), dtype=bool)
-    first[1:] = record[1:] != record[:-1]
-    return first
-
-
-def _held_out(table: pa.Table, fraction: float, seed: int) -> np.ndarray:
-    """Rows of the records held out for evaluation: a seeded random `fraction` of the records."""
-    first = _first_rows(table)
-    n = int(first.sum())
-    if fraction <= 0:
-        return np.zeros(len(first), dtype=bool)
-    n_eval = max(1, int(round(fraction * n)))
-    if n_eval >= n:
-        raise DataError(f"train.eval_split={fraction} leaves no training samples out of {n}")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)  # the records trainer_lib has always held out for a seed
-    held = np.zeros(n, dtype=bool)
-    held[order[:n_eval]] = True
-    return held[np.cumsum(first) - 1]
-
-
-def make_report(table: pa.Table, rows: np.ndarray) -> DataReport:
-    """The data report of the rows selected by the boolean mask `rows` (a split)."""
-    first = _first_rows(table) & rows
-    report = DataReport()
-    report.num_samples = int(first.sum())
-    first_mask = pa.array(first)
-    for item in pc.value_counts(pc.filter(table.column("kind"), first_mask)).to_pylist():
-        report.kinds[item["values"]] = item["counts"]
-    outcomes = pc.filter(table.column("outcome"), first_mask)
-    report.truncated = int(pc.sum(pc.equal(outcomes, "truncated")).as_py() or 0)
-    report.split = int(pc.sum(pc.equal(outcomes, "split")).as_py() or 0)
-    dropped = pc.filter(table.column("dropped"), pa.array(rows))
-    for item in pc.value_counts(dropped).to_pylist():
-        if item["values"]:
-            report.dropped[item["values"]] = item["counts"]
-    length = _column(table, "length")
-    kept = rows & (length > 0)
-    report.num_examples = int(kept.sum())
-    report.num_tokens = int(length[kept].sum())
-    report.num_loss_tokens = int(_column(table, "num_loss")[kept].sum())
-    return report

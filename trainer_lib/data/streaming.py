@@ -27,13 +27,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from trainer_lib.data.packing import pack_lengths
-from trainer_lib.data.pipeline import (
-    READ,
-    DataRecipe,
-    _error_class,
-    make_report,
-    prepare_samples,
-)
+from trainer_lib.data.checks import error_class, make_report
+from trainer_lib.data.recipe import READ, DataRecipe, prepare_samples
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.sources import decode_json_row, read_errors_message
 from trainer_lib.data.store import ExampleStore
@@ -134,7 +129,7 @@ def _raise_first_error(table, name: str, rank: Optional[int] = None) -> None:
             message = read_errors_message(name, [message], 1)
         if rank is not None:
             message += f" (numbered within the shards of the stream read by process {rank})"
-        raise _error_class(table.column("error_type")[i].as_py())(message)
+        raise error_class(table.column("error_type")[i].as_py())(message)
 
 
 class StreamLoader:

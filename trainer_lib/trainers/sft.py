@@ -19,7 +19,8 @@ from trainer_lib.config import SFTConfig
 from trainer_lib.data import chat
 from trainer_lib.data.chat import RunTemplate
 from trainer_lib.data.packing import PackedCollator, pack_lengths
-from trainer_lib.data.pipeline import DataRecipe, PreparedData
+from trainer_lib.data.pipeline import PreparedData
+from trainer_lib.data.recipe import DataRecipe
 from trainer_lib.data.samples import (
     DataError,
     mixed_forms_message,
