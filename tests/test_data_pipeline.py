@@ -283,6 +283,21 @@ def test_a_json_file_holding_json_lines_is_read(tok, tmp_path):
     assert_same_examples(data.train, reference_sft(tok, sft_config(), rows)[0])
 
 
+def test_a_parquet_file_and_a_folder_of_files_are_read_with_datasets(tok, tmp_path):
+    rows = [{"prompt": f"Q{i}\n", "completion": f"A{i}"} for i in range(6)]
+    expected = reference_sft(tok, sft_config(), rows)[0]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
+    data, _ = prepare(tok, sft_config(), str(tmp_path / "rows.parquet"))
+    assert_same_examples(data.train, expected)
+    folder = tmp_path / "hub_like"  # what load_dataset(name) finds: a DatasetDict by file names
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    data, _ = prepare(tok, sft_config(), str(folder))
+    assert_same_examples(data.train, expected[:4])
+    assert_same_examples(data.eval, expected[4:])
+
+
 def test_every_bad_line_of_a_file_is_reported_at_once(tok, tmp_path):
     good = b'{"prompt": "a\\n", "completion": "b"}\n'
     lines = [good, b'{"prompt": "a", \n', b"\n", b'{"prompt": "caf\xe9", "completion": "x"}\n']
