@@ -16,6 +16,15 @@ def fixtures_path() -> Path:
     return Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Prepared data is cached in a folder of each test's own (never the user's ~/.cache);
+    subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    monkeypatch.setenv("TRAINER_LIB_DATA_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     path = fixtures_path()

@@ -216,3 +216,15 @@ def test_tool_calls_take_the_form_sft_conversations_take():
     assert record["completion"] == [{"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}]
     assert record["prompt"] == [{"role": "user", "content": "Weather in Rome?"}]
+
+
+@pytest.mark.parametrize("n, size", [(8, 4), (9, 4), (10, 3), (5, 8), (2, 1), (1, 2)])
+def test_the_pipelines_micro_batches_are_fixed_micro_batches(n, size):
+    import numpy as np
+
+    from trainer_lib.data.kto_pipeline import micro_batch_offsets
+
+    order = np.random.default_rng(3).permutation(n)
+    offsets = micro_batch_offsets(n, size)
+    batches = [order[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert batches == fixed_micro_batches(n, size, seed=3)

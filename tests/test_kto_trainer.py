@@ -152,7 +152,8 @@ def test_two_micro_batches_equal_one_batch(kto_config, loss_type, n_steps, sft_w
 def test_kl_pairs_come_from_the_same_fixed_micro_batch(kto_config):
     """Odd micro-batches included: every prompt gets another example's completion from its own
     micro-batch; the micro-batches, and so the precomputed values, stay fixed."""
-    trainer = train(samples=shout(WORDS[:11]),
+    samples = shout(WORDS[:11])
+    trainer = train(samples=samples,
                     config=kto_config.evolve(train=dict(batch_size=3, total_steps=1)))
     # 22 = 7 * 3 + 1: the lone last example joins a micro-batch
     assert sorted(len(g) for g in trainer.train_items) == [3, 3, 3, 3, 3, 3, 4]
@@ -162,7 +163,8 @@ def test_kl_pairs_come_from_the_same_fixed_micro_batch(kto_config):
         pairing = mismatched_pairing(len(group))
         for i, j in enumerate(pairing):
             assert j != i
-            expected = tokenize_pair(trainer.tokenizer, group[i]["prompt"], group[j]["completion"])
+            expected = tokenize_pair(trainer.tokenizer, samples[group[i]["sample"]]["prompt"],
+                                     samples[group[j]["sample"]]["completion"])
             row = batch["kl_input_ids"][i][batch["kl_attention_mask"][i].bool()].tolist()
             assert row == expected["input_ids"]
         assert batch["ref_logps"].shape == batch["kl_ref_logps"].shape == (len(group),)

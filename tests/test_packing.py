@@ -185,3 +185,33 @@ def test_length_grouped_order():
     assert spread(order) < spread(list(range(1000))) / 5
     assert sorted(length_grouped_order([3, 1, 2], batch_size=8, seed=0)) == [0, 1, 2]
     assert length_grouped_order([], batch_size=2, seed=0) == []
+
+
+def _bfd_reference(lengths, capacity):
+    """Best fit decreasing written plainly (quadratic): longest first, ties by index; the open bin
+    with the least room that fits, ties by the earliest bin."""
+    bins, rooms = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [b for b, room in enumerate(rooms) if room >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: (rooms[b], b))
+            bins[b].append(i)
+            rooms[b] -= lengths[i]
+        else:
+            bins.append([i])
+            rooms.append(capacity - lengths[i])
+    return bins
+
+
+def test_packing_the_lengths_column_gives_the_rows_of_plain_best_fit_decreasing():
+    import numpy as np
+
+    from trainer_lib.data.packing import pack_lengths
+
+    rng = np.random.default_rng(5)
+    for n, capacity in ((1, 8), (300, 64), (1500, 512)):
+        lengths = rng.integers(1, capacity + 1, n)
+        flat, offsets = pack_lengths(lengths, capacity)
+        rows = [flat[offsets[b]:offsets[b + 1]].tolist() for b in range(len(offsets) - 1)]
+        assert rows == _bfd_reference(lengths.tolist(), capacity)
+        assert rows == best_fit_decreasing(lengths.tolist(), capacity)

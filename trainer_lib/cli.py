@@ -83,12 +83,13 @@ def _read_yaml(path: str) -> dict:
 
 
 def resolve_data(source: str, split: str) -> Any:
-    """A local .json/.jsonl path as it is (train() reads it), anything else that exists on disk
-    or a hub name through `datasets.load_dataset`."""
+    """A local .json/.jsonl/.parquet file as its path (train() reads it, with every bad line
+    reported), anything else that exists on disk or a hub name through `datasets.load_dataset`."""
     path = Path(source)
-    if path.is_file() and path.suffix in LOCAL_SUFFIXES:
+    local = LOCAL_SUFFIXES + (".parquet",)
+    if path.is_file() and path.suffix in local:
         return str(path)
-    if not path.exists() and (path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))):
+    if not path.exists() and (path.suffix in local or source.startswith((".", "/", "~"))):
         raise CLIError(f"data file {source} does not exist")
     try:
         import datasets
@@ -99,7 +100,7 @@ def resolve_data(source: str, split: str) -> Any:
                 "and cached datasets can be used" if _offline() else "")
         raise CLIError(f"could not load the dataset '{source}' (split '{split}') with "
                        f"datasets.load_dataset: {type(e).__name__}: {e}{hint}. For a local "
-                       "file, give an existing .json or .jsonl path") from None
+                       "file, give an existing .json, .jsonl or .parquet path") from None
 
 
 def _offline() -> bool:

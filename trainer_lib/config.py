@@ -149,6 +149,26 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """How samples become tokenised examples (the method decides what the examples are)."""
+
+    # worker processes that tokenise; None: the CPU cores available to this process (a dataset
+    # of fewer than ~1,000 samples per worker is tokenised in the process itself)
+    num_proc: Optional[int] = None
+    # where prepared data is cached; None: $TRAINER_LIB_DATA_CACHE, else ~/.cache/trainer_lib/data
+    cache_dir: Optional[str] = None
+    cache: bool = True  # False: prepare afresh in a temporary folder, removed once opened
+    streaming: bool = False  # stream a path or hub name instead of preparing it whole
+    stream_buffer: int = 1000  # examples packed together (and shuffled) at a time when streaming
+
+    def validate(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError("data.num_proc must be at least 1, or None for the CPU cores available")
+        if self.stream_buffer < 1:
+            raise ConfigError("data.stream_buffer must be at least 1")
+
+
+@dataclass
 class MethodConfig:
     """What every method shares: generation settings for evaluation."""
 
@@ -217,6 +237,7 @@ _SECTIONS = {
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,
     "train": TrainConfig,
+    "data": DataConfig,
 }
 
 # Fields whose values are free-form dicts (their keys are not checked against a dataclass).
@@ -392,6 +413,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=SFTConfig)
 
     def evolve(self, **updates: Any) -> "Config":

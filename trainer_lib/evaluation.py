@@ -28,10 +28,10 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer_lib.config import ConfigError
+from trainer_lib.data.constants import IGNORE_INDEX
 from trainer_lib.data.samples import DataError
 from trainer_lib.distributed import is_zero3
 
-IGNORE_INDEX = -100
 NUM_DEFAULT_PROMPTS = 8
 NUM_PRINTED_ROWS = 3
 

@@ -203,6 +203,25 @@ def data_fingerprint(items: Any, sampled: int = 1000) -> dict:
     examples, and no other dataset passes for this one by chance."""
     import xxhash
 
+    from trainer_lib.data.store import Examples, Groups
+
+    if isinstance(items, (Examples, Groups)):  # Arrow-backed: lengths from the table, a sample read
+        if isinstance(items, Examples):
+            store, rows = items.store, items.rows
+        else:
+            layout, store = items.layout, items.layout.store
+            starts = layout.offsets[items.ids].astype(np.int64)
+            sizes = layout.offsets[items.ids + 1].astype(np.int64) - starts
+            first = np.cumsum(sizes) - sizes  # where each group begins in the flat order
+            positions = np.repeat(starts - first, sizes) + np.arange(int(sizes.sum()))
+            rows = layout.flat[positions]
+        h = xxhash.xxh3_64()
+        h.update(store.lengths()[rows].astype(np.int64).tobytes())
+        for ex in store.fetch(rows[::max(1, len(rows) // sampled)]):
+            for key in ("input_ids", "labels"):
+                h.update(np.asarray(ex[key], dtype=np.int64).tobytes())
+        return {"examples": int(len(rows)), "checksum": h.hexdigest()}
+
     examples: list = []
 
     def visit(x):

@@ -21,12 +21,13 @@ themselves; BOS is prepended only when the render lacks it and the tokenizer add
 """
 
 import os
+import weakref
 from pathlib import Path
 
+from trainer_lib.data.constants import IGNORE_INDEX
 from trainer_lib.data.conversations import ChatError, _err
 
 LOSS_ON = ("assistant", "last_assistant", "all")
-IGNORE_INDEX = -100
 # what works without the tokenizer's own template; "default" is offered only where there is one
 OTHER_TEMPLATE_OPTIONS = (
     "None (passthrough: contents concatenated), a Jinja template string, or a path to a .jinja file"
@@ -229,9 +230,22 @@ def _tokenize_spans(tokenizer, text, spans, loss_on_all=False):
     return {"input_ids": ids, "labels": labels}
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _adds_bos(tokenizer):
+    """Whether the tokenizer puts BOS before plain text; learnt once per tokenizer."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
     plain = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(plain) and plain[0] == tokenizer.bos_token_id
+    adds = bool(plain) and plain[0] == tokenizer.bos_token_id
+    try:
+        _ADDS_BOS[tokenizer] = adds
+    except TypeError:  # not weakly referenceable: ask again next time
+        pass
+    return adds
 
 
 def tokenize_conversation(tokenizer, messages, tools, template, loss_on="assistant", index=None) -> dict:

@@ -1,6 +1,7 @@
 """Packing tokenised examples into rows of at most `seq_length` tokens.
 
-examples -> `pack_dataset` (best-fit-decreasing bins) -> rows -> `PackedCollator` -> batch.
+example lengths -> `pack_lengths` (best-fit-decreasing bins, as arrays of indices) -> rows ->
+`PackedCollator` -> batch. (`pack_dataset` does the same for a list of example dicts.)
 
 A packed batch carries `position_ids` that restart at 0 for every document and NO
 `attention_mask`. transformers (5.x) reads the restarts and gives SDPA and eager attention a
@@ -30,50 +31,67 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, insort
 
+import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from trainer_lib.data.constants import IGNORE_INDEX
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+
+def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
     """Bins of indices into `lengths`, each summing to at most `capacity`.
 
     Longest first (ties by index); each goes to the open bin with the least room that still fits
     it (ties: the earliest bin), else to a new bin. Deterministic; O(n log n).
     """
+    flat, offsets = pack_lengths(lengths, capacity)
+    return [flat[offsets[b]:offsets[b + 1]].tolist() for b in range(len(offsets) - 1)]
+
+
+def pack_lengths(lengths, capacity: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """`best_fit_decreasing` as arrays: bin b holds the indices `flat[offsets[b]:offsets[b + 1]]`
+    (in the order they were placed). `progress`, if given, is a tqdm bar advanced per item."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
-    for i, n in enumerate(lengths):
-        if not 1 <= n <= capacity:
-            raise ValueError(
-                f"item {i} has length {n}; every length must be between 1 and the capacity {capacity}"
-            )
-    bins: list[list[int]] = []
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    bad = np.nonzero((lengths < 1) | (lengths > capacity))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"item {i} has length {int(lengths[i])}; every length must be between 1 "
+                         f"and the capacity {capacity}")
+    order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by index
+    bin_of = np.empty(len(order), dtype=np.int64)  # the bin of the k-th item placed
+    n_bins = 0
     room_values: list[int] = []  # sorted, distinct: the room left in some open bin
     bins_with_room: dict[int, list[int]] = {}  # room -> heap of bin numbers
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        need = lengths[i]
-        k = bisect_left(room_values, need)
-        if k == len(room_values):
-            b = len(bins)
-            bins.append([i])
-            room = capacity - need
+    for k, need in enumerate(lengths[order].tolist()):
+        j = bisect_left(room_values, need)
+        if j == len(room_values):
+            b, room = n_bins, capacity - need
+            n_bins += 1
         else:
-            room = room_values[k]
+            room = room_values[j]
             heap = bins_with_room[room]
             b = heapq.heappop(heap)
             if not heap:
                 del bins_with_room[room]
-                room_values.pop(k)
-            bins[b].append(i)
+                room_values.pop(j)
             room -= need
+        bin_of[k] = b
         if room > 0:
             if room in bins_with_room:
                 heapq.heappush(bins_with_room[room], b)
             else:
                 bins_with_room[room] = [b]
                 insort(room_values, room)
-    return bins
+        if progress is not None and k % 10_000 == 9_999:
+            progress.update(10_000)
+    if progress is not None:
+        progress.update(len(order) % 10_000)
+    flat = order[np.argsort(bin_of, kind="stable")]
+    offsets = np.zeros(n_bins + 1, dtype=np.int64)
+    np.cumsum(np.bincount(bin_of, minlength=n_bins), out=offsets[1:])
+    return flat, offsets
 
 
 def pack_dataset(examples: list[dict], seq_length: int) -> list[list[dict]]:

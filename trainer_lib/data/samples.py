@@ -1,4 +1,6 @@
-"""Samples as users bring them → normalised records, with errors that name the sample.
+"""SFT samples as users bring them → normalised records, with errors that name the sample.
+
+Reading them (lists, files, datasets) is `sources.py`'s work; this module looks at one sample.
 
 A record is a plain dict with a `kind`:
 - `{"kind": "text", "text": str}`: language modelling, loss on every token;
@@ -9,81 +11,11 @@ A record is a plain dict with a `kind`:
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 class DataError(ValueError):
     """A sample that cannot be trained on; the message names the sample, the field and the fix."""
-
-
-def load_samples(source: Any, what: str = "samples") -> list:
-    """A list, a tuple, a `datasets.Dataset` or a `.json`/`.jsonl` path → a Python list.
-
-    JSON files are read with the standard library, never through Arrow, so that samples with
-    different nested schemas (tools with different arguments) stay exactly as written.
-    """
-    if source is None:
-        raise DataError(f"no {what} given: pass a list, a datasets.Dataset or a .json/.jsonl path")
-    if isinstance(source, (str, Path)):
-        return _read_json_file(Path(source), what)
-    if _is_hf_dataset(source):
-        from trainer_lib.data.conversations import clean_dataset_row
-
-        return [clean_dataset_row(row) for row in source]
-    if isinstance(source, dict):
-        raise DataError(f"{what} must be a list of samples, got a single dict; wrap it in a list")
-    if isinstance(source, Iterable):
-        return list(source)
-    raise DataError(f"{what} must be a list, a datasets.Dataset or a path, got {type(source).__name__}")
-
-
-def _is_hf_dataset(obj: Any) -> bool:
-    return type(obj).__module__.startswith("datasets") and hasattr(obj, "column_names")
-
-
-def _read_json_file(path: Path, what: str) -> list:
-    if not path.exists():
-        raise DataError(f"{what} file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data, dict):
-        # {"train": [...]} or {"data": [...]} style files
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) == 1:
-            return lists[0]
-        raise DataError(f"{path}: expected a JSON list of samples, got an object")
-    return data
-
-
-def hold_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded random `fraction` of the records held out for evaluation."""
-    if fraction <= 0:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(fraction * len(records))))
-    if n_eval >= len(records):
-        raise DataError(f"train.eval_split={fraction} leaves no training samples out of "
-                        f"{len(records)}")
-    held = set(order[:n_eval])
-    return ([r for i, r in enumerate(records) if i not in held],
-            [r for i, r in enumerate(records) if i in held])
 
 
 def sample_kind(sample: Any, text_key: str = "text", input_key: str = "prompt",
@@ -115,25 +47,38 @@ def _describe_expected(text_key: str, input_key: str, output_key: str) -> str:
 
 def normalize_sft_samples(samples: list, text_key: str = "text", input_key: str = "prompt",
                           output_key: str = "completion") -> list[dict]:
-    """Checks every sample and turns it into a record; raises DataError on the first bad one."""
+    """Checks every sample and turns it into a record; raises DataError on the first bad one.
+    (The pipeline does the same per sample in its workers: `sft_sample_form`, `normalize_sft_sample`.)"""
     if len(samples) == 0:
         raise DataError("samples is empty: give at least one training sample")
-    kinds = [sample_kind(s, text_key, input_key, output_key) for s in samples]
-    for i, kind in enumerate(kinds):
-        if kind == "unknown":
-            raise DataError(
-                f"sample {i}: cannot tell what it is ({_preview(samples[i])}); expected "
-                + _describe_expected(text_key, input_key, output_key)
-            )
-    first = kinds[0]
-    for i, kind in enumerate(kinds):
-        if kind != first:
-            raise DataError(
-                f"sample {i} is a {kind} sample but sample 0 is a {first} sample; one dataset "
-                "must hold one kind of sample (convert them first, e.g. text into "
-                "prompt/completion pairs)"
-            )
-    return [_normalize(s, i, first, text_key, input_key, output_key) for i, s in enumerate(samples)]
+    keys = (text_key, input_key, output_key)
+    forms = [sft_sample_form(s, i, *keys) for i, s in enumerate(samples)]
+    for i, form in enumerate(forms):
+        if form != forms[0]:
+            raise DataError(mixed_forms_message(i, form, forms[0]))
+    return [normalize_sft_sample(s, i, forms[0], *keys) for i, s in enumerate(samples)]
+
+
+def sft_sample_form(sample: Any, index: int, text_key: str = "text", input_key: str = "prompt",
+                    output_key: str = "completion") -> str:
+    """The kind of one sample ("text", "pair" or "conversation"); DataError when it has none."""
+    kind = sample_kind(sample, text_key, input_key, output_key)
+    if kind == "unknown":
+        raise DataError(f"sample {index}: cannot tell what it is ({_preview(sample)}); expected "
+                        + _describe_expected(text_key, input_key, output_key))
+    return kind
+
+
+def mixed_forms_message(index: int, kind: str, first: str) -> str:
+    return (f"sample {index} is a {kind} sample but sample 0 is a {first} sample; one dataset "
+            "must hold one kind of sample (convert them first, e.g. text into prompt/completion "
+            "pairs)")
+
+
+def normalize_sft_sample(sample: Any, index: int, kind: str, text_key: str = "text",
+                         input_key: str = "prompt", output_key: str = "completion") -> dict:
+    """One checked sample of `kind` -> its record."""
+    return _normalize(sample, index, kind, text_key, input_key, output_key)
 
 
 def _normalize(sample: Any, i: int, kind: str, text_key: str, input_key: str,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from trainer_lib.data.constants import IGNORE_INDEX
 
 
-def length_grouped_order(
-    lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int = 50
-) -> list[int]:
+
+def length_grouped_order(lengths, batch_size: int, seed: int, mega_batch_mult: int = 50
+                         ) -> list[int]:
     """A permutation of range(len(lengths)) where neighbours have similar lengths.
 
     As in the Hugging Face Trainer: shuffle, cut into mega-batches of `mega_batch_mult *
@@ -21,19 +22,22 @@ def length_grouped_order(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n == 0:
         return []
     mult = max(1, min(mega_batch_mult, n // (4 * batch_size)))
     size = mult * batch_size
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    megabatches = [
-        sorted(order[s : s + size], key=lambda i: -lengths[i]) for s in range(0, n, size)
-    ]
-    longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
-    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
-    return [i for mb in megabatches for i in mb]
+    shuffled = list(range(n))
+    random.Random(seed).shuffle(shuffled)  # the order trainer_lib has always drawn for a seed
+    order = np.asarray(shuffled, dtype=np.int64)
+    position = np.arange(n)
+    # by mega-batch, then longest first, ties in shuffled order
+    order = order[np.lexsort((position, -lengths[order], position // size))]
+    firsts = np.arange(0, n, size)
+    longest = int(firsts[np.argmax(lengths[order[firsts]])])
+    order[0], order[longest] = order[longest], order[0]
+    return order.tolist()
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
@@ -64,7 +68,7 @@ def padded_collate(examples: list[dict], pad_token_id: int, width: int | None = 
     if not examples:
         raise ValueError("padded_collate needs at least one example")
     for i, ex in enumerate(examples):
-        if len(ex["input_ids"]) != len(ex["labels"]) or not ex["input_ids"]:
+        if len(ex["input_ids"]) != len(ex["labels"]) or len(ex["input_ids"]) == 0:
             raise ValueError(
                 f"example {i} of the batch has {len(ex['input_ids'])} input_ids and {len(ex['labels'])} "
                 "labels; they must be equal and non-zero"

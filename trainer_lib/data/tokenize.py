@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-IGNORE_INDEX = -100
+from trainer_lib.data.constants import IGNORE_INDEX
+
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     num_tokens: int = 0
     num_loss_tokens: int = 0
+    stream_checked: int = 0  # a stream: the report covers only its first samples, checked up front
 
     def as_dict(self) -> dict:
         return {
@@ -52,8 +54,10 @@ class DataReport:
         dropped = sum(self.dropped.values())
         reasons = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items()))
         share = 100 * self.num_loss_tokens / max(self.num_tokens, 1)
+        scope = (f" (a stream; its first {self.stream_checked} samples)"
+                 if self.stream_checked else "")
         return (
-            f"data: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
+            f"data{scope}: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
             f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
             f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
             + (f" ({reasons})" if dropped else "")
@@ -134,3 +138,51 @@ def _truncate_pair(ids: list, labels: list, seq_length: int) -> tuple[list[dict]
 def count_loss_tokens(labels: list) -> int:
     """Tokens that carry loss once labels are shifted (the first position is never a target)."""
     return sum(1 for l in labels[1:] if l != IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------- many at once
+# The same results as tokenize_text / tokenize_pair, one tokenizer call per batch (the fast
+# tokenizer's batch encoding); slow tokenizers go one by one.
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> tuple[list, list]:
+    """(ids, offsets) per text, exactly as `tokenizer(texts, add_special_tokens=True,
+    return_offsets_mapping=True)` gives them. When the Rust tokenizer is set as that call would
+    set it (no truncation, no padding, special tokens as the wrapper treats them), it is asked
+    directly: the wrapper's conversion of every encoding costs a quarter of the tokenising."""
+    backend = tokenizer.backend_tokenizer
+    if (backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens",
+                                                              False))):
+        encodings = backend.encode_batch(texts, add_special_tokens=True)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def tokenize_texts(tokenizer, texts: list[str], add_eos: bool = True) -> list[dict]:
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenize_text(tokenizer, t, add_eos) for t in texts]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    out = []
+    for ids in _encode_batch(tokenizer, texts)[0]:
+        ids = ids + eos
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
+                   add_eos: bool = True) -> list[dict]:
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenize_pair(tokenizer, p, c, add_eos) for p, c in zip(prompts, completions)]
+    eos = tokenizer.eos_token_id if add_eos else None
+    all_ids, all_offsets = _encode_batch(tokenizer, [p + c for p, c in zip(prompts, completions)])
+    out = []
+    for prompt, ids, offsets in zip(prompts, all_ids, all_offsets):
+        boundary = len(prompt)
+        labels = [t if end > boundary and end > start else IGNORE_INDEX
+                  for t, (start, end) in zip(ids, offsets)]
+        if eos is not None:
+            ids, labels = ids + [eos], labels + [eos]
+        out.append({"input_ids": ids, "labels": labels})
+    return out

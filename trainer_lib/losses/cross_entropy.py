@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from trainer_lib.data.constants import IGNORE_INDEX
+
 # Float32 logits elements per chunk when the chunk size is automatic (128 MiB): the chunk holds
 # about 2**25 / vocabulary tokens, so the loss's memory stays flat as the vocabulary grows.
 CHUNK_LOGITS_BUDGET = 2**25

@@ -1,8 +1,9 @@
 """The one training loop, shared by every method.
 
 A method subclasses `Trainer` and supplies its data and its loss:
-- `build_examples(samples)` → a list of items the collator takes (tokenised examples, packed
-  rows, ...), and `collate(items)` → a batch dict;
+- `data_recipe()` → its normalise and tokenise functions for the shared data pipeline
+  (`trainer_lib.data.pipeline`), `arrange(data, recipe)` → the loader items made of the prepared
+  examples (packed rows, fixed micro-batches, ...), and `collate(items)` → a batch dict;
 - `loss_weight(batch)` → how much the batch counts in the step's mean (loss-carrying tokens for
   SFT, examples for KTO), known before the forward pass;
 - `compute_loss(model, batch)` → (the SUM of the loss over the batch, {name: (sum, count)}).
@@ -95,8 +96,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ method hooks
 
-    def build_examples(self, samples: Any, split: str) -> list:
+    def data_recipe(self):
+        """The method's normalise and tokenise functions (a `DataRecipe`)."""
         raise NotImplementedError
+
+    def arrange(self, data, recipe) -> tuple[Any, Any]:
+        """(train items, eval items) from the prepared data; by default single examples."""
+        return data.train, data.eval
 
     def collate(self, items: list) -> dict:
         raise NotImplementedError
@@ -118,10 +124,19 @@ class Trainer:
         """How many loader items make one evaluation forward pass."""
         return self.config.train.eval_batch_size or self.config.train.batch_size
 
-    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
-        train_items = self.build_examples(samples, "train")
-        eval_items = self.build_examples(eval_samples, "eval") if eval_samples is not None else []
-        return train_items, eval_items
+    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[Any, Any]:
+        """Samples -> the shared pipeline (read, normalise, tokenise, cache, share, report) ->
+        the method's loader items. Runs before the model loads, so bad input fails in seconds."""
+        from trainer_lib.data.pipeline import build_data
+
+        recipe = self.data_recipe()
+        data = build_data(self.accelerator, self.config, recipe, samples, eval_samples)
+        self.data_report = data.report
+        items = self.arrange(data, recipe)
+        data.release()
+        if self.accelerator.is_main_process:
+            print(self.data_report.summary(), flush=True)
+        return items
 
     # ------------------------------------------------------------------ data
 

@@ -1,7 +1,9 @@
 """KTO: aligning a causal LM from binary feedback (a thumbs up or down on single completions).
 
-Data: samples -> `normalize_kto_samples` -> tokenised examples -> FIXED micro-batches of
-`train.batch_size` examples (`fixed_micro_batches`), each a loader item. The loader shuffles
+Data: the shared pipeline with `KTORecipe` (`data/kto_pipeline.py`): samples ->
+`normalize_kto_samples` -> tokenised examples -> FIXED micro-batches of `train.batch_size`
+examples (drawn as `fixed_micro_batches` draws them), each a loader item: a list of example dicts
+(`input_ids`, `labels`, `label`, and `kl`, the tokenised mismatched pair). The loader shuffles
 micro-batches as units every epoch; their composition never changes.
 
 KL pairing: `collate` pairs prompt i of a micro-batch with completion p[i] of the same micro-batch,
@@ -26,16 +28,19 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any
 
+import numpy as np
 import torch
 
 from trainer_lib.config import ConfigError, KTOConfig
-from trainer_lib.data.kto_data import KTODataError, fixed_micro_batches, normalize_kto_samples
 from trainer_lib.data.chat import RunTemplate
-from trainer_lib.data.samples import DataError, hold_out, load_samples
+from trainer_lib.data.constants import IGNORE_INDEX
+from trainer_lib.data.kto_data import KTODataError
+from trainer_lib.data.kto_pipeline import KTORecipe, micro_batches
+from trainer_lib.data.pipeline import PreparedData
+from trainer_lib.data.samples import DataError
 from trainer_lib.data.sampling import padded_collate
-from trainer_lib.data.tokenize import IGNORE_INDEX, DataReport, fit_to_length, tokenize_pair
+from trainer_lib.data.store import Groups, materialize
 from trainer_lib.distributed import is_zero3, prepare_reference_model
 from trainer_lib.losses.cross_entropy import causal_lm_token_nll
 from trainer_lib.losses.kto import (
@@ -57,10 +62,9 @@ class KTOTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
 
-    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
+    def data_recipe(self) -> KTORecipe:
         m, t = self.config.method, self.config.train
         self.method = m
-        self._kl_cache: dict = {}
         if m.loss_type == "kto":
             for name in ("batch_size", "eval_batch_size"):
                 size = getattr(t, name)
@@ -72,39 +76,31 @@ class KTOTrainer(Trainer):
                         "method.loss_type='apo_zero_unpaired', which has no KL term"
                     )
         self.chat_template = RunTemplate(self.tokenizer, self.config.tokenizer.chat_template)
-        keys = (m.input_key, m.output_key, m.label_key)
-        records = normalize_kto_samples(load_samples(samples), *keys)
-        if eval_samples is not None:
-            eval_records = normalize_kto_samples(load_samples(eval_samples, "eval_samples"), *keys)
-        else:
-            records, eval_records = hold_out(records, t.eval_split, t.seed)
-        self.data_report = DataReport()
-        train_examples = self.tokenize_records(records, self.data_report)
-        if len(train_examples) < (2 if m.loss_type == "kto" else 1):
-            raise DataError(f"too few examples to train on ({len(train_examples)}): "
-                            f"{self.data_report.summary()}")
-        self._set_weights(train_examples)
-        eval_examples = self.tokenize_records(eval_records, DataReport())
-        if m.loss_type == "kto" and len(eval_examples) == 1:
+        return KTORecipe(self.tokenizer, self.chat_template, m, t.seq_length)
+
+    def arrange(self, data: PreparedData, recipe: KTORecipe) -> tuple[Groups, Groups]:
+        """Fixed micro-batches of the examples, with every example's KL partner tokenised."""
+        m, t = self.method, self.config.train
+        if data.stream is not None:
+            raise DataError("KTO cannot train from a stream: its micro-batches (and the KL pairs "
+                            "and reference log-probs they fix) are drawn from the whole dataset; "
+                            "pass a datasets.Dataset or a file, with data.streaming=False")
+        if len(data.train) < (2 if m.loss_type == "kto" else 1):
+            raise DataError(f"too few examples to train on ({len(data.train)}): "
+                            f"{data.report.summary()}")
+        self._set_weights(data.store.column("label")[data.train.rows])
+        if m.loss_type == "kto" and len(data.eval) == 1:
             raise DataError("only 1 evaluation example: the KL estimate pairs each example with "
                             "another one's completion, so evaluation needs at least 2; give more "
                             "eval_samples, or raise train.eval_split")
-        if self.accelerator.is_main_process:
-            print(self.data_report.summary(), flush=True)
-        return (self._group(train_examples, t.batch_size),
-                self._group(eval_examples, t.eval_batch_size or t.batch_size))
+        return micro_batches(data, recipe, t.batch_size, t.eval_batch_size or t.batch_size, t.seed,
+                             with_kl=m.loss_type == "kto", num_proc=self.config.data.num_proc)
 
-    def _group(self, examples: list[dict], size: int) -> list[list[dict]]:
-        if not examples:
-            return []
-        order = fixed_micro_batches(len(examples), size, self.config.train.seed)
-        return [[examples[i] for i in batch] for batch in order]
-
-    def _set_weights(self, examples: list[dict]) -> None:
+    def _set_weights(self, labels) -> None:
         """Resolves desirable_weight="auto", reports the class counts and checks their balance."""
         m = self.method
-        n_d = sum(ex["label"] for ex in examples)
-        n_u = len(examples) - n_d
+        n_d = int(np.count_nonzero(labels))
+        n_u = len(labels) - n_d
         try:
             if m.desirable_weight == "auto":
                 self.weights = auto_weights(n_d, n_u)
@@ -120,47 +116,13 @@ class KTOTrainer(Trainer):
             if not ok:
                 warnings.warn(message, stacklevel=2)
 
-    def tokenize_records(self, records: list[dict], report: DataReport) -> list[dict]:
-        examples = []
-        for record in records:
-            report.num_samples += 1
-            report.kinds["desirable" if record["label"] else "undesirable"] += 1
-            ex = self.tokenize_pair(record["prompt"], record["completion"], record.get("tools"),
-                                    self.method.overlong)
-            if ex is None:
-                report.dropped["too_long"] += 1
-                continue
-            ex.update(label=record["label"], prompt=record["prompt"],
-                      completion=record["completion"], tools=record.get("tools"))
-            report.num_examples += 1
-            report.num_tokens += len(ex["input_ids"])
-            report.num_loss_tokens += sum(1 for x in ex["labels"][1:] if x != IGNORE_INDEX)
-            report.truncated += ex.pop("truncated")
-            examples.append(ex)
-        return examples
-
-    def tokenize_pair(self, prompt, completion, tools, overlong: str) -> dict | None:
-        """One (prompt, completion) as input_ids/labels (loss positions = the completion)."""
-        if isinstance(prompt, str) and isinstance(completion, str):
-            ex = tokenize_pair(self.tokenizer, prompt, completion, add_eos=True)
-        else:
-            from trainer_lib.data.chat import tokenize_prompt_completion_messages
-
-            ex = tokenize_prompt_completion_messages(
-                self.tokenizer, _as_messages(prompt, "user"), _as_messages(completion, "assistant"),
-                tools, self.chat_template.for_messages())
-        fitted, what = fit_to_length(ex, self.config.train.seq_length, "pair", overlong)
-        if not fitted:
-            return None
-        return {"input_ids": fitted[0]["input_ids"], "labels": fitted[0]["labels"],
-                "truncated": int(what == "truncated")}
-
     def _kl_example(self, prompt_ex: dict, completion_ex: dict) -> dict:
-        key = (id(prompt_ex), id(completion_ex))  # micro-batches are fixed: each pair recurs
-        if key not in self._kl_cache:
-            self._kl_cache[key] = self.tokenize_pair(
-                prompt_ex["prompt"], completion_ex["completion"], prompt_ex["tools"], "truncate")
-        return self._kl_cache[key]
+        """The mismatched pair of `prompt_ex` (its prompt, `completion_ex`'s completion),
+        tokenised by the data pipeline; `completion_ex` must be the partner it was made with."""
+        if prompt_ex.get("kl_partner") != completion_ex.get("position"):
+            raise ValueError("KL pairs are tokenised with the pairing of the fixed micro-batches "
+                             "(mismatched_pairing); this example's partner is another one")
+        return prompt_ex["kl"]
 
     def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None):
         return super().make_loader(items, shuffle, batch_size=1)  # an item is a micro-batch
@@ -170,6 +132,7 @@ class KTOTrainer(Trainer):
 
     def collate(self, items: list[list[dict]]) -> dict:
         """Fixed micro-batches -> one batch; KL pairs come from each example's own micro-batch."""
+        items = materialize(items)  # a view of stored micro-batches: fetched at once
         examples, kl_rows = [], []
         for group in items:
             examples.extend(group)
@@ -241,8 +204,7 @@ class KTOTrainer(Trainer):
             torch.distributed.all_gather_object(shares, results)
             results = [r for share in shares for r in share]
         for g, ref, kl in results:
-            for ex, a, b in zip(groups[g], ref, kl):
-                ex["ref_logp"], ex["kl_ref_logp"] = a, b
+            groups.set_reference(g, ref, kl)  # carried by every later fetch of these examples
 
     def _reference_pass(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         avg, chunk = self.method.average_log_probs, self.method.loss_chunk_size
@@ -340,10 +302,6 @@ def _completion_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def _rows(batch: dict, prefix: str) -> dict:
     return {k: batch[prefix + k] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _as_messages(value, role: str) -> list:
-    return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
 @contextmanager

@@ -1,34 +1,105 @@
 """Supervised fine-tuning: next-token loss on the tokens that `labels` marks.
 
-Examples are packed into rows of `seq_length` by default (best fit decreasing; position ids
-restart at each document and no document attends to another), or padded in length-grouped
-batches with `method.packing=False`. The loss is the chunked cross-entropy, which never holds the
-full float32 logits for the backward pass.
+Data: the shared pipeline (`data/pipeline.py`) with `SFTRecipe`: text, prompt/completion pairs,
+Alpaca rows and conversations, tokenised by the per-sample functions of `data/tokenize.py` and
+`data/chat.py` (texts and pairs in batches). Examples are packed into rows of `seq_length` by
+default (best fit decreasing over the lengths column; position ids restart at each document and
+no document attends to another), or padded in length-grouped batches with
+`method.packing=False`. The loss is the chunked cross-entropy, which never holds the full
+float32 logits for the backward pass.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from trainer_lib.config import SFTConfig
-from trainer_lib.data.packing import PackedCollator, pack_dataset
+from trainer_lib.data import chat
 from trainer_lib.data.chat import RunTemplate
-from trainer_lib.data.samples import DataError, hold_out, load_samples, normalize_sft_samples
-from trainer_lib.data.sampling import LengthGroupedSampler, padded_collate
-from trainer_lib.data.tokenize import (
-    DataReport,
-    count_loss_tokens,
-    fit_to_length,
-    tokenize_pair,
-    tokenize_text,
+from trainer_lib.data.packing import PackedCollator, pack_lengths
+from trainer_lib.data.pipeline import PreparedData
+from trainer_lib.data.recipe import DataRecipe
+from trainer_lib.data.samples import (
+    DataError,
+    mixed_forms_message,
+    normalize_sft_sample,
+    sft_sample_form,
 )
+from trainer_lib.data.sampling import LengthGroupedSampler, padded_collate
+from trainer_lib.data.store import GroupLayout, Groups, materialize
+from trainer_lib.data.streaming import StreamItems, StreamLoader
+from trainer_lib.data.tokenize import tokenize_pairs, tokenize_texts
 from trainer_lib.distributed import is_zero3
 from trainer_lib.losses.cross_entropy import causal_lm_token_nll
 from trainer_lib.registry import register_trainer
 from trainer_lib.trainers.base import Trainer
+
+
+class SFTRecipe(DataRecipe):
+    """SFT's normalise and tokenise functions, for the shared pipeline."""
+
+    name = "sft"
+
+    def __init__(self, tokenizer, template: RunTemplate, method: SFTConfig, seq_length: int):
+        super().__init__(tokenizer, seq_length, method.overlong)
+        self.keys = (method.text_key, method.input_key, method.output_key)
+        self.loss_on, self.add_eos, self.template = method.loss_on, method.add_eos, template
+
+    def settings(self) -> dict:
+        return {**super().settings(), "keys": self.keys, "loss_on": self.loss_on,
+                "add_eos": self.add_eos, "chat_template": [self.template.spec,
+                                                           self.template.template]}
+
+    def form(self, sample, index: int) -> str:
+        return sft_sample_form(sample, index, *self.keys)
+
+    def mixed_forms(self, index: int, form: str, first: str) -> str:
+        return mixed_forms_message(index, form, first)
+
+    def normalize(self, sample, index: int, form: str) -> list[dict]:
+        return [normalize_sft_sample(sample, index, form, *self.keys)]
+
+    def tokenize(self, records: list[dict], indices: list[int]) -> list:
+        out: list = [None] * len(records)
+        texts = [k for k, r in enumerate(records) if r["kind"] == "text"]
+        pairs = [k for k, r in enumerate(records) if r["kind"] == "pair"]
+        if texts:
+            done = tokenize_texts(self.tokenizer, [records[k]["text"] for k in texts], self.add_eos)
+            for k, example in zip(texts, done):
+                out[k] = example
+        if pairs:
+            done = tokenize_pairs(self.tokenizer, [records[k]["prompt"] for k in pairs],
+                                  [records[k]["completion"] for k in pairs], self.add_eos)
+            for k, example in zip(pairs, done):
+                out[k] = example
+        for k, (record, index) in enumerate(zip(records, indices)):
+            if out[k] is None:
+                try:
+                    out[k] = tokenize_chat_record(self.tokenizer, record, self.template,
+                                                  self.loss_on, index)
+                except DataError as e:
+                    out[k] = e
+        return out
+
+    def fit_kind(self, record: dict) -> str:
+        return record["kind"] if record["kind"] in ("text", "pair") else "chat"
+
+    def report_kind(self, record: dict) -> str:
+        return record["kind"]
+
+
+def tokenize_chat_record(tokenizer, record: dict, template: RunTemplate, loss_on: str,
+                         index: int | None = None) -> dict:
+    """A conversation or a chat prompt/completion record -> input_ids and labels."""
+    messages_template = template.for_messages()
+    if record["kind"] == "conversation":
+        return chat.tokenize_conversation(tokenizer, record["messages"], record["tools"],
+                                          messages_template, loss_on=loss_on, index=index)
+    return chat.tokenize_prompt_completion_messages(tokenizer, record["prompt"],
+                                                    record["completion"], record["tools"],
+                                                    messages_template, index=index)
 
 
 @register_trainer(SFTConfig)
@@ -37,89 +108,57 @@ class SFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
 
-    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[list, list]:
+    def data_recipe(self) -> SFTRecipe:
         self.method = self.config.method
         self.chat_template = RunTemplate(self.tokenizer, self.config.tokenizer.chat_template)
-        records = normalize_sft_samples(load_samples(samples), self.method.text_key,
-                                        self.method.input_key, self.method.output_key)
-        if eval_samples is not None:
-            eval_records = normalize_sft_samples(load_samples(eval_samples, "eval_samples"),
-                                                 self.method.text_key, self.method.input_key,
-                                                 self.method.output_key)
-        else:
-            records, eval_records = hold_out(records, self.config.train.eval_split,
-                                             self.config.train.seed)
-        self.data_report = DataReport()
-        train_examples = self.tokenize_records(records, self.data_report)
-        if not train_examples:
-            raise DataError(f"no sample is left to train on: {self.data_report.summary()}")
-        eval_examples = self.tokenize_records(eval_records, DataReport())
-        if self.accelerator.is_main_process:
-            print(self.data_report.summary(), flush=True)
-        return self.arrange(train_examples), eval_examples
+        return SFTRecipe(self.tokenizer, self.chat_template, self.method,
+                         self.config.train.seq_length)
 
-    def tokenize_records(self, records: list[dict], report: DataReport) -> list[dict]:
-        m, seq_length = self.method, self.config.train.seq_length
-        examples = []
-        for i, record in enumerate(records):
-            kind = record["kind"]
-            report.kinds[kind] += 1
-            report.num_samples += 1
-            example = self.tokenize_record(record, i)
-            fitted, what = fit_to_length(example, seq_length,
-                                         "text" if kind == "text" else "pair" if kind == "pair"
-                                         else "chat", m.overlong)
-            if what.startswith("dropped:"):
-                report.dropped[what.split(":", 1)[1]] += 1
-            elif what == "truncated":
-                report.truncated += 1
-            elif what == "split":
-                report.split += 1
-            for ex in fitted:
-                if count_loss_tokens(ex["labels"]) == 0:
-                    report.dropped["no_loss_tokens"] += 1
-                    continue
-                report.num_examples += 1
-                report.num_tokens += len(ex["input_ids"])
-                report.num_loss_tokens += count_loss_tokens(ex["labels"])
-                examples.append(ex)
-        return examples
+    def arrange(self, data: PreparedData, recipe: SFTRecipe) -> tuple:
+        """Loader items: packed rows (best fit decreasing over the lengths), or single examples."""
+        t = self.config.train
+        if data.stream is not None:
+            acc = self.accelerator
+            items = StreamItems(data.stream.stream, data.stream.rows, recipe,
+                                packing=self.method.packing, seed=t.seed,
+                                buffer_size=self.config.data.stream_buffer,
+                                rank=acc.process_index, world=acc.num_processes,
+                                name=data.stream.name)
+            self.data_report = items.report
+            self.train_examples = items.first
+            return items, data.eval
+        if not len(data.train):
+            raise DataError(f"no sample is left to train on: {data.report.summary()}")
+        self.train_examples = data.train
+        if not self.method.packing:
+            return data.train, data.eval
+        train = data.train
 
-    def tokenize_record(self, record: dict, index: int) -> dict:
-        tok, m = self.tokenizer, self.method
-        if record["kind"] == "text":
-            return tokenize_text(tok, record["text"], m.add_eos)
-        if record["kind"] == "pair":
-            return tokenize_pair(tok, record["prompt"], record["completion"], m.add_eos)
-        from trainer_lib.data import chat
+        def pack():
+            bar = tqdm(total=len(train), desc="packing", unit=" examples", dynamic_ncols=True,
+                       disable=not (self.accelerator.is_main_process and t.progress_bar))
+            with bar:
+                flat, offsets = pack_lengths(train.lengths(), t.seq_length, bar)
+            return {"rows": train.rows[flat], "offsets": offsets}
 
-        template = self.chat_template.for_messages()
-        if record["kind"] == "conversation":
-            return chat.tokenize_conversation(tok, record["messages"], record["tools"], template,
-                                              loss_on=m.loss_on)
-        return chat.tokenize_prompt_completion_messages(tok, record["prompt"],
-                                                        record["completion"], record["tools"],
-                                                        template)
+        packed = data.derived_arrays("packed", ["best_fit_decreasing", t.seq_length], pack)
+        return Groups(GroupLayout(data.store, packed["rows"], packed["offsets"])), data.eval
 
-    def arrange(self, examples: list[dict]) -> list:
-        """Loader items: packed rows of examples (best fit decreasing), or single examples."""
-        self.train_examples = examples
-        if self.method.packing:
-            return pack_dataset(examples, self.config.train.seq_length)
-        return examples
-
-    def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None):
+    def make_loader(self, items, shuffle: bool, batch_size: int | None = None):
+        batch_size = batch_size or self.config.train.batch_size
+        if isinstance(items, StreamItems):
+            return StreamLoader(items, batch_size, self.config.train.seq_length, self.collate)
         if shuffle and not self.method.packing and self.method.group_by_length:
-            lengths = [len(ex["input_ids"]) for ex in items]
-            sampler = LengthGroupedSampler(lengths, self.config.train.batch_size,
+            sampler = LengthGroupedSampler(items.lengths(), self.config.train.batch_size,
                                            self.config.train.seed)
-            return DataLoader(items, batch_size=batch_size or self.config.train.batch_size,
-                              sampler=sampler, collate_fn=self.collate)
+            return DataLoader(items, batch_size=batch_size, sampler=sampler,
+                              collate_fn=self.collate)
         return super().make_loader(items, shuffle, batch_size)
 
-    def collate(self, items: list) -> dict:
+    def collate(self, items) -> dict:
         """Packed rows (lists of examples) or single examples, padded. Under ZeRO-3 every batch
         is padded to seq_length so that all processes run the same chunks of the loss."""
+        items = materialize(items)
         seq_length = self.config.train.seq_length
         same_shape = is_zero3(self.accelerator)
         if isinstance(items[0], list):

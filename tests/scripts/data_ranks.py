@@ -1,0 +1,93 @@
+"""What each process of a launched run gets from the data pipeline; run by tests/test_data_cache.py
+under `accelerate launch --num_processes 2`.
+
+    python data_ranks.py --model <tiny model folder> --out <folder>
+
+Each process writes out/rank<N>.json: whether it tokenised anything itself, the cache entries it
+found, a hash of every packed row of the whole dataset as it sees it, the rows its loader gave it
+in one epoch, and the samples its share of a stream held.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+NUM_SAMPLES = 40
+
+
+def samples():
+    words = ["alpha", "beta", "gamma", "delta", "word1", "token2"]
+    return [{"prompt": f"sample {i:03d}\n", "completion": " ".join(words[: 1 + i % 6])}
+            for i in range(NUM_SAMPLES)]
+
+
+def row_hash(row) -> str:
+    return hashlib.sha1(json.dumps([ex["input_ids"] for ex in row]).encode()).hexdigest()[:16]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import datasets
+
+    from trainer_lib import default_sft_config
+    from trainer_lib.data.streaming import StreamItems
+    from trainer_lib.trainers.sft import SFTRecipe, SFTTrainer
+
+    calls = []
+    tokenize = SFTRecipe.tokenize
+
+    def counting(self, records, indices):
+        calls.append(len(records))
+        return tokenize(self, records, indices)
+
+    SFTRecipe.tokenize = counting
+    config = default_sft_config().evolve(
+        model=dict(model_path=args.model),
+        train=dict(seq_length=64, batch_size=2, total_steps=1, progress_bar=False,
+                   checkpoint_dir=os.path.join(args.out, "ckpts"),
+                   logging_dir=os.path.join(args.out, "logs")))
+    trainer = SFTTrainer(config, samples=samples())
+    acc = trainer.accelerator
+    tokenised = sum(calls)  # by this process, for the whole dataset
+    mine = [row_hash(row) for batch in trainer.train_loader for row in _rows(trainer, batch)]
+
+    stream = datasets.IterableDataset.from_generator(
+        lambda: ({"prompt": s["prompt"], "completion": s["completion"]} for s in samples()))
+    items = StreamItems(stream, "records", trainer.data_recipe(), packing=False, seed=1,
+                        buffer_size=8, rank=acc.process_index, world=acc.num_processes)
+    tokenizer = trainer.tokenizer
+    streamed = sorted(int(tokenizer.decode(ex["input_ids"]).split("sample ")[1][:3])
+                      for ex in items.examples(0))
+
+    cache = Path(os.environ["TRAINER_LIB_DATA_CACHE"])
+    out = {"rank": acc.process_index, "num_processes": acc.num_processes,
+           "tokenised": tokenised,
+           "entries": sorted(p.name for p in cache.iterdir() if (p / "done.json").exists()),
+           "all_rows": [row_hash(row) for row in trainer.train_items],
+           "loader_rows": mine, "streamed": streamed}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{acc.process_index}.json").write_text(json.dumps(out))
+
+
+def _rows(trainer, batch):
+    """The packed rows of a collated batch, back as lists of examples (split at position 0)."""
+    rows = []
+    for ids, positions in zip(batch["input_ids"], batch["position_ids"]):
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
+        docs = [ids[s:e] for s, e in zip(starts[:-1], starts[1:])]
+        rows.append([{"input_ids": d.tolist()} for d in docs
+                     if not d.eq(trainer.tokenizer.pad_token_id).all()])  # not the padding run
+    return rows
+
+
+if __name__ == "__main__":
+    main()

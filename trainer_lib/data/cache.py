@@ -1,0 +1,164 @@
+"""Prepared data on disk: named by everything that changes it, written once, shared by processes.
+
+A cache entry is a folder `<cache_dir>/<name>-<key>/` whose key hashes the pipeline's version,
+the data (a file's path, size and modification time, the fingerprint of a `datasets.Dataset`, or
+the content of a list), the tokenizer (its vocabulary, merges, special and added tokens,
+normaliser and post-processor), the chat template, `seq_length` and the method's data settings.
+An entry is built under a temporary name and renamed once complete (`done.json` inside marks it),
+so an interrupted run never leaves half an entry, and two runs racing for one key both end with
+a whole one.
+
+Several processes: the local main process of each node prepares first; the others then find its
+files and open them memory-mapped, so a node holds one copy of the data in its page cache. With
+`data.cache=False` the same happens in a temporary folder that is removed once every process has
+opened what it needs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+# bump when the prepared tables change for the same inputs, so old entries are not reused
+PIPELINE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("TRAINER_LIB_DATA_CACHE"):
+        return Path(os.environ["TRAINER_LIB_DATA_CACHE"])
+    root = os.environ.get("TRAINER_LIB_CACHE", Path.home() / ".cache" / "trainer_lib")
+    return Path(root) / "data"
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides how the tokenizer splits text: for a fast tokenizer its whole definition
+    (vocabulary, merges, added tokens, normaliser, pre-tokeniser, post-processor), plus the special
+    tokens and the settings it was loaded with; for a slow one its vocabulary and files."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+        for name in getattr(tokenizer, "vocab_files_names", {}):
+            path = getattr(tokenizer, name, None)
+            if isinstance(path, str) and os.path.isfile(path):
+                h.update(Path(path).read_bytes())
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                if isinstance(v, (str, int, float, bool, type(None)))
+                and "file" not in k and "path" not in k}
+    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+           tokenizer.unk_token_id]
+    added = sorted((int(i), str(t)) for i, t in getattr(tokenizer, "added_tokens_decoder",
+                                                        {}).items())
+    h.update(json.dumps([settings, ids, added, str(tokenizer.special_tokens_map)], sort_keys=True,
+                        default=str).encode("utf-8"))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- entries
+
+
+class CacheEntry:
+    """One prepared result: a folder named by its key."""
+
+    def __init__(self, root: Path, name: str, key: str):
+        self.root, self.name, self.key = Path(root), name, key
+        self.path = self.root / f"{name}-{key}"
+
+    def ready(self) -> bool:
+        return (self.path / "done.json").is_file()
+
+    @contextlib.contextmanager
+    def building(self, meta: dict) -> Iterator[Path]:
+        """A temporary folder to write into; renamed to the entry once the block succeeds."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / "done.json").write_text(json.dumps(meta, indent=1, default=str))
+            try:
+                os.rename(tmp, self.path)
+            except OSError:  # another run finished the same entry first: theirs is as good
+                if not self.ready():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def meta(self) -> dict:
+        return json.loads((self.path / "done.json").read_text())
+
+
+def temporary_root(root: Path, token: str) -> Path:
+    """The folder of a run with caching off: removed when the run has opened its data, and at exit
+    at the latest."""
+    path = Path(root) / f"tmp-{token}"
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+# ---------------------------------------------------------------------- several processes
+
+
+def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
+    """`prepare()` on each node's main process first, then on the others (which then find its
+    files). An error on the main process is raised on every process, with its message, instead of
+    leaving the others waiting."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return prepare()
+    from accelerate.utils import broadcast_object_list
+
+    value, failure, error = None, [None], None
+    if accelerator.is_local_main_process:
+        try:
+            value = prepare()
+        except Exception as e:  # noqa: BLE001 - shared with the other processes below
+            error, failure = e, [_portable(e)]
+    accelerator.wait_for_everyone()
+    broadcast_object_list(failure)  # the global main's outcome (every node prepares the same)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        cls, message = failure[0]
+        raise cls(message)
+    if not accelerator.is_local_main_process:
+        value = prepare()
+    return value
+
+
+def _portable(e: Exception) -> tuple[type, str]:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(type(e)))
+        return type(e), str(e)
+    except Exception:  # noqa: BLE001 - a class that cannot travel: its name and message do
+        return RuntimeError, f"{type(e).__name__}: {e}"
+
+
+def shared_token(accelerator) -> str:
+    """A random name every process agrees on (the global main's)."""
+    token = [uuid.uuid4().hex[:12]]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token)
+    return token[0]

@@ -1,0 +1,223 @@
+"""One data pipeline for every method: samples -> records -> tokenised examples, on disk.
+
+    open_source (sources.py) -> datasets.Dataset
+        -> Dataset.map(prepare_batch (recipe.py), batched, data.num_proc workers)
+        -> prepared table, cached and shared by processes (cache.py)
+        -> checks, hold-out, data report (checks.py)
+        -> ExampleStore and the views the loaders draw from (store.py)
+
+A method supplies a `DataRecipe` (how to tell a sample's form, normalise it, tokenise it);
+everything else is shared. It all happens before the model loads, so bad input fails early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from trainer_lib.data.cache import (
+    PIPELINE_VERSION,
+    CacheEntry,
+    default_cache_dir,
+    digest,
+    main_first,
+    shared_token,
+    temporary_root,
+)
+from trainer_lib.data.checks import check_errors, column, held_out, kept_rows, make_report
+from trainer_lib.data.recipe import DataRecipe, prepare_batch, table_features
+from trainer_lib.data.samples import DataError
+from trainer_lib.data.sources import Source, open_source
+from trainer_lib.data.store import Examples, ExampleStore
+from trainer_lib.data.tokenize import DataReport
+
+SMALL_DATASET = 1000  # samples per worker below which starting a worker costs more than it saves
+
+
+@dataclass
+class PreparedData:
+    """The run's examples: train and eval views of one store, the report, and where derived
+    results (packed rows, micro-batches) are kept beside the prepared table."""
+
+    store: Optional[ExampleStore]
+    train: Optional[Examples]
+    eval: Examples
+    report: DataReport
+    folder: Optional[Path]  # the train entry: derived results are cached inside it
+    context: "_Context"
+    stream: Optional[Source] = None  # the training samples, when they are a stream
+    key: str = ""
+
+    def derived(self, name: str, key_parts: Any, build: Callable[[Path], None]) -> Path:
+        """A folder that `build(folder)` fills once per key (on each node's main process first,
+        then shared); returns it."""
+        entry = CacheEntry(self.folder / "derived", name, digest(self.key, key_parts))
+
+        def make():
+            if not entry.ready():
+                with entry.building({"name": name}) as tmp, \
+                        _datasets_progress(self.context.show_progress):
+                    build(tmp)
+            return entry.path
+
+        return main_first(self.context.accelerator, make)
+
+    def derived_arrays(self, name: str, key_parts: Any,
+                       compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """numpy arrays computed once and memory-mapped by every process."""
+        def build(folder: Path) -> None:
+            for array_name, array in compute().items():
+                np.save(folder / f"{array_name}.npy", np.asarray(array))
+
+        folder = self.derived(name, key_parts, build)
+        return {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
+
+    def release(self) -> None:
+        """Once every process holds what it needs: a run with caching off removes its files."""
+        self.context.release()
+
+
+@dataclass
+class _Context:
+    accelerator: Any
+    root: Path
+    num_proc: Optional[int]
+    show_progress: bool
+    temporary: Optional[Path] = None
+    hf_cache: Optional[str] = None
+
+    def release(self) -> None:
+        if self.temporary is None:
+            return
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            acc.wait_for_everyone()
+        if acc is None or acc.is_local_main_process:
+            import shutil
+
+            shutil.rmtree(self.temporary, ignore_errors=True)
+        self.temporary = None
+
+
+def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
+               eval_samples: Any = None) -> PreparedData:
+    """Samples and evaluation samples -> PreparedData, before any model is loaded."""
+    d, t = config.data, config.train
+    main = accelerator is None or accelerator.is_main_process
+    root = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
+    context = _Context(accelerator, root, d.num_proc, main and t.progress_bar,
+                       hf_cache=str(root / "hf"))
+    if not d.cache:
+        context.root = context.temporary = temporary_root(root, shared_token(accelerator))
+        context.hf_cache = str(context.temporary / "hf")
+    sources = open_source(samples, "samples", d.streaming, context.hf_cache,
+                          dict_eval=eval_samples is None and t.eval_split == 0)
+    if sources.note and main:
+        print(sources.note, flush=True)
+    eval_source = sources.eval
+    if eval_samples is not None:
+        eval_source = open_source(eval_samples, "eval_samples", False, context.hf_cache,
+                                  dict_eval=False).train
+        if eval_source.stream is not None:
+            raise DataError("eval_samples is a stream; evaluation samples are prepared whole: "
+                            "pass a list, a datasets.Dataset or a file")
+
+    eval_table, eval_entry = (_prepare(context, recipe, eval_source) if eval_source is not None
+                              else (None, None))
+    if sources.train.stream is not None:
+        if t.eval_split > 0:
+            raise DataError("train.eval_split holds out a fraction of the samples, which a stream "
+                            "does not have; pass eval_samples instead, or set train.eval_split=0")
+        store = ExampleStore(eval_table, recipe.carried) if eval_table is not None else None
+        rows = kept_rows(eval_table) if eval_table is not None else np.zeros(0, np.int64)
+        return PreparedData(store, None, Examples(store, rows), DataReport(), None, context,
+                            stream=sources.train)
+
+    train_table, entry = _prepare(context, recipe, sources.train)
+    tables = [train_table] + ([eval_table] if eval_table is not None else [])
+    store = ExampleStore(pa.concat_tables(tables) if len(tables) > 1 else train_table,
+                         recipe.carried)
+    if eval_table is not None:
+        in_train = np.ones(train_table.num_rows, dtype=bool)
+        eval_rows = kept_rows(eval_table) + train_table.num_rows
+    else:
+        in_train = ~held_out(train_table, t.eval_split, t.seed)
+        eval_rows = np.nonzero(~in_train & (column(train_table, "length") > 0))[0]
+    train_rows = np.nonzero(in_train & (column(train_table, "length") > 0))[0]
+    report = make_report(train_table, in_train)
+    key = digest(entry.key, eval_entry.key if eval_entry else None, t.eval_split, t.seed)
+    return PreparedData(store, Examples(store, train_rows), Examples(store, eval_rows), report,
+                        entry.path, context, key=key)
+
+
+def _prepare(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:
+    """The prepared table of one source: from the cache, or built (main process first)."""
+    key = digest(PIPELINE_VERSION, recipe.name, recipe.settings(), _tokenizer_key(recipe),
+                 source.key)
+    entry = CacheEntry(context.root, recipe.name, key)
+    main_first(context.accelerator, lambda: _build(context, recipe, source, entry))
+    files = [entry.path / name for name in entry.meta()["files"]]
+    tables = [pa.ipc.open_stream(pa.memory_map(str(p))).read_all() for p in files]
+    return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), entry
+
+
+def _tokenizer_key(recipe: DataRecipe) -> str:
+    from trainer_lib.data.cache import tokenizer_fingerprint
+
+    cached = getattr(recipe, "_tokenizer_key", None)
+    if cached is None:
+        cached = recipe._tokenizer_key = tokenizer_fingerprint(recipe.tokenizer)
+    return cached
+
+
+def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEntry) -> None:
+    if entry.ready():
+        return
+    meta = {"source": source.name, "method": recipe.name, "settings": recipe.settings()}
+    with entry.building(meta) as folder, _datasets_progress(context.show_progress):
+        raw = source.load(folder, context.show_progress)
+        if len(raw) == 0:
+            raise DataError(recipe.empty_message(source.name))
+        num_proc = resolve_num_proc(context.num_proc, len(raw))
+        prepared = raw.with_format("arrow").map(
+            prepare_batch, batched=True, batch_size=500, with_indices=True,
+            fn_kwargs=dict(recipe=recipe, rows=source.rows), remove_columns=raw.column_names,
+            features=table_features(recipe), num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=str(folder / "prepared.arrow"), new_fingerprint=entry.key,
+            load_from_cache_file=False,
+            desc=f"tokenising {source.name}")
+        check_errors(prepared.data.table, recipe, source)
+        meta["files"] = [Path(f["filename"]).name for f in prepared.cache_files]
+        meta["rows"] = len(prepared)
+        del prepared, raw
+        (folder / "raw.arrow").unlink(missing_ok=True)
+
+
+def resolve_num_proc(setting: Optional[int], n_samples: int) -> int:
+    """`data.num_proc`, or the CPU cores available to this process; a small dataset is prepared
+    in the process itself, since starting workers would cost more than they save."""
+    if setting is not None:
+        return max(1, min(setting, n_samples))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_samples // SMALL_DATASET))
+
+
+@contextlib.contextmanager
+def _datasets_progress(show: bool):
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if show else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()

@@ -1,0 +1,199 @@
+"""What a method supplies to the data pipeline, and how one batch of samples becomes rows.
+
+A `DataRecipe` tells a sample's form, normalises it into records and tokenises records (reusing
+the per-sample functions of `tokenize.py` and `chat.py`, so the result is token for token
+theirs). `prepare_batch` runs it over a batch in a tokenising worker and applies what every
+method shares: the over-long policy, the accounting of truncations and drops, and errors that
+name the sample. Errors never cross the worker processes as exceptions: each problem is written
+into the `error` column of the sample's row (see `checks.py`).
+
+One row per example, plus one row per sample that failed or was dropped entirely, so that every
+sample is accounted for. Token ids are int32, the loss positions a uint8 mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from trainer_lib.data.constants import IGNORE_INDEX
+from trainer_lib.data.samples import DataError
+from trainer_lib.data.sources import decode_json_row
+from trainer_lib.data.tokenize import fit_to_length
+
+# the stage at which a sample failed: errors of an earlier stage are reported first
+READ, FORM, NORMALIZE, TOKENIZE = 0, 1, 2, 3
+
+
+class DataRecipe:
+    """What a method supplies to the pipeline. Subclasses must be picklable (they travel to the
+    tokenising workers): keep the tokenizer and plain settings on them, not a trainer."""
+
+    name = "data"
+    error = DataError  # what a sample of another form than sample 0 raises
+    # examples whose labels carry no loss are left out (and counted as dropped)
+    drop_without_loss = True
+    # per-example columns stored beside the tokens: name -> datasets feature
+    scalar_features: dict = {}
+    # columns that every fetched example carries (scalars: `sample` is the user's index)
+    carried: tuple = ("sample",)
+
+    def __init__(self, tokenizer, seq_length: int, overlong: str):
+        self.tokenizer, self.seq_length, self.overlong = tokenizer, seq_length, overlong
+
+    def settings(self) -> dict:
+        """Everything besides the data and the tokenizer that changes the prepared examples."""
+        return {"seq_length": self.seq_length, "overlong": self.overlong}
+
+    def form(self, sample: Any, index: int) -> str:
+        """The sample's format; raises DataError when it has none."""
+        raise NotImplementedError
+
+    def mixed_forms(self, index: int, form: str, first: str) -> str:
+        return (f"sample {index} is a {form} sample but sample 0 is a {first} sample; one dataset "
+                "must hold one kind of sample")
+
+    def normalize(self, sample: Any, index: int, form: str) -> list[dict]:
+        """The records of one sample; raises DataError naming the sample and the field."""
+        raise NotImplementedError
+
+    def tokenize(self, records: list[dict], indices: list[int]) -> list:
+        """`{"input_ids", "labels"}` per record (or the DataError it raised), in order."""
+        raise NotImplementedError
+
+    def fit_kind(self, record: dict) -> str:
+        """How the over-long policy treats the record: "text", "pair" or "chat"."""
+        return "pair"
+
+    def report_kind(self, record: dict) -> str:
+        return record.get("kind", "sample")
+
+    def scalars(self, record: dict) -> dict:
+        """Values of `scalar_features` for the record's examples."""
+        return {}
+
+    def empty_message(self, what: str) -> str:
+        return f"{what} is empty: give at least one training sample"
+
+
+def prepare_batch(batch: pa.Table, indices: list[int], recipe: DataRecipe, rows: str) -> pa.Table:
+    """Raw samples -> rows of tokenised examples (one row per example, plus one row per sample
+    that failed or was dropped entirely, so that every sample is accounted for)."""
+    return prepare_samples(decode_rows(batch, rows), indices, recipe)
+
+
+def decode_rows(batch: pa.Table, rows: str) -> list[tuple[Any, Optional[str]]]:
+    """(sample, None) per row, or (None, what is wrong with it)."""
+    if rows == "json":
+        texts, lines = batch.column("json").to_pylist(), batch.column("line").to_pylist()
+        return [decode_json_row(t, n) for t, n in zip(texts, lines)]
+    from trainer_lib.data.conversations import clean_dataset_row
+
+    return [(clean_dataset_row(row), None) for row in batch.to_pylist()]
+
+
+def prepare_samples(samples: list[tuple[Any, Optional[str]]], indices: list[int],
+                    recipe: DataRecipe) -> pa.Table:
+    out = _Rows(recipe)
+    pending = []
+    for index, (sample, problem) in zip(indices, samples):
+        if problem is not None:
+            out.error(index, READ, problem)
+            continue
+        try:
+            form = recipe.form(sample, index)
+        except DataError as e:
+            out.error(index, FORM, e)
+            continue
+        try:
+            records = recipe.normalize(sample, index, form)
+        except DataError as e:
+            out.error(index, NORMALIZE, e, form)
+            continue
+        pending.extend((index, sub, record, form) for sub, record in enumerate(records))
+    examples = recipe.tokenize([p[2] for p in pending], [p[0] for p in pending]) if pending else []
+    for (index, sub, record, form), example in zip(pending, examples):
+        if isinstance(example, DataError):
+            out.error(index, TOKENIZE, example, form)
+        else:
+            out.add(index, sub, form, record, example)
+    return out.table()
+
+
+def table_features(recipe: DataRecipe):
+    import datasets
+
+    v = datasets.Value
+    return datasets.Features({
+        "input_ids": datasets.List(v("int32")), "loss_mask": datasets.List(v("uint8")),
+        "length": v("int32"), "num_loss": v("int32"),
+        "sample": v("int64"), "record": v("int64"),  # the user's index; sample * 4 + record
+        "form": v("string"), "kind": v("string"),
+        "outcome": v("string"),  # what the over-long policy did to the record
+        "dropped": v("string"),  # why this row holds no example ("" when it holds one)
+        "error": v("string"), "error_type": v("string"), "stage": v("int8"),
+        **recipe.scalar_features,
+    })
+
+
+class _Rows:
+    """Column builders for `prepare_batch`."""
+
+    def __init__(self, recipe: DataRecipe):
+        self.recipe = recipe
+        self.ids, self.mask, self.offsets = [], [], [0]
+        self.cols = {k: [] for k in ("length", "num_loss", "sample", "record", "form", "kind",
+                                     "outcome", "dropped", "error", "error_type", "stage",
+                                     *recipe.scalar_features)}
+
+    def _row(self, ids, mask, **values) -> None:
+        self.ids.extend(ids)
+        self.mask.extend(mask)
+        self.offsets.append(len(self.ids))
+        for name, column in self.cols.items():
+            column.append(values.get(name))
+
+    def error(self, index: int, stage: int, error: Any, form: str = "") -> None:
+        self._row((), (), length=0, num_loss=0, sample=index, record=index * 4, form=form,
+                  kind="", outcome="", dropped="", error=str(error), stage=stage,
+                  error_type=type(error).__name__ if isinstance(error, Exception) else None)
+
+    def add(self, index: int, sub: int, form: str, record: dict, example: dict) -> None:
+        recipe = self.recipe
+        kind, policy = recipe.fit_kind(record), recipe.overlong
+        n = len(example["input_ids"])
+        common = dict(sample=index, record=index * 4 + sub, form=form,
+                      kind=recipe.report_kind(record), **recipe.scalars(record))
+        if policy == "split" and kind != "text" and n > recipe.seq_length:
+            self._row((), (), length=0, num_loss=0, outcome="", dropped="", stage=TOKENIZE,
+                      error=f"sample {index}: {n} tokens, more than train.seq_length="
+                            f"{recipe.seq_length}, and method.overlong=\"split\" cuts only text "
+                            "samples; set method.overlong to \"truncate\" or \"drop\" for "
+                            "prompt/completion pairs and conversations", **common)
+            return
+        pieces, what = fit_to_length(example, recipe.seq_length, kind, policy)
+        if not pieces:
+            self._row((), (), length=0, num_loss=0, outcome=what, dropped=what.split(":", 1)[1],
+                      **common)
+        for piece in pieces:
+            labels = piece["labels"]
+            mask = [0 if label == IGNORE_INDEX else 1 for label in labels]
+            num_loss = sum(mask) - (mask[0] if mask else 0)  # the first token is never a target
+            if num_loss == 0 and recipe.drop_without_loss:
+                self._row((), (), length=0, num_loss=0, outcome=what, dropped="no_loss_tokens",
+                          **common)
+                continue
+            self._row(piece["input_ids"], mask, length=len(labels), num_loss=num_loss,
+                      outcome=what, dropped="", **common)
+
+    def table(self) -> pa.Table:
+        offsets = pa.array(self.offsets, pa.int32())
+        columns = {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
+            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(self.mask, pa.uint8())),
+        }
+        features = table_features(self.recipe)
+        for name, values in self.cols.items():
+            columns[name] = pa.array(values, features[name].pa_type)
+        return pa.table(columns)

@@ -1,0 +1,159 @@
+"""Training from a stream (a `datasets.IterableDataset`), never materialised.
+
+Each process reads its share of the stream (`datasets.distributed.split_dataset_by_node`: whole
+shards when their number divides by the processes, else every N-th sample), prepares samples
+with the method's recipe in small batches (the same `prepare_samples` as the map of a whole
+dataset, so the tokens and masks are the same), and packs a bounded buffer of
+`data.stream_buffer` examples at a time by best fit decreasing. The rows (or, unpacked, the
+examples) of a buffer are shuffled with (seed, epoch, buffer number). A stream has no length:
+`train.total_steps` bounds the run, and the stream is read again, as a new epoch, until then.
+
+Resume: the training loop skips the batches a checkpointed epoch had already used by reading the
+stream again from the start of that epoch. The same stream (same files, same order, or the same
+seeded `shuffle`) gives the same batches, so a resumed run ends with the same weights as an
+uninterrupted one; the skipped part of the epoch is read and tokenised again on resume. A stream
+whose content or order changes between runs cannot be resumed exactly.
+
+Before the model loads, every process checks the first `CHECKED` samples of the stream (errors
+name the sample); later bad samples stop the run when they are reached, naming the sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from trainer_lib.data.packing import pack_lengths
+from trainer_lib.data.checks import error_class, make_report
+from trainer_lib.data.recipe import READ, DataRecipe, prepare_samples
+from trainer_lib.data.samples import DataError
+from trainer_lib.data.sources import decode_json_row, read_errors_message
+from trainer_lib.data.store import ExampleStore
+
+CHECKED = 256  # samples of a stream checked before the model loads
+_READ = 64  # samples prepared at a time
+
+
+class StreamItems:
+    """The training items of a stream: `epoch(e)` yields packed rows (lists of examples) or
+    single examples. Indexing gives the first examples of the stream (checked up front), which
+    is what a padding batch or the default evaluation prompts need."""
+
+    def __init__(self, stream, rows: str, recipe: DataRecipe, *, packing: bool, seed: int,
+                 buffer_size: int, rank: int = 0, world: int = 1, name: str = "samples"):
+        from datasets.distributed import split_dataset_by_node
+
+        self.recipe, self.rows, self.packing, self.name = recipe, rows, packing, name
+        self.seed, self.buffer_size, self.rank, self.world = seed, buffer_size, rank, world
+        self.whole = stream
+        self.stream = split_dataset_by_node(stream, rank, world) if world > 1 else stream
+        # whole shards per process: sample numbers within the share, not in the whole stream
+        self.by_shards = world > 1 and stream.n_shards % world == 0
+        checked, table = self._check()
+        self.first = checked
+        self.report = make_report(table, np.ones(table.num_rows, dtype=bool))
+        self.report.stream_checked = table.column("sample").to_numpy().max() + 1
+
+    def _check(self) -> tuple[list, Any]:
+        """The first CHECKED samples of the whole stream, prepared: errors raised, examples kept."""
+        head = list(itertools.islice(iter(self.whole), CHECKED))
+        if not head:
+            raise DataError("samples: the stream yields no samples")
+        table = prepare_samples([self._decode(r) for r in head], list(range(len(head))),
+                                self.recipe)
+        _raise_first_error(table, self.name)
+        examples = ExampleStore(table, self.recipe.carried)
+        kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
+        if not len(kept):
+            raise DataError(f"samples: none of the first {len(head)} samples of the stream "
+                            "leaves an example to train on (all dropped)")
+        return examples.fetch(kept[:8]), table
+
+    def _decode(self, row: dict) -> tuple[Any, Optional[str]]:
+        if self.rows == "json":
+            return decode_json_row(row["json"], row["line"])
+        from trainer_lib.data.conversations import clean_dataset_row
+
+        return clean_dataset_row(row), None
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self._as_item(ex) for ex in self.first[key]]
+        return self._as_item(self.first[key])
+
+    def _as_item(self, example: dict):
+        return [example] if self.packing else example
+
+    def examples(self, epoch: int) -> Iterator[dict]:
+        """This process's examples of one epoch, in stream order."""
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+        rows = iter(self.stream)
+        for start in itertools.count(0, _READ):
+            batch = list(itertools.islice(rows, _READ))
+            if not batch:
+                return
+            local = range(start, start + len(batch))
+            indices = [i if self.by_shards else i * self.world + self.rank for i in local]
+            table = prepare_samples([self._decode(r) for r in batch], indices, self.recipe)
+            _raise_first_error(table, self.name, self.rank if self.by_shards else None)
+            kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
+            yield from ExampleStore(table, self.recipe.carried).fetch(kept)
+
+    def epoch(self, epoch: int, seq_length: int) -> Iterator[Any]:
+        """Items of one epoch: each buffer of examples packed (or not) and shuffled."""
+        examples = self.examples(epoch)
+        for number in itertools.count():
+            buffer = list(itertools.islice(examples, self.buffer_size))
+            if not buffer:
+                return
+            items: list = buffer
+            if self.packing:
+                flat, offsets = pack_lengths([len(ex["input_ids"]) for ex in buffer], seq_length)
+                items = [[buffer[i] for i in flat[offsets[b]:offsets[b + 1]]]
+                         for b in range(len(offsets) - 1)]
+            order = np.random.default_rng([self.seed, epoch, number]).permutation(len(items))
+            for i in order.tolist():
+                yield items[i]
+
+
+def _raise_first_error(table, name: str, rank: Optional[int] = None) -> None:
+    errors = table.column("error")
+    for i, message in enumerate(errors.to_pylist()):
+        if message is None:
+            continue
+        if table.column("stage")[i].as_py() == READ:  # a line of a file: name the file
+            message = read_errors_message(name, [message], 1)
+        if rank is not None:
+            message += f" (numbered within the shards of the stream read by process {rank})"
+        raise error_class(table.column("error_type")[i].as_py())(message)
+
+
+class StreamLoader:
+    """Batches of a stream, collated; what `make_loader` returns for a stream. Not a torch
+    DataLoader, so that accelerate does not shard it again (each process already reads its
+    share)."""
+
+    def __init__(self, items: StreamItems, batch_size: int, seq_length: int,
+                 collate: Callable[[list], dict]):
+        self.items, self.batch_size, self.seq_length = items, batch_size, seq_length
+        self.collate, self.epoch = collate, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        items = self.items.epoch(self.epoch, self.seq_length)
+        while True:
+            batch = list(itertools.islice(items, self.batch_size))
+            if not batch:
+                return
+            yield self.collate(batch)
+
+    def __len__(self) -> int:
+        # unknown: the training loop's total_steps = min(train.total_steps, epochs x len) is then
+        # train.total_steps, which bounds the run
+        return sys.maxsize
