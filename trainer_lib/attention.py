@@ -70,14 +70,18 @@ def document_attention_forward(module, query, key, value, attention_mask, dropou
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    rows = []
-    for b, row in enumerate(_spans(attention_mask)):
-        pieces = [F.scaled_dot_product_attention(
-            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-            dropout_p=dropout, scale=scaling, is_causal=True) for s, e in row]
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    batch, heads, length, dim = query.shape
+    # every document of every row, in order: split views of the [batch * length] positions, so
+    # that backward is one cat per input (slices would each fill a zero tensor of the whole
+    # batch) and the output is one cat, already in the [batch, length, heads, dim] layout
+    sizes = [e - s for row in _spans(attention_mask) for s, e in row]
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, dim).split(sizes)
+               for t in (query, key, value))
+    pieces = [F.scaled_dot_product_attention(
+        qd.transpose(0, 1)[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None],
+        dropout_p=dropout, scale=scaling, is_causal=True)[0].transpose(0, 1)
+        for qd, kd, vd in zip(q, k, v)]
+    return torch.cat(pieces).view(batch, length, heads, dim), None
 
 
 def document_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -107,3 +111,4 @@ def register() -> str:
     AttentionInterface.register(DOCUMENT_ATTENTION, document_attention_forward)
     AttentionMaskInterface.register(DOCUMENT_ATTENTION, document_mask)
     return DOCUMENT_ATTENTION
+
