@@ -37,7 +37,8 @@ REFERENCE_ADAPTER = "reference"
 def check_reference_settings(config) -> None:
     """Settings that cannot work together, named before anything is loaded."""
     m = config.method
-    peft = config.model.peft_config is not None or adapter_base(config.model.model_path or "")
+    path = config.model.model_path
+    peft = config.model.peft_config is not None or (path and adapter_base(path))
     if m.ref_model == "adapter" and not peft:
         raise ConfigError('method.ref_model="adapter" needs a PEFT policy (set '
                           'model.peft_config); use "precompute" or "copy" for a full model')
@@ -70,6 +71,8 @@ def use_document_attention(model) -> bool:
 
 
 class KTOReference:
+    """The reference of one KTO run (its mode, and its model when it has one of its own)."""
+
     def __init__(self, trainer):
         self.trainer = trainer
         m, model = trainer.method, trainer.model
