@@ -64,6 +64,39 @@ def test_conversational_pairs_with_implicit_prompt():
     assert [r["label"] for r in records] == [True, False]
 
 
+def test_text_transcripts_sharing_a_start_are_split_at_the_last_assistant_turn():
+    """Anthropic HH-RLHF style: the prompt ends with the last shared "Assistant:", so the whole
+    final answer is judged even where both answers begin alike."""
+    convo = "\n\nHuman: Can you help?\n\nAssistant: Sure.\n\nHuman: Paint it red?\n\nAssistant:"
+    records = normalize_kto_samples([{"chosen": convo + " I would rather not.",
+                                      "rejected": convo + " I would paint it."}])
+    assert [r["prompt"] for r in records] == [convo, convo]
+    assert [r["completion"] for r in records] == [" I would rather not.", " I would paint it."]
+    assert [r["label"] for r in records] == [True, False]
+    # no turn headers: cut at the last whitespace, never inside a word
+    records = normalize_kto_samples([{"chosen": "The sky is blue today", "rejected": "The sky is blank"}])
+    assert [r["prompt"] for r in records] == ["The sky is"] * 2
+    assert [r["completion"] for r in records] == [" blue today", " blank"]
+
+
+@needs_fixtures
+def test_real_hh_rlhf_transcripts_are_unpaired():
+    import gzip
+
+    with gzip.open(FIXTURES / "preference_pairs" / "harmless-base-test.jsonl.gz", "rt",
+                   encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    records = normalize_kto_samples(rows)
+    assert len(records) == 2 * len(rows) == 4624
+    for row, good, bad in zip(rows, records[0::2], records[1::2]):
+        assert good["prompt"] == bad["prompt"] and good["prompt"].endswith("\n\nAssistant:")
+        assert good["prompt"] + good["completion"] == row["chosen"]
+        assert bad["prompt"] + bad["completion"] == row["rejected"]
+        # cut at the last assistant turn both share (the answers may differ in an earlier turn)
+        assert "Assistant:" not in os.path.commonprefix([good["completion"], bad["completion"]])
+        assert (good["label"], bad["label"]) == (True, False)
+
+
 def test_messages_with_label():
     messages = [USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Sure?"},
                 {"role": "assistant", "content": "Yes."}]
@@ -162,8 +195,11 @@ def test_bad_prompt_or_completion(sample, message):
      r"sample 0: field 'messages\[-1\].content' is empty"),
     ({"prompt": "p", "chosen": "", "rejected": "r"}, "sample 0: field 'chosen' is empty"),
     ({"prompt": "p", "chosen": "c"}, "sample 0: field 'rejected' is missing"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
-     "sample 0: field 'prompt' is missing; a pair of text transcripts needs the prompt"),
+    ({"chosen": "Same words.", "rejected": "Same words."},
+     "sample 0: field 'rejected' is the same transcript as 'chosen'"),
+    ({"chosen": "Yes, I can.", "rejected": "No."}, "sample 0: field 'chosen' shares no prompt"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": [USER, {"role": "assistant", "content": "b"}]},
+     "sample 0: field 'rejected' must have the same form as 'chosen'"),
     ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
       "rejected": {"from": "robot", "value": "b"}}, r"sample 0: field 'rejected\[0\].from' is 'robot'"),
     ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},

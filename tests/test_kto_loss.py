@@ -9,10 +9,12 @@ from trainer_lib.losses.kto import (
     auto_weights,
     class_balance,
     completion_logps,
+    document_logps,
     kto_loss,
     kto_sft_losses,
-    kto_sft_term,
     mismatched_pairing,
+    reference_point,
+    sft_scale,
 )
 
 
@@ -75,26 +77,40 @@ def test_reference_point_is_clamped_at_zero():
     )
 
 
-def test_reference_point_is_averaged_across_processes_before_the_clamp():
-    # Local z = 1.25; the other process had -4.0, so the mean is -1.375 and the clamp gives 0.
+def test_reference_point_is_the_mean_over_every_process_pair_before_the_clamp():
+    # Local pairs: log-ratios [2, 0.5] (sum 2.5, 2 pairs). Another process adds 6 pairs summing
+    # to -9: z = (2.5 - 9) / 8 < 0, clamped to 0. A mean of the two means would give
+    # (1.25 - 1.5) / 2, also < 0, so the second case tells them apart.
     seen = []
 
-    def reduce_mean(x):
-        seen.append(x.item())
-        return (x + (-4.0)) / 2
+    def reduce_sum(x):
+        seen.append(x.tolist())
+        return x + torch.tensor([-9.0, 6.0], dtype=x.dtype)
 
-    _, z, _ = kto_loss(
-        POLICY, REF, KL_POLICY, KL_REF, LABELS,
-        beta=BETA, desirable_weight=1.0, undesirable_weight=1.0, reduce_mean=reduce_mean,
-    )
-    assert seen == pytest.approx([1.25])
+    _, z, _ = kto_loss(POLICY, REF, KL_POLICY, KL_REF, LABELS, beta=BETA, desirable_weight=1.0,
+                       undesirable_weight=1.0, reduce_sum=reduce_sum)
+    assert seen == [pytest.approx([2.5, 2.0])]
     assert z.item() == 0.0
+    # 6 pairs summing to 9.5: z = (2.5 + 9.5) / 8 = 1.5 (the mean of means would be ~1.42)
+    _, z, _ = kto_loss(POLICY, REF, KL_POLICY, KL_REF, LABELS, beta=BETA, desirable_weight=1.0,
+                       undesirable_weight=1.0,
+                       reduce_sum=lambda x: x + torch.tensor([9.5, 6.0], dtype=x.dtype))
+    assert z.item() == pytest.approx(1.5)
 
-    _, z, _ = kto_loss(
-        POLICY, REF, KL_POLICY, KL_REF, LABELS,
-        beta=BETA, desirable_weight=1.0, undesirable_weight=1.0, reduce_mean=lambda x: (x + 2.75) / 2,
-    )
-    assert z.item() == pytest.approx(2.0)
+
+def test_a_process_without_pairs_adds_nothing_to_the_reference_point():
+    # the stand-in of a process short of data reports (0, 0): z is the other process's mean
+    assert reference_point(2.5 + 0.0, 2 + 0).item() == pytest.approx(1.25)
+    assert reference_point(torch.tensor(-3.0), torch.tensor(2.0)).item() == 0.0
+    assert reference_point(0.0, 0.0).item() == 0.0  # no pairs at all: no shift
+
+
+def test_a_given_reference_point_replaces_the_local_estimate():
+    losses, z, _ = kto_loss(POLICY, REF, None, None, LABELS, beta=BETA, desirable_weight=1.0,
+                            undesirable_weight=1.0, z=torch.tensor(0.5, dtype=torch.float64))
+    assert z.item() == 0.5
+    assert losses.tolist() == pytest.approx(
+        [1 - sigmoid(0.1 * 0.5), 1 - sigmoid(0.1 * 1.5), 1 - sigmoid(0.1 * 0.5)], abs=1e-12)
 
 
 def test_apo_zero_unpaired_by_hand():
@@ -163,24 +179,29 @@ def test_averaged_log_probs_by_hand():
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.5), 1 - sigmoid(-1 / 3)])
 
 
-def test_sft_term_is_mean_token_nll_of_desirable_completions():
-    token_logps = t(-1.0, -2.0, -3.0, -0.5, -0.5, 0.0, -4.0, -1.0, -1.0).reshape(3, 3)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 1, 1]])
-    labels = torch.tensor([True, False, True])
-    # Desirable completion tokens: -1, -2 (row 0) and -1, -1 (row 2): NLL (1 + 2 + 1 + 1) / 4.
-    term = kto_sft_term(token_logps, mask, labels, sft_weight=0.3)
-    assert term.item() == pytest.approx(0.3 * 5.0 / 4)
-    assert kto_sft_term(token_logps, mask, labels, sft_weight=0.0).item() == 0.0
-    assert kto_sft_term(token_logps, mask, torch.tensor([False] * 3), sft_weight=0.3).item() == 0.0
+def test_document_logps_sum_or_average_each_documents_tokens():
+    # tokens of 3 documents in any order, as packed rows give them
+    token_logps = t(-1.0, -2.0, -0.5, -3.0, -0.25, -4.0)
+    index = torch.tensor([0, 0, 2, 0, 2, 1])
+    sums, counts = document_logps(token_logps, index, 4)
+    assert sums.tolist() == [-6.0, -4.0, -0.75, 0.0] and counts.tolist() == [3, 1, 2, 0]
+    means, _ = document_logps(token_logps, index, 4, average=True)
+    assert means.tolist() == [-2.0, -4.0, -0.375, 0.0]
 
 
 def test_per_example_sft_losses_are_each_desirable_completions_mean_token_nll():
-    token_logps = t(-1.0, -2.0, -3.0, -0.5, -0.5, 0.0, -4.0, -1.0, -1.0).reshape(3, 3)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 1, 1]])
-    labels = torch.tensor([True, False, True])
-    # row 0: (1 + 2) / 2; row 1 undesirable: 0; row 2: (1 + 1) / 2
-    losses = kto_sft_losses(token_logps, mask, labels, sft_weight=0.3)
+    # row 0: log-probs summing to -3 over 2 tokens; row 1 undesirable; row 2: -2 over 2 tokens
+    losses = kto_sft_losses(t(-3.0, -1.0, -2.0), torch.tensor([2, 2, 2]),
+                            torch.tensor([True, False, True]), sft_weight=0.3)
     assert losses.tolist() == pytest.approx([0.3 * 1.5, 0.0, 0.3 * 1.0])
+
+
+def test_the_sft_term_is_a_mean_over_desirable_examples():
+    # summed over a step of 8 examples, 2 of them desirable, then divided by the 8: the mean over
+    # the 2, whatever the share of desirable examples
+    per_example = t(0.6, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert (per_example.sum() * sft_scale(8, 2) / 8).item() == pytest.approx(0.8)
+    assert sft_scale(8, 0) == 0.0
 
 
 def test_loss_rejects_unusable_arguments():
@@ -189,7 +210,7 @@ def test_loss_rejects_unusable_arguments():
     with pytest.raises(TypeError, match="bool"):
         kto_loss(POLICY, REF, KL_POLICY, KL_REF, LABELS.float(), beta=BETA, desirable_weight=1.0,
                  undesirable_weight=1.0)
-    with pytest.raises(ValueError, match="mismatched pairs"):
+    with pytest.raises(ValueError, match="mismatched pairs.*or a reference point z"):
         kto_loss(POLICY, REF, None, None, LABELS, beta=BETA, desirable_weight=1.0, undesirable_weight=1.0)
     with pytest.raises(ValueError, match="loss_type"):
         kto_loss(POLICY, REF, KL_POLICY, KL_REF, LABELS, beta=BETA, desirable_weight=1.0,

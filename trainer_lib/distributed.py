@@ -183,12 +183,31 @@ def prepare_reference_model(accelerator: Accelerator, model: torch.nn.Module):
 
     Under DeepSpeed ZeRO-3 it becomes a DeepSpeed inference engine sharded like the policy (no
     optimiser, so it costs 1/N of its weights per process); under ZeRO-1/2 and without DeepSpeed
-    it is put whole on the device. Either way it is in eval mode with requires_grad False.
+    it is put whole on the device, in the precision the policy computes in (DeepSpeed's half
+    precision weights, or accelerate's autocast around forward). Either way it is in eval mode
+    with requires_grad False.
     """
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if not is_zero3(accelerator):
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        for kind, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            # DeepSpeed casts the policy's weights to its half precision: the reference too
+            if plugin is not None and plugin.deepspeed_config.get(kind, {}).get("enabled") is True:
+                model.to(dtype)
+        if accelerator.native_amp and plugin is None:
+            # the autocast wrapper accelerate.prepare puts on the policy's forward, so that both
+            # compute in the same precision
+            from types import MethodType
+
+            from accelerate.utils import convert_outputs_to_fp32
+            from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+            autocast = get_mixed_precision_context_manager(accelerator.native_amp,
+                                                           accelerator.autocast_handler)
+            forward = autocast(model.forward.__func__)
+            model.forward = MethodType(convert_outputs_to_fp32(forward), model)
         return model.to(accelerator.device)
     import deepspeed
 

@@ -8,13 +8,16 @@ the local cache or an error, instead of a minute of retries inside `from_pretrai
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import time
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trainer_lib.attention import DOCUMENT_ATTENTION, register as register_document_attention
 from trainer_lib.config import Config, ConfigError
 from trainer_lib.quiet import no_progress_bars, quiet_tokenizer
 
@@ -119,16 +122,40 @@ def load_tokenizer(config: Config):
     return tok
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model of a LoRA adapter folder (its adapter_config.json), None for a model."""
+    config_file = os.path.join(str(path), "adapter_config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f).get("base_model_name_or_path")
+
+
 def load_model(config: Config):
     path = _check_path(config.model.model_path, "model path")
     kwargs = dict(dtype=_DTYPES[config.model.torch_dtype],
                   trust_remote_code=config.model.trust_remote_code,
                   **model_source(path, "model.model_path"))
     if config.model.attn_implementation:
+        if config.model.attn_implementation == DOCUMENT_ATTENTION:
+            register_document_attention()
         kwargs["attn_implementation"] = config.model.attn_implementation
+    base = adapter_base(path)
+    if base is not None and config.model.peft_config is not None:
+        raise ConfigError(
+            f"model.model_path '{path}' is a LoRA adapter folder and model.peft_config adds "
+            "another adapter: leave peft_config unset to keep training the adapter the folder "
+            "holds, or merge it first (trainer.save_pretrained(path, merge_adapters=True)) and "
+            "train a new adapter on the merged folder")
     try:
         with no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if base is None:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            else:  # the adapter keeps training on its frozen base
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs),
+                                                  path, is_trainable=True)
     except Exception as e:  # noqa: BLE001
         raise _load_error(path, "model", e) from e
     if config.model.gradient_checkpointing:
@@ -224,3 +251,63 @@ def align_special_tokens(model, tokenizer) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop")
+
+
+def disable_dropout(model) -> None:
+    """Sets every dropout probability of the model to 0, wherever it lives: nn.Dropout modules
+    (LoRA's included), float attributes that modules copied from the config at init (Llama's
+    `self.attention_dropout`), and the config itself (Falcon and GPT-Neo read it in forward).
+
+    The user's config values are kept aside and written back for saving (`dropout_as_configured`):
+    the saved folder is the model as it was configured, only this run trains without dropout.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if _is_dropout_name(name) and type(value) is float:
+                setattr(module, name, 0.0)
+    kept = model.__dict__.setdefault("_dropout_as_configured", [])  # not in the saved config
+    for config in _configs(model):
+        for name, value in list(vars(config).items()):
+            if _is_dropout_name(name) and type(value) is float and value != 0.0:
+                kept.append((config, name, value))
+                setattr(config, name, 0.0)
+
+
+@contextmanager
+def dropout_as_configured(model):
+    """Within it, the model's config carries the dropout the user configured (for saving)."""
+    changed = []
+    for module in model.modules():
+        for config, name, value in module.__dict__.get("_dropout_as_configured", []):
+            changed.append((config, name, getattr(config, name)))
+            setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, name, value in reversed(changed):
+            setattr(config, name, value)
+
+
+def _configs(model) -> list:
+    """The model's config and its sub-configs (a multimodal model's text config, ...)."""
+    from transformers import PretrainedConfig
+
+    seen, found = set(), []
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if not isinstance(config, PretrainedConfig) or id(config) in seen:
+            continue
+        seen.add(id(config))
+        found.append(config)
+        stack.extend(v for v in vars(config).values() if isinstance(v, PretrainedConfig))
+    return found

@@ -93,6 +93,7 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
     adapter weights only), or with `merge_adapters=True` as a full model with the adapters merged
     into the base weights, which loads with AutoModelForCausalLM alone.
     """
+    from trainer_lib.modeling import dropout_as_configured
     from trainer_lib.peft_utils import is_peft_model
 
     accelerator.wait_for_everyone()
@@ -102,7 +103,9 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
     # trainer_lib.distributed always sets); the unwrapped module alone would hold empty shards
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        with atomic_directory(path) as tmp, no_progress_bars():
+        # the folder keeps the dropout the user configured, even if training ran without it
+        with atomic_directory(path) as tmp, no_progress_bars(), \
+                dropout_as_configured(unwrapped):
             if is_peft and merge_adapters:
                 merged = _merged_copy(unwrapped, state_dict)
                 merged.save_pretrained(tmp, safe_serialization=True)

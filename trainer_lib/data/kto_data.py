@@ -7,8 +7,10 @@ Accepted formats (one per list):
                   {"conversations": [...], "label": bool} (ShareGPT "from"/"value");
                   the final assistant turn is the completion, the turns before it the prompt;
   - pairs:        {"prompt", "chosen", "rejected"}, or ShareGPT
-                  {"conversations": [...], "chosen": {"from", "value"}, "rejected": {...}};
-                  each pair becomes two records, chosen -> True, rejected -> False.
+                  {"conversations": [...], "chosen": {"from", "value"}, "rejected": {...}}, or
+                  {"chosen", "rejected"} as whole transcripts sharing their start (Anthropic
+                  HH-RLHF), whose shared start is the prompt; each pair becomes two records,
+                  chosen -> True, rejected -> False.
 
 In the records a conversational prompt is a list of messages and its completion a one-message
 list `[{"role": "assistant", ...}]`; a text prompt keeps a text completion. A sample's "tools"
@@ -170,17 +172,46 @@ def _split_conversation(messages: list, index: int, field: str) -> tuple[list, l
     return messages[:-1], messages[-1:]
 
 
+# Where an assistant turn starts in text transcripts (Anthropic HH "\n\nAssistant:", ChatML,
+# Llama-2 chat, Alpaca): the prompt of a pair of transcripts ends with the last of these that
+# both share, so the completion judged is the whole final answer.
+_ASSISTANT_HEADERS = ("Assistant:", "<|im_start|>assistant\n", "[/INST]", "### Response:")
+
+
+def _split_transcripts(chosen: str, rejected: str, index: int) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) of two text transcripts sharing a start.
+
+    The shared start is cut back to the end of the last assistant header in it; without one, to
+    the last whitespace, so that no word is cut in half (the completions then start with it).
+    """
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == len(chosen) == len(rejected):
+        raise _fail(index, "rejected", "is the same transcript as 'chosen'; there is nothing to prefer")
+    common = chosen[:shared]
+    cut = max((common.rfind(h) + len(h) for h in _ASSISTANT_HEADERS if h in common), default=-1)
+    if cut < 0:
+        cut = max(common.rfind(" "), common.rfind("\n"))
+    if cut <= 0 or not common[:cut].strip():
+        raise _fail(index, "chosen", "shares no prompt with 'rejected': the transcripts differ "
+                    "from their start; give the prompt separately as 'prompt'")
+    # an answer may be blank (a few HH-RLHF transcripts end with "Assistant: "): the completion
+    # judged is then the end of the turn alone, as TRL keeps it
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def _implicit_prompt_pair(sample: dict, index: int, input_key: str) -> list[dict]:
-    """{"chosen": messages, "rejected": messages} sharing their first turns: those are the prompt."""
+    """{"chosen", "rejected"} as whole transcripts sharing their start (lists of messages, or
+    texts such as Anthropic HH's "\n\nHuman: ...\n\nAssistant: ..."): the shared start is the
+    prompt, the rest of each its completion (TRL's `extract_prompt`, then unpaired)."""
     chosen = _text_or_messages(_required(sample, "chosen", index), index, "chosen")
     rejected = _text_or_messages(_required(sample, "rejected", index), index, "rejected")
-    if isinstance(chosen, str) or isinstance(rejected, str):
-        # Splitting two transcripts at their first differing character can cut a word or a turn
-        # header in half, so text transcripts need an explicit prompt.
-        raise KTODataError(
-            f"sample {index}: field '{input_key}' is missing; a pair of text transcripts needs the "
-            f"prompt given separately as '{input_key}' (or give 'chosen' and 'rejected' as lists of messages)"
-        )
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _fail(index, "rejected", "must have the same form as 'chosen' (both text or both messages)")
+    if isinstance(chosen, str):
+        prompt, good, bad = _split_transcripts(chosen, rejected, index)
+        return [_record(prompt, good, True, sample), _record(prompt, bad, False, sample)]
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1

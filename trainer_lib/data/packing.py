@@ -172,3 +172,38 @@ def _check_example(ex: dict, index: int | None) -> None:
         )
     if len(ex["input_ids"]) == 0:
         raise ValueError(f"{where} has no tokens")
+
+
+def pack_documents(documents: list[dict], seq_length: int, pad_token_id: int,
+                   pad_to_multiple_of: int | None = 64, num_rows: int | None = None) -> dict:
+    """One batch of documents that must stay apart, packed into as few rows as fit.
+
+    Best fit decreasing over the documents' lengths, then `PackedCollator`; adds
+    `document_index` [R, L]: the position in `documents` of the document each token belongs to,
+    -1 on padding, so per-document figures (sequence log-probs) can be summed from the rows.
+    `num_rows` (with `pad_to_multiple_of=None`) fixes the shape at [num_rows, seq_length] with
+    rows of padding, for engines where every process must run the same shapes (ZeRO-3).
+    """
+    rows = best_fit_decreasing([len(d["input_ids"]) for d in documents], seq_length)
+    if num_rows is not None and len(rows) > num_rows:
+        raise ValueError(f"{len(documents)} documents need {len(rows)} rows, more than {num_rows}")
+    batch = PackedCollator(pad_token_id, seq_length, pad_to_multiple_of)(
+        [[documents[i] for i in row] for row in rows])
+    width = batch["input_ids"].shape[1]
+    index = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:  # PackedCollator lays each row's documents out in this order, from 0
+            n = len(documents[i]["input_ids"])
+            index[r, start:start + n] = i
+            start += n
+    batch["document_index"] = index
+    extra = (num_rows or len(rows)) - len(rows)
+    if extra:  # whole rows of padding: pad tokens, no labels, positions 0, 1, ...
+        batch["input_ids"] = torch.cat([batch["input_ids"],
+                                        torch.full((extra, width), pad_token_id)])
+        batch["labels"] = torch.cat([batch["labels"], torch.full((extra, width), IGNORE_INDEX)])
+        batch["position_ids"] = torch.cat([batch["position_ids"],
+                                           torch.arange(width).expand(extra, width)])
+        batch["document_index"] = torch.cat([index, torch.full((extra, width), -1)])
+    return batch

@@ -5,17 +5,19 @@ Per example, with r = log pi(y|x) - log pi_ref(y|x):
     desirable:    w_D * (1 - sigmoid(beta * (r - z)))
     undesirable:  w_U * (1 - sigmoid(beta * (z - r)))
 
-z is the reference point: the batch estimate of KL(pi || pi_ref), taken from prompts paired with
-another example's completion (`mismatched_pairing`), detached, averaged across processes and
-clamped at 0.
+z is the reference point: an estimate of KL(pi || pi_ref) from prompts paired with another
+example's completion (`mismatched_pairing`), the mean of log pi - log pi_ref over those pairs,
+detached and clamped at 0 (`reference_point`).
 
 The trainer's step, in order (trainer_lib/trainers/kto.py):
-  1. `completion_logps` on the real pairs and on the mismatched pairs (the same `average` for both,
+  1. `document_logps` of the real pairs and of the mismatched pairs (the same `average` for both,
      so r and z are on one scale), for the policy and the reference model;
-  2. `kto_loss` -> per-example losses, z, rewards; the trainer returns their SUM, and the shared
-     loop divides by the number of examples of the whole optimiser step;
-  3. when `sft_weight > 0`, adds the per-example `kto_sft_losses(...)` to that sum
-     (`kto_sft_term` is the per-micro-batch form, for callers that average per micro-batch).
+  2. z from every mismatched pair of the optimiser step, all micro-batches and processes
+     together (`reference_point` on their summed differences and count);
+  3. `kto_loss` -> per-example losses and rewards; the trainer returns their SUM and the shared
+     loop divides by the number of examples of the whole step;
+  4. when `sft_weight > 0`, `kto_sft_losses` (each desirable example's mean token NLL) scaled so
+     that the step's term is `sft_weight` x their mean over the step's desirable examples.
 """
 
 from __future__ import annotations
@@ -65,6 +67,39 @@ def completion_logps(
     return summed / mask.sum(-1).clamp(min=1).to(summed.dtype)
 
 
+def document_logps(
+    token_logps: torch.Tensor,
+    document_index: torch.Tensor,
+    num_documents: int,
+    average: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document completion log-probabilities from token log-probs laid out in any rows.
+
+    token_logps: [N] (or any shape) log-prob of each completion token; document_index: the same
+    shape, which document each token belongs to (0 .. num_documents - 1). Packed rows, padded rows
+    or a flat list of selected tokens all reduce the same way. Returns (log-probs [D], completion
+    token counts [D]); summed over each document's tokens, or averaged when `average`. A document
+    with no completion token gives 0.
+    """
+    flat, index = token_logps.reshape(-1), document_index.reshape(-1)
+    summed = flat.new_zeros(num_documents).index_add(0, index, flat)
+    counts = torch.zeros(num_documents, dtype=torch.long, device=flat.device).index_add(
+        0, index, torch.ones_like(index))
+    if average:
+        summed = summed / counts.clamp(min=1).to(summed.dtype)
+    return summed, counts
+
+
+def reference_point(
+    kl_logratio_sum: torch.Tensor | float, kl_count: torch.Tensor | float
+) -> torch.Tensor:
+    """z = max(0, mean of log pi - log pi_ref over the mismatched pairs), from their sum and
+    count (summed over micro-batches and processes first: a share with no pairs adds 0 to both)."""
+    s = torch.as_tensor(kl_logratio_sum, dtype=torch.float64)
+    c = torch.as_tensor(kl_count, dtype=torch.float64)
+    return (s / c.clamp(min=1)).clamp(min=0).detach()
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -76,18 +111,21 @@ def kto_loss(
     desirable_weight: float,
     undesirable_weight: float,
     loss_type: str = "kto",
-    reduce_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    z: Optional[torch.Tensor] = None,
+    reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example KTO losses.
 
     Args:
         policy_logps, ref_logps: [B] completion log-probs of the real (prompt, completion) pairs.
         kl_policy_logps, kl_ref_logps: [B'] log-probs of the mismatched pairs; ignored (may be
-            None) for `apo_zero_unpaired`.
+            None) for `apo_zero_unpaired`, or when `z` is given.
         is_desirable: [B] bool.
-        reduce_mean: the cross-process mean of a 0-d tensor (e.g.
-            `lambda t: accelerator.reduce(t, "mean")`); identity when None. z is clamped after it,
-            so every process uses the same z.
+        z: the reference point, already estimated over a larger set of pairs (the trainer's
+            optimiser step, see `reference_point`); when None it is estimated from the pairs given.
+        reduce_sum: the cross-process sum of a small tensor (e.g.
+            `lambda t: accelerator.reduce(t, "sum")`): z is then the mean over the pairs of every
+            process, each pair counting once (a process with no pairs adds nothing).
 
     Returns:
         losses [B] (weights applied, batch order kept; the caller averages them),
@@ -115,15 +153,18 @@ def kto_loss(
     logratio = policy_logps.to(dtype) - ref_logps.to(dtype)
 
     if loss_type == "kto":
-        if kl_policy_logps is None or kl_ref_logps is None or kl_policy_logps.numel() == 0:
-            raise ValueError(
-                "loss_type='kto' needs the log-probs of the mismatched pairs (kl_policy_logps, "
-                "kl_ref_logps); see mismatched_pairing"
-            )
-        z = (kl_policy_logps.detach().to(dtype) - kl_ref_logps.detach().to(dtype)).mean()
-        if reduce_mean is not None:
-            z = reduce_mean(z)
-        z = z.clamp(min=0).detach()
+        if z is None:
+            if kl_policy_logps is None or kl_ref_logps is None or kl_policy_logps.numel() == 0:
+                raise ValueError(
+                    "loss_type='kto' needs the log-probs of the mismatched pairs (kl_policy_logps, "
+                    "kl_ref_logps) or a reference point z; see mismatched_pairing"
+                )
+            diff = kl_policy_logps.detach().double() - kl_ref_logps.detach().double()
+            totals = torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))])
+            if reduce_sum is not None:
+                totals = reduce_sum(totals)
+            z = reference_point(totals[0], totals[1])
+        z = z.detach().to(device=logratio.device, dtype=dtype).clamp(min=0)
         # 1 - sigmoid(x) is written as sigmoid(-x): the same value, without cancellation for large x.
         desirable = desirable_weight * torch.sigmoid(-beta * (logratio - z))
         undesirable = undesirable_weight * torch.sigmoid(-beta * (z - logratio))
@@ -140,46 +181,22 @@ def kto_loss(
     return losses, z, rewards
 
 
-def kto_sft_term(
-    token_logps: torch.Tensor,
-    completion_mask: torch.Tensor,
-    is_desirable: torch.Tensor,
-    *,
-    sft_weight: float,
-) -> torch.Tensor:
-    """`sft_weight` times the NLL of the desirable completions, to add to the mean KTO loss.
-
-    Normalisation (as NeMo-Aligner's sft_loss_weight): the mean per-token NLL over all completion
-    tokens of the desirable examples of the micro-batch, i.e. sum(-logp) / number of those tokens,
-    so long completions weigh per token, not per sequence. 0 when the micro-batch has no
-    desirable completion token.
-    """
-    mask = completion_mask.bool() & is_desirable.bool().unsqueeze(-1)
-    n_tokens = mask.sum()
-    if sft_weight == 0 or n_tokens == 0:
-        return token_logps.new_zeros(())
-    nll = -token_logps.masked_fill(~mask, 0.0).sum() / n_tokens
-    return sft_weight * nll
-
-
 def kto_sft_losses(
-    token_logps: torch.Tensor,
-    completion_mask: torch.Tensor,
+    completion_logp_sums: torch.Tensor,
+    completion_tokens: torch.Tensor,
     is_desirable: torch.Tensor,
     *,
     sft_weight: float,
 ) -> torch.Tensor:
     """Per-example SFT term [B]: `sft_weight` times the mean per-token NLL of each desirable
-    completion, 0 for undesirable ones.
+    completion (its summed log-prob over its token count), 0 for undesirable ones.
 
-    Per example rather than per micro-batch (unlike `kto_sft_term`), so the term adds to the
-    per-example KTO losses and the step mean over all examples of all micro-batches and processes
-    does not depend on how the step was cut into micro-batches: the step objective is
-    mean_i [kto_i + sft_weight * 1{desirable_i} * mean_t(-log p(y_i,t))].
+    The trainer sums these over a step and scales the sum by `sft_scale` (examples / desirable
+    examples of the step), so that after the loop's division by the example count the step
+    objective is mean_i kto_i + sft_weight * mean_{i desirable} mean_t(-log p(y_i,t)): the
+    term's weight does not change with the share of desirable examples.
     """
-    mask = completion_mask.bool()
-    n_tokens = mask.sum(-1).clamp(min=1).to(token_logps.dtype)
-    nll = -token_logps.masked_fill(~mask, 0.0).sum(-1) / n_tokens
+    nll = -completion_logp_sums / completion_tokens.clamp(min=1).to(completion_logp_sums.dtype)
     return sft_weight * nll * is_desirable.to(nll.dtype)
 
 
@@ -233,3 +250,9 @@ def class_balance(
         'or desirable_weight="auto"'
     )
     return False, message, (suggested_d, undesirable_weight)
+
+
+def sft_scale(num_examples: float, num_desirable: float) -> float:
+    """What the summed `kto_sft_losses` are multiplied by so that, divided by `num_examples` (the
+    loop's normalisation), they give their mean over the `num_desirable` desirable examples."""
+    return num_examples / num_desirable if num_desirable > 0 else 0.0

@@ -120,6 +120,14 @@ class Trainer:
         """Called once the model is prepared (wrapped, sharded, on its device), before the first
         step: the place for passes that need the initial model in its training layout."""
 
+    def prepare_step(self, micro: list[dict]) -> list[float]:
+        """Called once per optimiser step, before any pass with gradients, with the step's
+        micro-batches (a process short of data gets stand-ins marked `batch["padding"]`, which
+        must count for nothing). A method's forward-only passes go here; the numbers it returns
+        (the same count on every process) are summed over processes in the step's one
+        all-reduce and left in `self.step_totals` for `compute_loss`."""
+        return []
+
     def eval_items_per_batch(self) -> int:
         """How many loader items make one evaluation forward pass."""
         return self.config.train.eval_batch_size or self.config.train.batch_size
@@ -247,7 +255,11 @@ class Trainer:
         acc, model = self.accelerator, self.model
         start = time.perf_counter()
         local_weight = sum(float(self.loss_weight(b)) for b in micro if b is not None)
-        total_weight = reduce_sum(acc, [local_weight])[0].item()
+        # a process short of data joins with a real batch of weight 0 (for the collectives),
+        # marked so that a method leaves it out of its cross-process figures
+        micro = [self._stand_in() if b is None else b for b in micro]
+        totals = reduce_sum(acc, [local_weight, *self.prepare_step(micro)]).tolist()
+        total_weight, self.step_totals = totals[0], totals[1:]
         # accelerate divides by gradient_accumulation_steps in backward and DDP averages over
         # processes; undo both so the gradient is that of sum(loss) / total_weight
         scale = acc.num_processes * acc.gradient_accumulation_steps / max(total_weight, 1.0)
@@ -256,9 +268,7 @@ class Trainer:
         num_tokens = 0
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            padding = batch is None
-            if padding:  # forward and backward a real batch with weight 0, for the collectives
-                batch = getattr(self, "_last_batch", None) or self.collate(self.train_items[:1])
+            padding = batch.get("padding", False)
             self._last_batch = batch
             acc.gradient_state._set_sync_gradients(last)
             with nullcontext() if last else acc.no_sync(model):
@@ -291,6 +301,10 @@ class Trainer:
             **update, "metrics": metrics, "seconds": time.perf_counter() - start,
         }
 
+    def _stand_in(self) -> dict:
+        batch = getattr(self, "_last_batch", None) or self.collate(self.train_items[:1])
+        return {**batch, "padding": True}
+
     def run_evaluation(self, position: tuple[int, int]) -> dict:
         """`eval/loss` on the validation examples and `metrics/*` from generation on the eval
         prompts. A failing metric_fn stops the run, once this step is checkpointed."""
@@ -309,7 +323,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the validation examples (`eval/loss`), the same mean as in training."""
+        """Loss on the validation examples (`eval/loss`), the same mean as in training, and the
+        method's figures from `compute_loss` as `eval/<name>`."""
         acc, model = self.accelerator, self.model
         was_training = model.training
         model.eval()
@@ -320,17 +335,31 @@ class Trainer:
         n_batches = len(batches)
         if acc.num_processes > 1:
             n_batches = int(acc.gather(torch.tensor([n_batches], device=acc.device)).max())
-        loss_sum, weight = 0.0, 0.0
+        loss_sum, weight, metric_sums = 0.0, 0.0, {}
         for i in range(n_batches):
-            items = batches[i] if i < len(batches) else batches[-1] if batches else self.eval_items[:1]
+            real = i < len(batches)
+            items = batches[i] if real else batches[-1] if batches else self.eval_items[:1]
             batch = self._to_device(self.collate(items))
-            s, _ = self.compute_loss(model, batch)
-            if i < len(batches):
+            if not real:  # a repeat that keeps the processes in step: it counts for nothing
+                batch["padding"] = True
+            s, metrics = self.compute_loss(model, batch)
+            if real:
                 loss_sum += float(s)
                 weight += float(self.loss_weight(batch))
-        total = reduce_sum(acc, [loss_sum, weight]).tolist()
+            for name, (ms, mc) in metrics.items():  # every process reduces the same names
+                sums = metric_sums.setdefault(name, [0.0, 0.0])
+                sums[0] += float(ms) if real else 0.0
+                sums[1] += float(mc) if real else 0.0
+        names = sorted(metric_sums)
+        total = reduce_sum(acc, [loss_sum, weight] + [v for n in names for v in metric_sums[n]])
+        total = total.tolist()
         model.train(was_training)
-        return {"eval/loss": total[0] / max(total[1], 1.0)}
+        values = {"eval/loss": total[0] / max(total[1], 1.0)}
+        for j, name in enumerate(names):
+            s, c = total[2 + 2 * j], total[3 + 2 * j]
+            if c:  # nothing measured: left out rather than logged as 0
+                values[f"eval/{name}"] = s / c
+        return values
 
     # ------------------------------------------------------------------ logging and saving
 
@@ -379,5 +408,6 @@ class _Window:
             "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
         }
         for name, (s, c) in self.metrics.items():
-            values[name] = s / c if c else 0.0
+            if c:  # nothing measured in the window (a class absent): left out, not logged as 0
+                values[name] = s / c
         return values

@@ -10,25 +10,25 @@ KL pairing: `collate` pairs prompt i of a micro-batch with completion p[i] of th
 p = `mismatched_pairing(B)` (a derangement for every B >= 2, odd B included). Because micro-batches
 are fixed, so is every example's partner, in every epoch and on every process.
 
-Reference model (`method.ref_model`):
-- "precompute": one pass over the fixed micro-batches before training, with the initial policy
-  in eval mode, stores on every example its reference log-prob and that of its KL pair; no second
-  model is kept. "auto" picks it for a full model.
-- "copy": a frozen copy of the initial policy (prepared like the policy under DeepSpeed).
-- "adapter": the PEFT policy with its adapters disabled; "auto" picks it for a PEFT model.
-All three give the same reference log-probs, so the same losses.
+Batches (`kto_batch`): the B examples are packed as documents into rows of `train.seq_length`
+(SFT's packing: position ids restart, no document sees another), and so are the B KL rows; a
+micro-batch is still B examples whatever the number of rows. Sequence log-probs are per-document
+sums of token log-probs (`sequence_logps`), the head applied only at completion tokens.
 
-Loss: `compute_loss` returns the SUM of per-example losses; `loss_weight` is the number of
-examples, so the loop's step loss is the mean over every example of the step, across
-micro-batches and processes, and gradient accumulation gives the gradient of one big batch.
-z is estimated per micro-batch (as in the paper) and averaged across processes.
+The reference model (`method.ref_model`) lives in kto_reference.py.
+
+A step: `prepare_step` runs every forward-only pass of the step first (the policy on the KL
+rows, the reference), so that z, the reference point, is the mean over every mismatched pair of
+the whole optimiser step, all micro-batches and processes, in the step's one all-reduce; a
+process's stand-in batch adds nothing to it. Then `compute_loss` returns the SUM of per-example
+losses; `loss_weight` is the number of examples, so the loop's step loss is the mean over every
+example of the step and gradient accumulation or more processes give the gradient of one big
+batch.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 
@@ -37,23 +37,31 @@ from trainer_lib.data.chat import RunTemplate
 from trainer_lib.data.constants import IGNORE_INDEX
 from trainer_lib.data.kto_data import KTODataError
 from trainer_lib.data.kto_pipeline import KTORecipe, micro_batches
+from trainer_lib.data.packing import pack_documents
 from trainer_lib.data.pipeline import PreparedData
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.sampling import padded_collate
 from trainer_lib.data.store import Groups, materialize
-from trainer_lib.distributed import is_zero3, prepare_reference_model
-from trainer_lib.losses.cross_entropy import causal_lm_token_nll
+from trainer_lib.distributed import is_zero3
+from trainer_lib.losses.cross_entropy import chunked_token_nll
 from trainer_lib.losses.kto import (
     auto_weights,
     class_balance,
-    completion_logps,
+    document_logps,
     kto_loss,
     kto_sft_losses,
     mismatched_pairing,
+    reference_point,
+    sft_scale,
 )
-from trainer_lib.modeling import load_model
+from trainer_lib.modeling import disable_dropout
 from trainer_lib.registry import register_trainer
 from trainer_lib.trainers.base import Trainer
+from trainer_lib.trainers.kto_reference import (
+    KTOReference,
+    check_reference_settings,
+    use_document_attention,
+)
 
 
 @register_trainer(KTOConfig)
@@ -65,6 +73,7 @@ class KTOTrainer(Trainer):
     def data_recipe(self) -> KTORecipe:
         m, t = self.config.method, self.config.train
         self.method = m
+        check_reference_settings(self.config)
         if m.loss_type == "kto":
             for name in ("batch_size", "eval_batch_size"):
                 size = getattr(t, name)
@@ -139,129 +148,107 @@ class KTOTrainer(Trainer):
             if self.method.loss_type == "kto":
                 pairing = mismatched_pairing(len(group))
                 kl_rows.extend(self._kl_example(group[i], group[j]) for i, j in enumerate(pairing))
-        pad_id = self.tokenizer.pad_token_id
-        # ZeRO-3: one shape on every process, so all run the same chunks of the loss
-        width = self.config.train.seq_length if is_zero3(self.accelerator) else None
-        batch = _rows(padded_collate(examples, pad_id, width), "")
-        if kl_rows:
-            batch.update({f"kl_{k}": v for k, v in _rows(padded_collate(kl_rows, pad_id, width),
-                                                         "").items()})
-        batch["is_desirable"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+        batch = kto_batch(examples, kl_rows, pad_token_id=self.tokenizer.pad_token_id,
+                          seq_length=self.config.train.seq_length, packing=self.method.packing,
+                          num_rows=self._fixed_rows())
         if all("ref_logp" in ex for ex in examples):
             batch["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples],
                                               dtype=torch.float64)
             if kl_rows:
                 batch["kl_ref_logps"] = torch.tensor([ex["kl_ref_logp"] for ex in examples],
                                                      dtype=torch.float64)
-        batch["num_examples"] = len(examples)
-        batch["num_tokens"] = int(batch["attention_mask"].sum())
         return batch
 
-    # ------------------------------------------------------------------ the reference model
+    def _fixed_rows(self) -> int | None:
+        """ZeRO-3: one shape on every process ([most examples in a micro-batch, seq_length]), so
+        all run the same chunks of the loss; None otherwise (rows as packed)."""
+        if not is_zero3(self.accelerator):
+            return None
+        return int(max(np.max(items.sizes(), initial=0)
+                       for items in (self.train_items, self.eval_items) if len(items)))
+
+    # ------------------------------------------------------------------ the model
 
     def setup_model(self) -> None:
-        mode = self.method.ref_model
-        is_peft = _is_peft(self.model)
-        if mode == "auto":
-            mode = "adapter" if is_peft else "precompute"
-        if mode == "adapter" and not is_peft:
-            raise ConfigError('method.ref_model="adapter" needs a PEFT policy (set '
-                              'model.peft_config); use "precompute" or "copy" for a full model')
-        self.ref_mode = mode
-        self.ref_model = None
-        if mode == "copy":
-            # loaded afresh rather than copied: under ZeRO-3 the policy may already be sharded
-            # (a copy would hold empty shards); a PEFT policy's reference is its base model
-            self.ref_model = load_model(self.config.evolve(
-                model=dict(peft_config=None, num_layers_unfrozen=-1, gradient_checkpointing=False)))
+        if self.method.disable_dropout:
+            disable_dropout(self.model)
+        self.document_attention = (self.method.packing and self.config.model.attn_implementation
+                                   is None and use_document_attention(self.model))
+        self.reference = KTOReference(self)
 
     def after_prepare(self) -> None:
-        acc = self.accelerator
-        if self.ref_model is not None:
-            self.ref_model = prepare_reference_model(acc, self.ref_model)
-        if self.ref_mode == "precompute":
-            self._precompute_reference(self.train_items + self.eval_items)
+        self.reference.prepare()
 
-    @torch.no_grad()
-    def _precompute_reference(self, groups: list[list[dict]]) -> None:
-        """Stores on every example its reference log-prob and its KL pair's, from the initial
-        policy in eval mode. Each process computes a share of the micro-batches (all run the same
-        number of forward passes, as a sharded model needs) and the results are exchanged."""
-        acc = self.accelerator
-        mine = list(range(acc.process_index, len(groups), acc.num_processes))
-        rounds = -(-len(groups) // acc.num_processes)
-        model, results = acc.unwrap_model(self.model), []
-        with _eval_mode(model):
-            for r in range(rounds):
-                g = mine[r] if r < len(mine) else 0  # a repeat keeps the ranks in step
-                batch = self._to_device(self.collate([groups[g]]))
-                ref, kl_ref = self._reference_pass(model, batch)
-                if r < len(mine):
-                    kl = kl_ref.tolist() if kl_ref is not None else [None] * len(ref)
-                    results.append((g, ref.tolist(), kl))
-        if acc.num_processes > 1:
-            shares = [None] * acc.num_processes
-            torch.distributed.all_gather_object(shares, results)
-            results = [r for share in shares for r in share]
-        for g, ref, kl in results:
-            groups.set_reference(g, ref, kl)  # carried by every later fetch of these examples
+    @property
+    def ref_mode(self) -> str:
+        return self.reference.mode
 
-    def _reference_pass(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        avg, chunk = self.method.average_log_probs, self.method.loss_chunk_size
-        ref = completion_logps(_token_logps(model, batch, chunk),
-                               _completion_mask(batch["labels"]), avg)
-        kl_ref = None
-        if "kl_input_ids" in batch:
-            kl = _rows(batch, "kl_")
-            kl_ref = completion_logps(_token_logps(model, kl, chunk),
-                                      _completion_mask(kl["labels"]), avg)
-        return ref, kl_ref
+    @property
+    def ref_model(self):
+        return self.reference.model
 
-    @torch.no_grad()
-    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.ref_mode == "precompute":
-            return batch["ref_logps"], batch.get("kl_ref_logps")
-        if self.ref_mode == "copy":
-            return self._reference_pass(self.ref_model, batch)
-        model = self.accelerator.unwrap_model(self.model)
-        with model.disable_adapter(), _eval_mode(model):
-            return self._reference_pass(model, batch)
+    def sequence_logps(self, model, batch: dict, prefix: str = ""):
+        """(completion log-prob [B], completion tokens [B]) of the batch's examples (prefix "")
+        or KL rows ("kl_"); averaged over tokens with `method.average_log_probs`."""
+        sums, counts = sequence_logps(model, batch, prefix, self.method.loss_chunk_size,
+                                      select=not is_zero3(self.accelerator))
+        if self.method.average_log_probs:
+            return sums / counts.clamp(min=1).to(sums.dtype), counts
+        return sums, counts
 
     # ------------------------------------------------------------------ loss
 
     def loss_weight(self, batch: dict) -> float:
         return batch["num_examples"]
 
+    @torch.no_grad()
+    def prepare_step(self, micro: list[dict]) -> list[float]:
+        """The step's forward-only passes, the policy on the KL rows and the reference; returns
+        this process's (sum of the KL pairs' log-ratios, KL pairs, examples, desirable ones)."""
+        kto = self.method.loss_type == "kto"
+        ratio_sum, pairs, examples, desirable = 0.0, 0, 0, 0
+        for batch in micro:
+            batch.update(self._to_device(batch))
+            batch["ref_logps"], batch["kl_ref_logps"] = self.reference.logps(batch)
+            batch["kl_logps"] = self.sequence_logps(self.model, batch, "kl_")[0] if kto else None
+            if batch.get("padding"):
+                continue
+            if kto:
+                ratios = batch["kl_logps"].double() - batch["kl_ref_logps"].double()
+                ratio_sum = ratio_sum + ratios.sum()
+                pairs += len(batch["kl_logps"])
+            examples += batch["num_examples"]
+            desirable += batch["num_desirable"]
+        return [float(ratio_sum), pairs, examples, desirable]  # one device-to-host copy
+
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        m, acc, chunk = self.method, self.accelerator, self.method.loss_chunk_size
-        token_logps = _token_logps(model, batch, chunk)
-        mask = _completion_mask(batch["labels"])
-        policy = completion_logps(token_logps, mask, m.average_log_probs)
-        kl_policy = None
-        if m.loss_type == "kto":
-            with torch.no_grad():  # z is detached: no graph for the mismatched pairs
-                kl = _rows(batch, "kl_")
-                kl_policy = completion_logps(_token_logps(model, kl, chunk),
-                                             _completion_mask(kl["labels"]), m.average_log_probs)
-        ref, kl_ref = self.reference_logps(batch)
+        m = self.method
+        policy, tokens = self.sequence_logps(model, batch)
         desirable = batch["is_desirable"]
-        reduce_mean = (lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else None
+        if "kl_logps" in batch:  # inside a training step: its reference point and counts
+            kl_sum, kl_count, n, n_d = self.step_totals
+            ref = batch["ref_logps"]
+            z = reference_point(kl_sum, kl_count) if m.loss_type == "kto" else None
+            scale = sft_scale(n, n_d)
+        else:  # evaluation: this batch's reference point, over the processes
+            ref, z, scale = self._evaluation_terms(model, batch)
         losses, z, rewards = kto_loss(
-            policy, ref, kl_policy, kl_ref, desirable, beta=m.beta,
+            policy, ref.to(policy.device), None, None, desirable, beta=m.beta,
             desirable_weight=self.weights[0], undesirable_weight=self.weights[1],
-            loss_type=m.loss_type, reduce_mean=reduce_mean)
+            loss_type=m.loss_type, z=z)
         loss_sum = losses.sum()
         if m.sft_weight > 0:
-            loss_sum = loss_sum + kto_sft_losses(token_logps, mask, desirable,
-                                                 sft_weight=m.sft_weight).sum()
-        n_d = int(desirable.sum())
-        n_u = len(desirable) - n_d
+            sums = policy * tokens if m.average_log_probs else policy
+            loss_sum = loss_sum + scale * kto_sft_losses(sums, tokens, desirable,
+                                                         sft_weight=m.sft_weight).sum()
+        n_d = batch["num_desirable"]
+        n_u = batch["num_examples"] - n_d
         logps = policy.detach()
+        sums = torch.stack([rewards[desirable].sum(), rewards[~desirable].sum(),
+                            logps[desirable].sum(), logps[~desirable].sum()]).tolist()  # one sync
         metrics = {
-            "rewards/chosen": (float(rewards[desirable].sum()), n_d),
-            "rewards/rejected": (float(rewards[~desirable].sum()), n_u),
-            "logps/chosen": (float(logps[desirable].sum()), n_d),
-            "logps/rejected": (float(logps[~desirable].sum()), n_u),
+            "rewards/chosen": (sums[0], n_d), "rewards/rejected": (sums[1], n_u),
+            "logps/chosen": (sums[2], n_d), "logps/rejected": (sums[3], n_u),
             # counts per step: training_step sets their count to 1 once the step is summed
             "count/chosen": (n_d, 0), "count/rejected": (n_u, 0),
         }
@@ -269,50 +256,114 @@ class KTOTrainer(Trainer):
             metrics["kl"] = (float(z), 1)
         return loss_sum, metrics
 
+    def _evaluation_terms(self, model, batch: dict):
+        """Reference log-probs, z and the SFT scale of one evaluation batch (not in a step)."""
+        ref, kl_ref = self.reference.logps(batch)
+        z = None
+        if self.method.loss_type == "kto":
+            with torch.no_grad():
+                kl = self.sequence_logps(model, batch, "kl_")[0]
+            weight = 0.0 if batch.get("padding") else 1.0
+            totals = torch.stack([(kl.double() - kl_ref.double()).sum() * weight,
+                                  torch.tensor(float(len(kl)) * weight, dtype=torch.float64,
+                                               device=kl.device)])
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, "sum")
+            z = reference_point(totals[0].cpu(), totals[1].cpu())
+        return ref, z, self._eval_sft_scale
+
+    def evaluate(self) -> dict:
+        labels = [ex["label"] for g in materialize(self.eval_items) for ex in g]
+        self._eval_sft_scale = sft_scale(len(labels), sum(labels))
+        return super().evaluate()
+
     def training_step(self, micro: list[dict]) -> dict:
         out = super().training_step(micro)
         for name in ("count/chosen", "count/rejected"):
             if name in out["metrics"]:
                 out["metrics"][name] = (out["metrics"][name][0], 1.0)
+        if self.reference.syncs_at(self.step + 1):
+            self.reference.sync()
         return out
 
     def log(self, values: dict) -> None:
-        # the margin of the window's means: mean chosen reward - mean rejected reward
-        if values.get("count/chosen") and values.get("count/rejected"):
-            values = {**values,
-                      "rewards/margins": values["rewards/chosen"] - values["rewards/rejected"]}
+        # the margin of the window's means: mean chosen reward - mean rejected reward, when both
+        # classes were measured
+        for prefix in ("", "eval/"):
+            chosen = values.get(prefix + "rewards/chosen")
+            rejected = values.get(prefix + "rewards/rejected")
+            if chosen is not None and rejected is not None:
+                values = {**values, prefix + "rewards/margins": chosen - rejected}
         super().log(values)
 
 
-# ---------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------- batches and log-probs
 
 
-def _token_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """log p(labels[t] | tokens before t): [B, T], 0 at t = 0 and where labels are -100.
-    Per-sequence sums weight tokens unequally in the backward pass, so the chunked loss
-    recomputes logits there instead of precomputing uniform gradients."""
-    return -causal_lm_token_nll(model, batch, chunk_size, fused_grads=False)
+def kto_batch(examples: list[dict], kl_rows: list[dict], *, pad_token_id: int, seq_length: int,
+              packing: bool = True, num_rows: int | None = None) -> dict:
+    """One KTO micro-batch from example dicts (`input_ids`, `labels` with -100 where no loss,
+    `label`) and their KL rows (prompt i with completion p[i]; none for apo_zero_unpaired).
+
+    Packed: the examples are documents of rows of at most `seq_length` tokens, and so are the KL
+    rows, each set with its own `document_index`; unpacked: one padded row per document. With
+    `num_rows` every set has that many rows of `seq_length` (fixed shapes for ZeRO-3).
+    """
+    batch = {}
+    for prefix, docs in (("", examples), ("kl_", kl_rows)):
+        if not docs:
+            continue
+        if packing:
+            rows = pack_documents(docs, seq_length, pad_token_id,
+                                  pad_to_multiple_of=None if num_rows else 64, num_rows=num_rows)
+            rows = {k: rows[k] for k in ("input_ids", "labels", "position_ids", "document_index")}
+        else:
+            padded = padded_collate(docs + [docs[0]] * ((num_rows or len(docs)) - len(docs)),
+                                    pad_token_id, seq_length if num_rows else None)
+            rows = {k: padded[k] for k in ("input_ids", "labels", "attention_mask")}
+            rows["document_index"] = torch.where(
+                padded["attention_mask"].bool() & (torch.arange(len(rows["input_ids"]))[:, None]
+                                                   < len(docs)),
+                torch.arange(len(rows["input_ids"]))[:, None], -1)
+        batch.update({prefix + k: v for k, v in rows.items()})
+    desirable = [bool(ex["label"]) for ex in examples]
+    batch["is_desirable"] = torch.tensor(desirable, dtype=torch.bool)
+    batch["num_examples"] = len(examples)
+    batch["num_desirable"] = sum(desirable)
+    batch["num_tokens"] = sum(len(ex["input_ids"]) for ex in examples)
+    return batch
 
 
-def _completion_mask(labels: torch.Tensor) -> torch.Tensor:
-    mask = labels != IGNORE_INDEX
-    mask[:, 0] = False  # the first token is never predicted
-    return mask
+def sequence_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None,
+                   select: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs [D] and completion token counts [D] of the documents of a
+    batch's rows (prefix "" for the examples, "kl_" for the KL rows).
 
+    The model's own forward runs (wrappers see the call), asked for hidden states and no
+    logits; the head and the log-softmax then run in chunks (`chunked_token_nll`) only at the
+    positions that predict a completion token (`select`), not at prompts and padding. Under
+    ZeRO-3 (`select=False`) every position goes through the head, so every process calls it as
+    often. Per-sequence weights make the upstream gradient non-uniform, so the chunked loss
+    recomputes logits in backward instead of precomputing uniform gradients (`fused_grads`).
+    """
+    ids, labels, index = (batch[prefix + k] for k in ("input_ids", "labels", "document_index"))
+    out = model(input_ids=ids, attention_mask=batch.get(prefix + "attention_mask"),
+                position_ids=batch.get(prefix + "position_ids"), output_hidden_states=True,
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device), use_cache=False)
+    hidden = out.hidden_states[-1]
+    base = getattr(model, "module", model)
+    # position t predicts labels[t + 1], a token of document index[t + 1]; a document's first
+    # label is -100, so no position predicts across documents
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    documents = torch.full_like(index, -1)
+    documents[:, :-1] = index[:, 1:]
+    keep = (targets != IGNORE_INDEX) & (documents >= 0)
+    h, t = (hidden[keep], targets[keep]) if select else (hidden.flatten(0, 1), targets.flatten())
+    nll = chunked_token_nll(h, base.get_output_embeddings(), t, chunk_size=chunk_size,
+                            softcap=getattr(base.config, "final_logit_softcapping", None),
+                            fused_grads=False)
+    if not select:
+        nll = nll[keep.flatten()]
+    return document_logps(-nll, documents[keep], int(batch["num_examples"]))
 
-def _rows(batch: dict, prefix: str) -> dict:
-    return {k: batch[prefix + k] for k in ("input_ids", "attention_mask", "labels")}
-
-
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")

@@ -1,0 +1,248 @@
+"""KTO throughput and memory: trainer_lib against TRL's KTOTrainer, side by side.
+
+    pip install -e ".[bench]"
+    python benchmarks/bench_kto.py                         # 3 rounds, alternating the systems
+    python benchmarks/bench_kto.py --rounds 1 --examples 160   # a quick look
+
+One driver writes the workload once: a random-init Llama (hidden 256, 4 layers, 4 heads,
+intermediate 704, untied head) with a byte-level BPE tokenizer of 8,192 tokens trained on the
+data, and 400 feedback examples built from GSM8K and Alpaca instructions in the Alpaca prompt
+format: each instruction once with its own answer (label true) and once with the answer of
+another instruction (label false). Both systems train one epoch on the same examples with
+8 examples per step, max length 512, fp32, AdamW, the reference log-probs precomputed
+(trainer_lib's default for a full model; TRL's `precompute_ref_log_probs=True`), dropout off,
+no activation checkpointing. Each system runs in a fresh child process with empty caches, and
+the order alternates between rounds.
+
+Figures per run:
+- tokens/s: the tokens of the training examples (prompt + completion, the same count for both
+  systems) over the wall time from before the trainer is built to the end of `train()`:
+  tokenisation, model loading, the reference pass and the KL passes are all inside it;
+- peak RSS: the highest resident memory of the child's process tree, sampled every 20 ms with
+  psutil by the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+SYSTEMS = ["trainer_lib", "trl"]
+MAX_LENGTH, BATCH_SIZE, VOCAB = 512, 8, 8192
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def instructions() -> tuple[list[dict], list[dict]]:
+    gsm = json.loads((FIXTURES / "instruction_alpaca" / "gsm_8k_train_alpaca_format.json").read_text())
+    alpaca = json.loads((FIXTURES / "instruction_alpaca" / "alpaca_en_demo.json").read_text())
+    return gsm, alpaca
+
+
+def feedback_rows(n_examples: int) -> list[dict]:
+    """n/2 instructions, each with its own answer (true) and another one's answer (false)."""
+    from trainer_lib.data.samples import alpaca_prompt
+
+    gsm, alpaca = instructions()
+    n = n_examples // 2
+    n_alpaca = n // 4
+    pairs = gsm[: n - n_alpaca] + alpaca[:n_alpaca]
+    wrong = list(range(len(pairs)))
+    random.Random(0).shuffle(wrong)
+    rows = []
+    for i, r in enumerate(pairs):
+        prompt = alpaca_prompt(r["instruction"], r.get("input"))
+        other = pairs[wrong[i] if wrong[i] != i else (i + 1) % len(pairs)]["output"]
+        rows.append({"prompt": prompt, "completion": r["output"], "label": True})
+        rows.append({"prompt": prompt, "completion": other, "label": False})
+    return rows
+
+
+def write_workload(folder: Path, n_examples: int) -> tuple[Path, Path, int]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer_lib.data.tokenize import tokenize_pair
+    from trainer_lib.defaults import build_tokenizer
+
+    rows = feedback_rows(n_examples)
+    gsm, alpaca = instructions()  # the tokenizer learns from all of them: 8,192 tokens whatever n
+    tok = build_tokenizer([" ".join(r.values()) for r in gsm + alpaca], vocab_size=VOCAB)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=704,
+                         max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model_dir = folder / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = folder / "data.jsonl"
+    with open(data, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    lengths = sorted(min(len(tokenize_pair(tok, r["prompt"], r["completion"])["input_ids"]),
+                         MAX_LENGTH) for r in rows)
+    n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    print(f"workload: {len(rows)} examples ({sum(r['label'] for r in rows)} desirable), tokens "
+          f"per example mean {statistics.mean(lengths):.0f}, median {lengths[len(lengths) // 2]}, "
+          f"max {lengths[-1]}; vocabulary {len(tok):,}; {n_params:,} parameters", flush=True)
+    return model_dir, data, sum(lengths)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_trainer_lib(model_dir: str, data: str) -> None:
+    from trainer_lib import default_kto_config
+    from trainer_lib.trainers.kto import KTOTrainer
+
+    config = default_kto_config().evolve(
+        model=dict(model_path=model_dir),
+        train=dict(seq_length=MAX_LENGTH, batch_size=BATCH_SIZE, epochs=1, total_steps=10**6,
+                   log_interval=10**6, eval_interval=10**6, checkpoint_interval=10**6,
+                   checkpoint_dir=tempfile.mkdtemp(), progress_bar=False),
+        optimizer=dict(kwargs=dict(lr=1e-5)),
+        method=dict(ref_model="precompute"),
+    )
+    KTOTrainer(config, samples=data).train()
+
+
+def run_trl(model_dir: str, data: str) -> None:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    dataset = datasets.load_dataset("json", data_files=data, split="train")
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), max_length=MAX_LENGTH,
+                     per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
+                     learning_rate=1e-5, precompute_ref_log_probs=True, bf16=False,
+                     gradient_checkpointing=False, logging_steps=10**6, save_strategy="no",
+                     report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                     seed=1000)
+    KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok).train()
+
+
+def worker(system: str, model_dir: str, data: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    start, cpu = time.perf_counter(), time.process_time()
+    (run_trainer_lib if system == "trainer_lib" else run_trl)(model_dir, data)
+    print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
+                                  "cpu_seconds": time.process_time() - cpu}), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_child(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """Runs `cmd`, sampling its process tree's RSS every 20 ms; returns (result, peak MB)."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], tree_rss(proc))
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        code = child.wait()
+        done.set()
+        thread.join()
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read()), peak[0] / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's own, the machine's cores)")
+    p.add_argument("--workload", default=None, help="a folder to write the workload to and "
+                   "reuse (default: a fresh temporary folder)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model_dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.model_dir, args.data)
+        return
+
+    folder = Path(args.workload or tempfile.mkdtemp(prefix="bench_kto_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    model_dir, data, tokens = write_workload(folder, args.examples)
+    systems = args.systems.split(",")
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    for r in range(args.rounds):
+        for system in (systems if r % 2 == 0 else systems[::-1]):
+            cache = Path(tempfile.mkdtemp(prefix="cache_", dir=folder))  # fresh caches each run
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache / "datasets"),
+                   "HF_HOME": str(cache / "hf"), "TRAINER_LIB_CACHE": str(cache / "trainer_lib")}
+            if args.threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+            cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
+                   "--data", str(data)]
+            proc, peak = run_child(cmd, env)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"{system} failed:\n{proc.stderr[-4000:]}")
+            times = json.loads(line[len("RESULT "):])
+            res = dict(tokens_per_second=tokens / times["seconds"], peak_rss_mb=peak,
+                       seconds=times["seconds"], cpu_seconds=times["cpu_seconds"])
+            results[system].append(res)
+            print(f"round {r + 1} {system:12s} {res['tokens_per_second']:7,.0f} tok/s  "
+                  f"{res['seconds']:6.1f} s ({res['cpu_seconds']:6.1f} CPU s)  "
+                  f"peak {peak:7,.0f} MB", flush=True)
+
+    print(f"\nmedian of {args.rounds} rounds: {args.examples} examples, {tokens:,} tokens, one epoch, "
+          f"batch {BATCH_SIZE}, fp32, {os.cpu_count()} cores")
+    print(f"{'system':14s} {'tokens/s':>9s} {'seconds':>8s} {'CPU s':>7s} {'peak RSS':>10s}")
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
+    for s, m in med.items():
+        print(f"{s:14s} {m['tokens_per_second']:9,.0f} {m['seconds']:8.1f} {m['cpu_seconds']:7.1f} "
+              f"{m['peak_rss_mb']:7,.0f} MB")
+    if "trainer_lib" in med:
+        base = med["trainer_lib"]
+        for s in med:
+            if s != "trainer_lib":
+                print(f"trainer_lib vs {s}: {base['tokens_per_second'] / med[s]['tokens_per_second']:.2f}x "
+                      f"tokens/s, {med[s]['cpu_seconds'] / base['cpu_seconds']:.2f}x fewer CPU "
+                      f"seconds, {base['peak_rss_mb'] / med[s]['peak_rss_mb']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()
