@@ -42,12 +42,18 @@ class Ctx:
     def train(self, samples=PAIRS, kind: str = "sft", **kwargs):
         """train() with `kwargs` that name config sections applied to the config."""
         sections = {k: kwargs.pop(k) for k in list(kwargs)
-                    if k in ("train", "optimizer", "method", "model", "scheduler")}
+                    if k in ("train", "optimizer", "method", "model", "scheduler", "data",
+                             "tokenizer")}
         return train(samples=samples, config=self.config(kind, **sections), **kwargs)
 
     def file(self, name: str, text: str) -> str:
         path = self.tmp / name
         path.write_text(text)
+        return str(path)
+
+    def raw(self, name: str, data: bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(data)
         return str(path)
 
     def gpt2_like(self) -> str:
@@ -79,6 +85,15 @@ def call(name="get_weather", call_id=None, arguments='{"city": "Paris"}'):
 
 
 GOOD_CHAT = chat(user(), assistant())
+RAISING_TEMPLATE = ("{% for m in messages %}{% if m.role == 'tool' %}"
+                    "{{ raise_exception('no tools') }}{% endif %}"
+                    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+
+
+def _dataset_dict(**splits):
+    import datasets
+
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
 
 
 @dataclass
@@ -97,6 +112,9 @@ CASES = [
          ConfigError, [r"optimizer\.kwargs\.lr", "got inf; a learning rate must be finite"]),
     Case("lr is negative", lambda c: c.train(optimizer=dict(kwargs=dict(lr=-1e-4))), ConfigError,
          [r"optimizer\.kwargs\.lr must be a non-negative number, got -0\.0001"]),
+    Case("warmup_steps given as text",
+         lambda c: c.train(scheduler=dict(name="cosine", kwargs=dict(warmup_steps="10"))),
+         ConfigError, [r"scheduler\.kwargs\.warmup_steps must be a whole number >= 0, got '10'"]),
     Case("lr is a word", lambda c: c.train(optimizer=dict(kwargs=dict(lr="fast"))), ConfigError,
          [r"optimizer\.kwargs\.lr must be a (non-negative )?number, got 'fast'"]),
     Case("batch size 0", lambda c: c.train(train=dict(batch_size=0)), ConfigError,
@@ -209,6 +227,27 @@ CASES = [
     Case("a missing completion field",
          lambda c: c.train(samples=[{"prompt": "x", "answer": "y"}]), DataError,
          ["sample 0: missing field 'completion'", r"method\.output_key"]),
+    Case("a file that is not UTF-8",
+         lambda c: c.train(samples=c.raw("latin1.jsonl", b'{"prompt": "a", "completion": "b"}\n'
+                                         b'{"prompt": "caf\xe9", "completion": "x"}\n')),
+         DataError, [r"latin1\.jsonl:2: not UTF-8", "save the file as UTF-8"]),
+    Case("a DatasetDict without a train split",
+         lambda c: c.train(samples=_dataset_dict(a=PAIRS[:4], b=PAIRS[4:])), DataError,
+         [r"splits \['a', 'b'\] but no 'train' split", r"dataset\['a'\]"]),
+    Case("a bad sample met by a tokenising worker process",
+         lambda c: c.train(samples=PAIRS * 5 + [{"prompt": "x", "completion": ""}] + PAIRS * 5,
+                           data=dict(num_proc=2)),
+         DataError, ["^sample 40: field 'completion' is empty"]),
+    Case("a chat template that cannot render a sample",
+         lambda c: c.train(samples=[GOOD_CHAT] * 3 + [chat(user(), {"role": "tool",
+                                                                    "content": "x"}, assistant())],
+                           tokenizer=dict(chat_template=RAISING_TEMPLATE)),
+         ChatError, ["^sample 3: the chat template cannot render", "no tools"]),
+    Case("method.overlong='split' on a pair too long",
+         lambda c: c.train(samples=PAIRS[:2] + [{"prompt": "word " * 40, "completion": "x"}],
+                           method=dict(overlong="split")),
+         DataError, [r"^sample 2: \d+ tokens, more than train\.seq_length=32",
+                     'method\\.overlong="split" cuts only text']),
     Case("a bad validation sample",
          lambda c: c.train(eval_samples=[PAIRS[0], {"prompt": "x", "completion": ""}]),
          DataError, ["sample 1: field 'completion' is empty"]),
@@ -247,6 +286,16 @@ CASES = [
     Case("KTO with one class only",
          lambda c: c.train(samples=[{**s, "label": True} for s in KTO], kind="kto"),
          KTODataError, ["undesirable"]),
+    Case("KTO pairs of identical transcripts",
+         lambda c: c.train(samples=[{"chosen": "Human: hi Assistant: yo",
+                                     "rejected": "Human: hi Assistant: hey"},
+                                    {"chosen": "Human: a Assistant: b",
+                                     "rejected": "Human: a Assistant: b"}], kind="kto"),
+         KTODataError, ["sample 1: field 'rejected' is the same transcript as 'chosen'"]),
+    Case("KTO from a stream",
+         lambda c: c.train(samples=c.file("kto.jsonl", "".join(json.dumps(s) + "\n" for s in KTO)),
+                           kind="kto", data=dict(streaming=True)),
+         DataError, ["KTO cannot train from a stream", "data.streaming=False"]),
     Case("KTO micro-batches of one",
          lambda c: c.train(samples=KTO, kind="kto", train=dict(batch_size=1)), ConfigError,
          [r"train\.batch_size=1", "at least 2 examples", "apo_zero_unpaired"]),
