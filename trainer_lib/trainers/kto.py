@@ -164,8 +164,10 @@ class KTOTrainer(Trainer):
         all run the same chunks of the loss; None otherwise (rows as packed)."""
         if not is_zero3(self.accelerator):
             return None
-        return int(max(np.max(items.sizes(), initial=0)
-                       for items in (self.train_items, self.eval_items) if len(items)))
+        if getattr(self, "_most_examples", None) is None:  # the micro-batches are fixed
+            self._most_examples = int(max(np.max(items.sizes(), initial=0) for items in
+                                          (self.train_items, self.eval_items) if len(items)))
+        return self._most_examples
 
     # ------------------------------------------------------------------ the model
 
