@@ -18,6 +18,8 @@ setup(
         "deepspeed>=0.16",
         "peft>=0.14",
         "datasets>=3.0",
+        "pyarrow>=15",  # the prepared data's tables (also a dependency of datasets)
+        "xxhash>=3.0",  # checkpoint checksums and run identity (also a dependency of datasets)
         "wandb>=0.19",
         "numpy>=1.26",
         "pyyaml>=6.0",
