@@ -16,20 +16,15 @@ The logits and the gradients of both are compared too.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+from workload import instructions
 
 
 def lengths(n: int) -> list[int]:
     """Token counts of n instruction examples (about 4 characters a token)."""
-    gsm = json.loads((FIXTURES / "instruction_alpaca" / "gsm_8k_train_alpaca_format.json").read_text())
-    alpaca = json.loads((FIXTURES / "instruction_alpaca" / "alpaca_en_demo.json").read_text())
+    gsm, alpaca = instructions()
     rows = gsm[: n - n // 4] + alpaca[: n // 4]
     return [min(512, 20 + len(" ".join(r.values())) // 4) for r in rows]
 

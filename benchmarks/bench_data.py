@@ -36,8 +36,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+from workload import FIXTURES, REPO, instructions, save_random_llama, tree_memory
+
 SEQ_LENGTH, BATCH_SIZE, STEPS = 512, 8, 2
 
 
@@ -47,26 +47,15 @@ SEQ_LENGTH, BATCH_SIZE, STEPS = 512, 8, 2
 def write_workload(folder: Path, sizes: list[int], tokenizer_dir: Path) -> tuple[Path, dict]:
     import statistics
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from trainer_lib.data.samples import alpaca_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=256,
-                         max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model_dir = folder / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-
-    gsm = json.loads((FIXTURES / "instruction_alpaca" / "gsm_8k_train_alpaca_format.json")
-                     .read_text())
+    model_dir, _ = save_random_llama(folder, tok, hidden=64, layers=2, intermediate=256)
+    gsm, _ = instructions()
     files = {n: open(folder / f"pairs_{n}.jsonl", "w") for n in sizes}
     lengths = []
     for i in range(max(sizes)):
@@ -151,29 +140,6 @@ def run_trl(model_dir: str, data: str, cache: str) -> None:
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes summed over process `pid` and all its descendants."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0, 0
-    rss = pss = 0
-    for p in procs:
-        try:
-            rss += p.memory_info().rss
-            with open(f"/proc/{p.pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-                        break
-        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
-    return rss, pss
 
 
 def measure(cmd: list[str], env: dict) -> dict:

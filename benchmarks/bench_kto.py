@@ -36,19 +36,13 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+from workload import instructions, save_random_llama, tree_memory
+
 SYSTEMS = ["trainer_lib", "trl"]
 MAX_LENGTH, BATCH_SIZE, VOCAB = 512, 8, 8192
 
 
 # ----------------------------------------------------------------------------- workload
-
-
-def instructions() -> tuple[list[dict], list[dict]]:
-    gsm = json.loads((FIXTURES / "instruction_alpaca" / "gsm_8k_train_alpaca_format.json").read_text())
-    alpaca = json.loads((FIXTURES / "instruction_alpaca" / "alpaca_en_demo.json").read_text())
-    return gsm, alpaca
 
 
 def feedback_rows(n_examples: int) -> list[dict]:
@@ -71,31 +65,19 @@ def feedback_rows(n_examples: int) -> list[dict]:
 
 
 def write_workload(folder: Path, n_examples: int) -> tuple[Path, Path, int]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from trainer_lib.data.tokenize import tokenize_pair
     from trainer_lib.defaults import build_tokenizer
 
     rows = feedback_rows(n_examples)
     gsm, alpaca = instructions()  # the tokenizer learns from all of them: 8,192 tokens whatever n
     tok = build_tokenizer([" ".join(r.values()) for r in gsm + alpaca], vocab_size=VOCAB)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=704,
-                         max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model_dir = folder / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir, n_params = save_random_llama(folder, tok)
     data = folder / "data.jsonl"
     with open(data, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     lengths = sorted(min(len(tokenize_pair(tok, r["prompt"], r["completion"])["input_ids"]),
                          MAX_LENGTH) for r in rows)
-    n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     print(f"workload: {len(rows)} examples ({sum(r['label'] for r in rows)} desirable), tokens "
           f"per example mean {statistics.mean(lengths):.0f}, median {lengths[len(lengths) // 2]}, "
           f"max {lengths[-1]}; vocabulary {len(tok):,}; {n_params:,} parameters", flush=True)
@@ -150,29 +132,15 @@ def worker(system: str, model_dir: str, data: str) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def tree_rss(proc) -> int:
-    import psutil
-
-    total = 0
-    for p in [proc] + proc.children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def run_child(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
     """Runs `cmd`, sampling its process tree's RSS every 20 ms; returns (result, peak MB)."""
-    import psutil
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
+        peak, done = [0], threading.Event()
 
         def sample():
             while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(proc))
+                peak[0] = max(peak[0], tree_memory(child.pid, pss=False)[0])
                 time.sleep(0.02)
 
         thread = threading.Thread(target=sample, daemon=True)

@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+from workload import FIXTURES, instructions, save_random_llama
+
 SYSTEMS = ["trainer_lib", "trl_default", "trl_packing"]
 SEQ_LENGTH, BATCH_SIZE = 512, 8
 
@@ -42,26 +42,15 @@ SEQ_LENGTH, BATCH_SIZE = 512, 8
 
 
 def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from trainer_lib.data.samples import alpaca_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=704,
-                         max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model_dir = folder / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-
-    gsm = json.loads((FIXTURES / "instruction_alpaca" / "gsm_8k_train_alpaca_format.json").read_text())
-    alpaca = json.loads((FIXTURES / "instruction_alpaca" / "alpaca_en_demo.json").read_text())
+    model_dir, n_params = save_random_llama(folder, tok)
+    gsm, alpaca = instructions()
     n_alpaca = n_examples // 4  # the long tail comes from Alpaca
     rows = gsm[: n_examples - n_alpaca] + alpaca[:n_alpaca]
     data = folder / "data.jsonl"
@@ -75,8 +64,7 @@ def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[
     print(f"workload: {len(lengths)} examples, tokens per example mean "
           f"{statistics.mean(lengths):.0f}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
           f"{sum(n > SEQ_LENGTH for n in lengths)} over {SEQ_LENGTH}; vocabulary {len(tok):,}; "
-          f"{sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters()):,} "
-          f"parameters", flush=True)
+          f"{n_params:,} parameters", flush=True)
     return model_dir, data
 
 

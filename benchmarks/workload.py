@@ -1,0 +1,69 @@
+"""What the benchmark scripts share: the fixtures' instruction data, the random-init Llama they
+train, and the memory of a process tree. Imported as `workload` (the scripts run from this
+folder: `python benchmarks/bench_*.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def instructions() -> tuple[list[dict], list[dict]]:
+    """(GSM8K rows, Alpaca rows) of the fixtures, each {"instruction", "input", "output"}."""
+    folder = FIXTURES / "instruction_alpaca"
+    gsm = json.loads((folder / "gsm_8k_train_alpaca_format.json").read_text())
+    alpaca = json.loads((folder / "alpaca_en_demo.json").read_text())
+    return gsm, alpaca
+
+
+def llama_config(tokenizer, hidden: int = 256, layers: int = 4, intermediate: int = 704):
+    """A small Llama shape for `tokenizer` (4 heads, untied head, the tokenizer's special ids)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=4,
+                       intermediate_size=intermediate, max_position_embeddings=2048,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def save_random_llama(folder: Path, tokenizer, **shape) -> tuple[Path, int]:
+    """Writes a seeded random-init Llama (`llama_config(tokenizer, **shape)`) and the tokenizer
+    to folder/model; returns (that folder, the number of parameters)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tokenizer, **shape))
+    model_dir = folder / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, sum(p.numel() for p in model.parameters())
+
+
+def tree_memory(pid: int, pss: bool = True) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over process `pid` and all its descendants (PSS 0 unless
+    `pss`: /proc/PID/smaps_rollup counts a page shared by several processes once across them)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0, 0
+    rss = total_pss = 0
+    for p in procs:
+        try:
+            rss += p.memory_info().rss
+            if pss:
+                with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                    total_pss += next(int(line.split()[1]) * 1024 for line in f
+                                      if line.startswith("Pss:"))
+        except (psutil.Error, FileNotFoundError, ProcessLookupError, PermissionError,
+                StopIteration):
+            pass
+    return rss, total_pss
