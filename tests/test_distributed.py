@@ -57,6 +57,8 @@ def launch(launcher: str, model: str, out: Path, method: str = "sft", config_fil
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    # the schedule steps after the optimiser, as torch expects, under DeepSpeed too
+    assert "lr_scheduler.step()` before `optimizer.step()`" not in proc.stderr
     return out
 
 

@@ -140,6 +140,10 @@ def apply_update(trainer, loss: float) -> dict:
                 "the gradients only with \"check_grad_overflow\": true in the DeepSpeed config's "
                 f"bf16 section); nothing was saved from it. {_last_checkpoint(trainer)}")
         nonfinite = not applied and not (fp16 and math.isfinite(loss))
+        if applied:
+            # a no-op (the engine stepped in backward) that tells the LR scheduler the optimiser
+            # stepped, as torch checks before a scheduler step
+            trainer.optimizer.step()
     else:
         if t.max_grad_norm is not None:
             norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
