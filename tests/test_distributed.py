@@ -255,3 +255,26 @@ print("second:", second.accelerator.distributed_type, "ACCELERATE_USE_DEEPSPEED"
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "second: DistributedType.NO False" in proc.stdout
+
+
+def test_the_process_group_is_torn_down_before_the_interpreter(tmp_path):
+    # left to interpreter shutdown, gloo's threads can abort a run that succeeded (exit -6,
+    # "terminate called without an active exception"); a handler registered before trainer_lib's
+    # runs after it and sees the group already gone
+    script = f"""
+import atexit
+import torch.distributed as dist
+atexit.register(lambda: print("at exit, process group alive:", dist.is_initialized()))
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+from trainer_lib import default_sft_config
+from trainer_lib.distributed import build_accelerator
+build_accelerator(default_sft_config().evolve(
+    train=dict(progress_bar=False, checkpoint_dir={str(tmp_path / "ckpts")!r})))
+print("during the run, process group alive:", dist.is_initialized())
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "during the run, process group alive: True" in proc.stdout
+    assert "at exit, process group alive: False" in proc.stdout

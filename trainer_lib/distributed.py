@@ -8,6 +8,7 @@ trainer's own settings (its "auto" values) and checked against them before anyth
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
@@ -33,8 +34,32 @@ def launched_world_size() -> int:
 _deepspeed_flag_set_here = False
 
 
+_exit_hook_registered = False
+
+
+def _destroy_process_group() -> None:
+    """Tears the process group down while the interpreter is still whole. Left to interpreter
+    shutdown, gloo's worker threads can outlive the objects they hold and the process aborts
+    ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already half torn down: nothing is left to protect
+            pass
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_destroy_process_group)
+        _exit_hook_registered = True
+
+
 def build_accelerator(config: Config) -> Accelerator:
     t = config.train
+    _register_exit_hook()
     # accelerate keeps its settings in process-wide singletons; a second run in the same process
     # (a notebook, a test) may use other settings, so they start afresh. The process group
     # (PartialState) is kept.
