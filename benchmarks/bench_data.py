@@ -29,14 +29,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from workload import FIXTURES, REPO, instructions, save_random_llama, tree_memory
+from workload import FIXTURES, REPO, instructions, report, run_measured, save_random_llama
 
 SEQ_LENGTH, BATCH_SIZE, STEPS = 512, 8, 2
 
@@ -85,10 +83,6 @@ def since_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def report(**values) -> None:
-    print("RESULT " + json.dumps(values), flush=True)
-
-
 def run_trainer_lib(model_dir: str, data: str, cache: str) -> None:
     from trainer_lib import default_sft_config, train
     from trainer_lib.trainers.base import Trainer
@@ -111,7 +105,7 @@ def run_trainer_lib(model_dir: str, data: str, cache: str) -> None:
         data=dict(cache_dir=cache))
     trainer = train(samples=data, config=config)
     if trainer.accelerator.is_main_process:
-        report(first_step=first[0], total=since_start(), rows=len(trainer.train_items))
+        report(dict(first_step=first[0], total=since_start(), rows=len(trainer.train_items)))
 
 
 def run_trl(model_dir: str, data: str, cache: str) -> None:
@@ -136,33 +130,15 @@ def run_trl(model_dir: str, data: str, cache: str) -> None:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                          callbacks=[FirstStep()])
     trainer.train()
-    report(first_step=first[0], total=since_start(), rows=len(trainer.train_dataset))
+    report(dict(first_step=first[0], total=since_start(), rows=len(trainer.train_dataset)))
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
 def measure(cmd: list[str], env: dict) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO)
-    peak = [0, 0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            rss, pss = tree_memory(proc.pid)
-            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-            done.wait(0.25)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-4000:]}")
-    return {**json.loads(line[len("RESULT "):]), "peak_rss": peak[0], "peak_pss": peak[1]}
+    values, rss, pss = run_measured(cmd, env, every=0.25, pss=True, cwd=REPO)
+    return {**values, "peak_rss": rss, "peak_pss": pss}
 
 
 # ----------------------------------------------------------------------------- driver

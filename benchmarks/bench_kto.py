@@ -29,14 +29,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from workload import instructions, save_random_llama, tree_memory
+from workload import alternating, instructions, medians, report, run_measured, save_random_llama
 
 SYSTEMS = ["trainer_lib", "trl"]
 MAX_LENGTH, BATCH_SIZE, VOCAB = 512, 8, 8192
@@ -125,31 +123,10 @@ def worker(system: str, model_dir: str, data: str) -> None:
     torch.manual_seed(0)
     start, cpu = time.perf_counter(), time.process_time()
     (run_trainer_lib if system == "trainer_lib" else run_trl)(model_dir, data)
-    print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
-                                  "cpu_seconds": time.process_time() - cpu}), flush=True)
+    report({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu})
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def run_child(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
-    """Runs `cmd`, sampling its process tree's RSS every 20 ms; returns (result, peak MB)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        peak, done = [0], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], tree_memory(child.pid, pss=False)[0])
-                time.sleep(0.02)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        code = child.wait()
-        done.set()
-        thread.join()
-        out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(cmd, code, out.read(), err.read()), peak[0] / 2**20
 
 
 def main() -> None:
@@ -174,32 +151,28 @@ def main() -> None:
     model_dir, data, tokens = write_workload(folder, args.examples)
     systems = args.systems.split(",")
     results: dict[str, list[dict]] = {s: [] for s in systems}
-    for r in range(args.rounds):
-        for system in (systems if r % 2 == 0 else systems[::-1]):
-            cache = Path(tempfile.mkdtemp(prefix="cache_", dir=folder))  # fresh caches each run
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache / "datasets"),
-                   "HF_HOME": str(cache / "hf"), "TRAINER_LIB_CACHE": str(cache / "trainer_lib")}
-            if args.threads:
-                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-            cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
-                   "--data", str(data)]
-            proc, peak = run_child(cmd, env)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.exit(f"{system} failed:\n{proc.stderr[-4000:]}")
-            times = json.loads(line[len("RESULT "):])
-            res = dict(tokens_per_second=tokens / times["seconds"], peak_rss_mb=peak,
-                       seconds=times["seconds"], cpu_seconds=times["cpu_seconds"])
-            results[system].append(res)
-            print(f"round {r + 1} {system:12s} {res['tokens_per_second']:7,.0f} tok/s  "
-                  f"{res['seconds']:6.1f} s ({res['cpu_seconds']:6.1f} CPU s)  "
-                  f"peak {peak:7,.0f} MB", flush=True)
+    for r, system in alternating(systems, args.rounds):
+        cache = Path(tempfile.mkdtemp(prefix="cache_", dir=folder))  # fresh caches each run
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache / "datasets"),
+               "HF_HOME": str(cache / "hf"), "TRAINER_LIB_CACHE": str(cache / "trainer_lib")}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
+               "--data", str(data)]
+        times, peak, _ = run_measured(cmd, env, every=0.02)
+        peak /= 2**20
+        res = dict(tokens_per_second=tokens / times["seconds"], peak_rss_mb=peak,
+                   seconds=times["seconds"], cpu_seconds=times["cpu_seconds"])
+        results[system].append(res)
+        print(f"round {r + 1} {system:12s} {res['tokens_per_second']:7,.0f} tok/s  "
+              f"{res['seconds']:6.1f} s ({res['cpu_seconds']:6.1f} CPU s)  "
+              f"peak {peak:7,.0f} MB", flush=True)
 
     print(f"\nmedian of {args.rounds} rounds: {args.examples} examples, {tokens:,} tokens, one epoch, "
           f"batch {BATCH_SIZE}, fp32, {os.cpu_count()} cores")
     print(f"{'system':14s} {'tokens/s':>9s} {'seconds':>8s} {'CPU s':>7s} {'peak RSS':>10s}")
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
+    med = medians(results, ("tokens_per_second", "seconds", "cpu_seconds", "peak_rss_mb"))
     for s, m in med.items():
         print(f"{s:14s} {m['tokens_per_second']:9,.0f} {m['seconds']:8.1f} {m['cpu_seconds']:7.1f} "
               f"{m['peak_rss_mb']:7,.0f} MB")

@@ -12,11 +12,12 @@ hold the head's weight gradient, [vocabulary, hidden] in float32, which any loss
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
 import time
+
+from workload import report, result_of
 
 VOCABS = [8_192, 32_064, 128_256, 262_144]
 
@@ -40,8 +41,8 @@ def worker(kind: str, tokens: int, hidden: int, vocab: int) -> None:
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("RESULT " + json.dumps(dict(kind=kind, vocab=vocab, loss=loss.item(), seconds=seconds,
-                                      extra_mb=(peak - base) / 1024)))
+    report(dict(kind=kind, vocab=vocab, loss=loss.item(), seconds=seconds,
+                extra_mb=(peak - base) / 1024))
 
 
 def main() -> None:
@@ -59,11 +60,10 @@ def main() -> None:
     for vocab in VOCABS:
         row = {}
         for kind in ("plain", "chunked"):
-            out = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens),
-                                  "--hidden", str(args.hidden), "--worker", kind, str(vocab)],
-                                 capture_output=True, text=True, check=True).stdout
-            row[kind] = json.loads(next(l for l in out.splitlines()
-                                        if l.startswith("RESULT "))[len("RESULT "):])
+            cmd = [sys.executable, __file__, "--tokens", str(args.tokens),
+                   "--hidden", str(args.hidden), "--worker", kind, str(vocab)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            row[kind] = result_of(cmd, proc.returncode, proc.stdout, proc.stderr)
         assert abs(row["plain"]["loss"] - row["chunked"]["loss"]) <= 1e-3 * abs(row["plain"]["loss"])
         print(f"{vocab:>10,d} {vocab * args.hidden * 4 / 2**20:15,.0f} {row['plain']['extra_mb']:9,.0f} {row['chunked']['extra_mb']:11,.0f} "
               f"{row['plain']['seconds']:8.2f} {row['chunked']['seconds']:10.2f}")

@@ -32,7 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from workload import FIXTURES, instructions, save_random_llama
+from workload import (
+    FIXTURES,
+    alternating,
+    instructions,
+    medians,
+    report,
+    result_of,
+    save_random_llama,
+)
 
 SYSTEMS = ["trainer_lib", "trl_default", "trl_packing"]
 SEQ_LENGTH, BATCH_SIZE = 512, 8
@@ -160,7 +168,7 @@ def worker(system: str, model_dir: str, data: str) -> None:
         model_gflops=flops / out["seconds"] / 1e9,
         seconds=out["seconds"],
     )
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -207,20 +215,15 @@ def main() -> None:
     results: dict[str, list[dict]] = {s: [] for s in systems}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1"}
-    for r in range(args.rounds):
-        order = systems if r % 2 == 0 else systems[::-1]
-        for system in order:
-            cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
-                   "--data", str(data)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.exit(f"{system} failed:\n{proc.stderr[-4000:]}")
-            res = json.loads(line[len("RESULT "):])
-            results[system].append(res)
-            print(f"round {r + 1} {system:12s} {res['tokens_per_second']:9,.0f} tok/s "
-                  f"padding {100 * res['padding']:5.1f}%  peak {res['peak_rss_mb']:7,.0f} MB  "
-                  f"{res['model_gflops']:6.1f} model GFLOP/s", flush=True)
+    for r, system in alternating(systems, args.rounds):
+        cmd = [sys.executable, __file__, "--worker", system, "--model_dir", str(model_dir),
+               "--data", str(data)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        res = result_of(cmd, proc.returncode, proc.stdout, proc.stderr)
+        results[system].append(res)
+        print(f"round {r + 1} {system:12s} {res['tokens_per_second']:9,.0f} tok/s "
+              f"padding {100 * res['padding']:5.1f}%  peak {res['peak_rss_mb']:7,.0f} MB  "
+              f"{res['model_gflops']:6.1f} model GFLOP/s", flush=True)
 
     if not args.peak_gflops:
         peaks.append(measure_peak_gflops())
@@ -234,8 +237,7 @@ def main() -> None:
     source = "given" if args.peak_gflops else "measured: " + ", ".join(f"{x:.0f}" for x in peaks)
     print(f"fp32 matmul peak {peak:.0f} GFLOP/s ({source})")
     print(f"{'system':14s} {'tokens/s':>10s} {'padding':>8s} {'peak RSS':>10s} {'MFU':>6s}")
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in
-               ("tokens_per_second", "padding", "peak_rss_mb", "mfu")} for s, rs in results.items()}
+    med = medians(results, ("tokens_per_second", "padding", "peak_rss_mb", "mfu"))
     for s, m in med.items():
         print(f"{s:14s} {m['tokens_per_second']:10,.0f} {100 * m['padding']:7.1f}% "
               f"{m['peak_rss_mb']:8,.0f} MB {100 * m['mfu']:5.1f}%")
