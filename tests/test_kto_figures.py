@@ -16,10 +16,12 @@ from trainer_lib.trainers.kto import KTOTrainer
 WORDS = "apple river stone cloud tiger lemon piano robot candle garden silver planet".split()
 
 
-def feedback(words):
+def feedback(words, mark: str = "!"):
+    """Feedback with a rule: answering in capitals (then `mark`) is desirable, in lower case
+    undesirable."""
     rows = []
     for w in words:
-        rows.append({"prompt": f"Shout: {w}", "completion": f" {w.upper()}!", "label": True})
+        rows.append({"prompt": f"Shout: {w}", "completion": f" {w.upper()}{mark}", "label": True})
         rows.append({"prompt": f"Shout: {w}", "completion": f" {w}", "label": False})
     return rows
 

@@ -17,7 +17,7 @@ from trainer_lib import ConfigError, DataError, KTOTrainer, train
 from trainer_lib.data.kto_data import KTODataError
 from trainer_lib.data.tokenize import tokenize_pair
 
-from test_kto_figures import completion_logp
+from test_kto_figures import completion_logp, feedback
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("apple river stone cloud tiger lemon piano robot candle garden silver planet window "
@@ -26,12 +26,7 @@ WORDS = ("apple river stone cloud tiger lemon piano robot candle garden silver p
 
 
 def shout(words):
-    """Feedback with a rule: answering in capitals is desirable, in lower case undesirable."""
-    rows = []
-    for w in words:
-        rows.append({"prompt": f"Shout: {w}", "completion": f" {w.upper()}", "label": True})
-        rows.append({"prompt": f"Shout: {w}", "completion": f" {w}", "label": False})
-    return rows
+    return feedback(words, mark="")
 
 
 @pytest.fixture
