@@ -132,6 +132,10 @@ def test_two_processes_share_one_preparation_and_see_disjoint_complete_shards(ti
     assert [r["num_processes"] for r in ranks] == [2, 2]
     assert ranks[0]["tokenised"] == 40 and ranks[1]["tokenised"] == 0  # the other one read
     assert ranks[0]["entries"] == ranks[1]["entries"] and len(ranks[0]["entries"]) == 1
+    # a Dataset with a random fingerprint in each process is still prepared once, by one of them
+    assert [r["unhashable_tokenised"] for r in ranks] == [10, 0]
+    assert ranks[0]["entries_after"] == ranks[1]["entries_after"]
+    assert len(ranks[0]["entries_after"]) == 2
     assert ranks[0]["all_rows"] == ranks[1]["all_rows"]  # identical rows
     mine = [set(r["loader_rows"]) for r in ranks]
     assert not mine[0] & mine[1]  # disjoint

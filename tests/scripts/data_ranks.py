@@ -5,7 +5,8 @@ under `accelerate launch --num_processes 2`.
 
 Each process writes out/rank<N>.json: whether it tokenised anything itself, the cache entries it
 found, a hash of every packed row of the whole dataset as it sees it, the rows its loader gave it
-in one epoch, and the samples its share of a stream held.
+in one epoch, and the samples its share of a stream held; then the same for a Dataset whose
+fingerprint is random in each process.
 """
 
 import argparse
@@ -69,9 +70,19 @@ def main():
                       for ex in items.examples(0))
 
     cache = Path(os.environ["TRAINER_LIB_DATA_CACHE"])
+    entries = sorted(p.name for p in cache.iterdir() if (p / "done.json").exists())
+
+    # a Dataset that datasets cannot hash gets a random fingerprint, different in each process
+    unhashable = (x for x in range(1))
+    dataset = datasets.Dataset.from_list(samples()[:10]).map(
+        lambda r: {"completion": r["completion"] + ("" if unhashable else "!")})
+    calls.clear()
+    SFTTrainer(config, samples=dataset)
+    acc.wait_for_everyone()
     out = {"rank": acc.process_index, "num_processes": acc.num_processes,
-           "tokenised": tokenised,
-           "entries": sorted(p.name for p in cache.iterdir() if (p / "done.json").exists()),
+           "tokenised": tokenised, "entries": entries, "unhashable_tokenised": sum(calls),
+           "entries_after": sorted(p.name for p in cache.iterdir()
+                                   if (p / "done.json").exists()),
            "all_rows": [row_hash(row) for row in trainer.train_items],
            "loader_rows": mine, "streamed": streamed}
     Path(args.out).mkdir(parents=True, exist_ok=True)

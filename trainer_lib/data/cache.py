@@ -124,7 +124,7 @@ def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
     leaving the others waiting."""
     if accelerator is None or accelerator.num_processes == 1:
         return prepare()
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import gather_object
 
     value, failure, error = None, [None], None
     if accelerator.is_local_main_process:
@@ -132,12 +132,12 @@ def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
             value = prepare()
         except Exception as e:  # noqa: BLE001 - shared with the other processes below
             error, failure = e, [_portable(e)]
-    accelerator.wait_for_everyone()
-    broadcast_object_list(failure)  # the global main's outcome (every node prepares the same)
+    # every node's outcome, so that a failure on any node stops all of them
+    failures = [f for f in gather_object(failure) if f is not None]
     if error is not None:
         raise error
-    if failure[0] is not None:
-        cls, message = failure[0]
+    if failures:
+        cls, message = failures[0]
         raise cls(message)
     if not accelerator.is_local_main_process:
         value = prepare()
@@ -154,11 +154,17 @@ def _portable(e: Exception) -> tuple[type, str]:
         return RuntimeError, f"{type(e).__name__}: {e}"
 
 
+def shared_value(accelerator, value: Any) -> Any:
+    """The global main process's `value`, on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
 def shared_token(accelerator) -> str:
     """A random name every process agrees on (the global main's)."""
-    token = [uuid.uuid4().hex[:12]]
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(token)
-    return token[0]
+    return shared_value(accelerator, uuid.uuid4().hex[:12])

@@ -28,6 +28,7 @@ from trainer_lib.data.cache import (
     digest,
     main_first,
     shared_token,
+    shared_value,
     temporary_root,
 )
 from trainer_lib.data.checks import check_errors, column, held_out, kept_rows, make_report
@@ -158,8 +159,11 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
 
 def _prepare(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:
     """The prepared table of one source: from the cache, or built (main process first)."""
-    key = digest(PIPELINE_VERSION, recipe.name, recipe.settings(), _tokenizer_key(recipe),
-                 source.key)
+    # the main process's key: a Dataset that datasets could not hash has a random fingerprint,
+    # different in every process, and each would otherwise prepare its own copy
+    key = shared_value(context.accelerator, digest(PIPELINE_VERSION, recipe.name,
+                                                   recipe.settings(), _tokenizer_key(recipe),
+                                                   source.key))
     entry = CacheEntry(context.root, recipe.name, key)
     main_first(context.accelerator, lambda: _build(context, recipe, source, entry))
     files = [entry.path / name for name in entry.meta()["files"]]
