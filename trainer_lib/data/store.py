@@ -190,7 +190,9 @@ class GroupLayout:
             self.valued = np.zeros(len(self.flat), dtype=bool)
         self.valued[span.start:span.stop] = True
         for name, values in columns.items():
-            array = self.values.setdefault(name, np.full(len(self.flat), np.nan))
+            if name not in self.values:
+                self.values[name] = np.full(len(self.flat), np.nan)
+            array = self.values[name]
             array[span.start:span.stop] = [np.nan if v is None else v for v in values]
 
 
