@@ -214,11 +214,13 @@ def _holds_json_lines(path: Path) -> bool:
     after it: JSON Lines under a .json name (what Dataset.to_json() writes)."""
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), b"")
-        try:
-            value = json.loads(first)
-        except ValueError:
-            return False
-        return isinstance(value, (dict, list)) and any(line.strip() for line in f)
+        if not any(line.strip() for line in f):
+            return False  # one line: a JSON document (parsed once, by the caller)
+    try:
+        value = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(value, (dict, list))
 
 
 def _read_json_document(path: Path) -> list:
