@@ -98,6 +98,8 @@ class KTOTrainer(Trainer):
             raise DataError(f"too few examples to train on ({len(data.train)}): "
                             f"{data.report.summary()}")
         self._set_weights(data.store.column("label")[data.train.rows])
+        eval_labels = data.store.column("label")[data.eval.rows]
+        self._eval_sft_scale = sft_scale(len(eval_labels), int(np.count_nonzero(eval_labels)))
         if m.loss_type == "kto" and len(data.eval) == 1:
             raise DataError("only 1 evaluation example: the KL estimate pairs each example with "
                             "another one's completion, so evaluation needs at least 2; give more "
@@ -273,11 +275,6 @@ class KTOTrainer(Trainer):
                 totals = self.accelerator.reduce(totals, "sum")
             z = reference_point(totals[0].cpu(), totals[1].cpu())
         return ref, z, self._eval_sft_scale
-
-    def evaluate(self) -> dict:
-        labels = [ex["label"] for g in materialize(self.eval_items) for ex in g]
-        self._eval_sft_scale = sft_scale(len(labels), sum(labels))
-        return super().evaluate()
 
     def training_step(self, micro: list[dict]) -> dict:
         out = super().training_step(micro)
