@@ -162,6 +162,24 @@ def test_skip_nonfinite_steps_skips_within_its_bound_without_moving_the_schedule
     assert [p.name for p in list_checkpoints(tmp_path / "other")] == ["step_3"]
 
 
+def test_a_skipped_step_under_fp16_loss_scaling_lets_the_next_step_run(tiny_model_dir, tmp_path):
+    # accelerate scales fp16 losses only on a GPU; here the run gets the same GradScaler on CPU
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    config = _config(tiny_model_dir, tmp_path / "ckpts", total_steps=6, checkpoint_interval=6,
+                     skip_nonfinite_steps=2, mixed_precision="fp16")
+    trainer = NaNAtSteps(config, samples=SAMPLES)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    acc = trainer.accelerator
+    acc.scaler, acc.native_amp = scaler, True
+    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, device_placement=False,
+                                             scaler=scaler)
+    acc._optimizers = [trainer.optimizer]
+    trainer.train()  # the step after a skipped one unscales again
+    assert [h["step"] for h in trainer.log_history] == [1, 3, 5, 6]
+    assert scaler.get_scale() < 2.0 ** 8  # the NaN steps lowered the scale
+
+
 # --------------------------------------------------------------------------- unsafe checkpoints
 
 

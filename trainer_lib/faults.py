@@ -158,6 +158,10 @@ def apply_update(trainer, loss: float) -> dict:
         if not nonfinite:
             trainer.optimizer.step()
             applied = not acc.optimizer_step_was_skipped
+        elif acc.scaler is not None and acc.native_amp:
+            # the gradients were unscaled above; the scaler expects an update() before the next
+            # unscale (and lowers its scale for the non-finite gradients, as a skipped step would)
+            acc.scaler.update()
     if applied:
         trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
