@@ -371,6 +371,19 @@ def test_a_fresh_run_never_overwrites_or_deletes_another_runs_checkpoints(ckpts,
     assert read_manifest(ckpts / "step_4")["run_id"] != run_a
 
 
+def test_keep_last_n_after_resuming_an_earlier_step_keeps_what_the_run_just_wrote(ckpts,
+                                                                                   tiny_model_dir):
+    # step_2 and step_4 of one run; resumed from step_2, the run writes step_3. Its own step_4
+    # (a later step of the run, not yet rewritten) must not count as newer than step_3.
+    run_a = read_manifest(ckpts / "step_2")["run_id"]
+    train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts, total_steps=3,
+                                          checkpoint_interval=1, keep_last_n=1,
+                                          resume_from_checkpoint=str(ckpts / "step_2")))
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_3", "step_4"]
+    assert read_manifest(ckpts / "step_3")["run_id"] == run_a
+    assert damage(ckpts / "step_3") is None
+
+
 # --------------------------------------------------------------------------- a full disk
 
 

@@ -182,8 +182,11 @@ class Checkpointer:
         self._write(trainer, path, position)
         self.last_saved = path
         if trainer.accelerator.is_main_process and self.config.train.keep_last_n:
+            # this run's checkpoints up to this step: one above it (left from before a resume
+            # of an earlier step) is not newer than what was just written
             own = [p for p in list_checkpoints(self.dir)
-                   if (_manifest_or_none(p) or {}).get("run_id") == self.run_id]
+                   if int(p.name[len("step_"):]) <= trainer.step
+                   and (_manifest_or_none(p) or {}).get("run_id") == self.run_id]
             for old in own[:-self.config.train.keep_last_n]:
                 discard_directory(old)
         return path
