@@ -318,6 +318,29 @@ def test_an_interrupted_deletion_never_leaves_a_folder_that_looks_complete(ckpts
     assert resolve_checkpoint("latest", ckpts) == ckpts / "step_2"
 
 
+def test_an_interrupt_during_a_commit_is_raised_when_the_commit_is_done():
+    import threading
+    import time
+
+    from trainer_lib.saving import held_interrupts
+
+    # another thread, as torch's are in every run, which the signal could be delivered to
+    other = threading.Thread(target=time.sleep, args=(2,))
+    other.start()
+    finished = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with held_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(50):
+                    time.sleep(0.002)  # where Python would run the handler at once
+                finished = True
+    finally:
+        other.join()
+    assert finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # --------------------------------------------------------------------------- other runs
 
 

@@ -26,16 +26,24 @@ _HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 @contextmanager
 def held_interrupts():
-    """Delays SIGINT and SIGTERM (delivered on exit) in the main thread."""
-    if (threading.current_thread() is not threading.main_thread()
-            or not hasattr(signal, "pthread_sigmask")):  # Windows has no signal masks
+    """Delays SIGINT and SIGTERM to the end of the block (main thread; elsewhere a no-op): one
+    that arrives meanwhile is recorded and raised again, to the handler in place before, on exit.
+    Done with Python handlers rather than a signal mask, which would hold the signal back from the
+    main thread only while any other thread (torch's, for one) could still take it."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            # None: a handler not set from Python, which cannot be put back; the default then
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 @contextmanager
