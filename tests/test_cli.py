@@ -102,6 +102,27 @@ def test_errors_print_one_line_and_no_traceback(capsys):
                                        "got 'four'\n")
 
 
+def test_a_mistake_is_said_once_but_a_bad_sample_met_by_one_process_by_that_one(monkeypatch,
+                                                                                  capsys):
+    from types import SimpleNamespace
+
+    from trainer_lib import DataError
+
+    def run_raising(error):
+        def fail(args):
+            raise error
+        monkeypatch.setattr("trainer_lib.cli.parse_args",
+                            lambda argv: SimpleNamespace(func=fail))
+        assert main([]) == 2
+        return capsys.readouterr().err
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_raising(DataError("sample 3: field 'completion' is empty")) == ""  # rank 0 says it
+    error = DataError("sample 300: field 'completion' is empty")
+    error.process = 1  # met in a stream while training, by this process alone
+    assert run_raising(error) == "trainer-lib: error: sample 300: field 'completion' is empty\n"
+
+
 def test_missing_or_broken_config_file(tmp_path, capsys):
     assert main(["config", "validate", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err

@@ -107,3 +107,22 @@ def test_what_a_stream_cannot_do_is_said_before_the_model_loads(tiny_config, tmp
     path.write_bytes(b'{"text": "a b"}\n{"text": "b c"}\n{"text": "c \xff"}\n')
     with pytest.raises(DataError, match=rf"^{path}:3: not UTF-8"):
         train(samples=str(path), config=tiny_config.evolve(data=dict(streaming=True)))
+
+
+def test_a_bad_sample_met_while_training_names_the_process_that_read_it(tiny_config):
+    # past the samples checked up front, in the share of process 1 of 2: only it meets the
+    # error, which says so (the command line then prints it from that process)
+    samples = numbered(CHECKED + 40)
+    samples[CHECKED + 11] = {"prompt": "p\n", "completion": ""}
+    stream = datasets.Dataset.from_list(samples).to_iterable_dataset()
+    tokenizer = train(samples=numbered(8), config=tiny_config.evolve(
+        train=dict(total_steps=1))).tokenizer
+    recipe = SFTRecipe(tokenizer, RunTemplate(tokenizer, "default"), tiny_config.method,
+                       tiny_config.train.seq_length)
+    shares = [StreamItems(stream, "records", recipe, packing=False, seed=0, buffer_size=8,
+                          rank=rank, world=2) for rank in (0, 1)]
+    assert len(list(shares[0].examples(0))) == (CHECKED + 40) // 2
+    with pytest.raises(DataError, match=rf"^sample {CHECKED + 11}: field 'completion' is empty") \
+            as raised:
+        list(shares[1].examples(0))
+    assert raised.value.process == 1

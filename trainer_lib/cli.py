@@ -309,8 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, DataError, CheckpointError) as e:
-        # every process finds the same mistake: one of them says it
-        if os.environ.get("RANK", "0") == "0":
+        # every process finds the same mistake and one of them says it; but a bad sample met in
+        # a stream while training is seen by the process that read it alone
+        if getattr(e, "process", None) is not None or os.environ.get("RANK", "0") == "0":
             print(f"trainer-lib: error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointWriteError) as e:

@@ -99,7 +99,8 @@ class StreamItems:
             local = range(start, start + len(batch))
             indices = [i if self.by_shards else i * self.world + self.rank for i in local]
             table = prepare_samples([self._decode(r) for r in batch], indices, self.recipe)
-            _raise_first_error(table, self.name, self.rank if self.by_shards else None)
+            _raise_first_error(table, self.name, self.rank if self.by_shards else None,
+                               process=self.rank)
             kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
             yield from ExampleStore(table, self.recipe.carried).fetch(kept)
 
@@ -120,7 +121,11 @@ class StreamItems:
                 yield items[i]
 
 
-def _raise_first_error(table, name: str, rank: Optional[int] = None) -> None:
+def _raise_first_error(table, name: str, rank: Optional[int] = None,
+                       process: Optional[int] = None) -> None:
+    """Raises the table's first sample error. `rank`: the process whose shards number the samples
+    (said in the message); `process`: the one process that met it (the error's `process`), for a
+    sample read while training, which the other processes never see."""
     errors = table.column("error")
     for i, message in enumerate(errors.to_pylist()):
         if message is None:
@@ -129,7 +134,9 @@ def _raise_first_error(table, name: str, rank: Optional[int] = None) -> None:
             message = read_errors_message(name, [message], 1)
         if rank is not None:
             message += f" (numbered within the shards of the stream read by process {rank})"
-        raise error_class(table.column("error_type")[i].as_py())(message)
+        error = error_class(table.column("error_type")[i].as_py())(message)
+        error.process = process
+        raise error
 
 
 class StreamLoader:
