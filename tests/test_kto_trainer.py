@@ -268,6 +268,26 @@ def test_a_policy_that_carries_a_trained_adapter_is_its_own_reference(kto_config
         train(samples=shout(WORDS[:4]), config=config.evolve(model=dict(peft_config=dict(rank=4))))
 
 
+@pytest.mark.parametrize("base, message", [
+    ("/nonexistent/base", "this local path does not exist"),
+    ("nobody/not-cached", "is a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache"),
+])
+def test_an_adapters_base_model_is_checked_as_model_path_is(base, message, kto_config,
+                                                            trained_adapter, tmp_path,
+                                                            monkeypatch):
+    import json
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = Path(shutil.copytree(trained_adapter, tmp_path / "adapter"))
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    settings["base_model_name_or_path"] = base
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match=rf"base_model_name_or_path in .*adapter_config.json="
+                                          rf"'{base}'.*{message}"):
+        train(samples=shout(WORDS[:4]), config=kto_config.evolve(model=dict(model_path=str(folder))))
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -147,6 +147,9 @@ def load_model(config: Config):
             "another adapter: leave peft_config unset to keep training the adapter the folder "
             "holds, or merge it first (trainer.save_pretrained(path, merge_adapters=True)) and "
             "train a new adapter on the merged folder")
+    if base is not None:  # checked as model_path is: a missing folder or an unreachable hub
+        base_kwargs = {**kwargs, **model_source(
+            base, f"base_model_name_or_path in {os.path.join(path, 'adapter_config.json')}")}
     try:
         with no_progress_bars():
             if base is None:
@@ -154,8 +157,9 @@ def load_model(config: Config):
             else:  # the adapter keeps training on its frozen base
                 from peft import PeftModel
 
-                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs),
-                                                  path, is_trainable=True)
+                model = PeftModel.from_pretrained(
+                    AutoModelForCausalLM.from_pretrained(base, **base_kwargs), path,
+                    is_trainable=True)
     except Exception as e:  # noqa: BLE001
         raise _load_error(path, "model", e) from e
     if config.model.gradient_checkpointing:
