@@ -224,10 +224,13 @@ class KTOReference:
             return mix()
         import deepspeed
 
-        # gathered whole, mixed on the main process, sharded again from it
-        with deepspeed.zero.GatheredParameters(ref + policy, modifier_rank=0):
-            if acc.is_main_process:
-                mix()
+        # one pair at a time (never both whole models at once): gathered, mixed on the main
+        # process, and only the reference's part sharded again from it
+        gathered = deepspeed.zero.GatheredParameters
+        for r, p in zip(ref, policy):
+            with gathered([p]), gathered([r], modifier_rank=0):
+                if acc.is_main_process:
+                    r.mul_(1.0 - alpha).add_(p.to(r.dtype), alpha=alpha)
 
 
 def concat_batches(batches: list[dict]) -> dict:
