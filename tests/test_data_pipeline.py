@@ -253,10 +253,10 @@ def test_every_kto_format_and_its_kl_pairs_match_per_sample_tokenisation(tok, ki
     template = RunTemplate(tok, "default")
     train, _ = micro_batches(data, recipe, 3, 3, config.train.seed, True, None)
     seen, row_of = 0, train.layout.flat  # the table row of each position
-    for group in train:
+    for number, group in enumerate(train):
+        span = train.layout.positions(int(train.ids[number]))
         for i, j in enumerate(mismatched_pairing(len(group))):
-            mine = expected[row_of[group[i]["position"]]]
-            partner = expected[row_of[group[j]["position"]]]
+            mine, partner = expected[row_of[span[i]]], expected[row_of[span[j]]]
             want = kto_example(tok, template, mine["prompt"], partner["completion"],
                                mine["tools"], config.train.seq_length, "truncate")
             assert group[i]["kl"] == {"input_ids": want["input_ids"], "labels": want["labels"]}

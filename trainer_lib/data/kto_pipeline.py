@@ -159,8 +159,7 @@ def micro_batches(data: PreparedData, recipe: KTORecipe, train_size: int, eval_s
         folder = data.derived("kl_pairs", key, lambda f: _tokenize_kl_pairs(
             f, data, recipe, arrays["flat"], arrays["partner"], num_proc))
         partners = ExampleStore(_open(folder))
-    layout = GroupLayout(data.store, arrays["flat"], arrays["offsets"], partners,
-                         arrays["partner"] if with_kl else None)
+    layout = GroupLayout(data.store, arrays["flat"], arrays["offsets"], partners)
     n_train = int(arrays["n_groups"][0])
     total = len(arrays["offsets"]) - 1
     return (Groups(layout, np.arange(n_train)), Groups(layout, np.arange(n_train, total)))

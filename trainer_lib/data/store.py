@@ -156,9 +156,9 @@ class GroupLayout:
     mismatched pairs) and values set later (`set_values`, e.g. reference log-probs)."""
 
     def __init__(self, store: ExampleStore, flat: np.ndarray, offsets: np.ndarray,
-                 partners: Optional[ExampleStore] = None, partner_of: Optional[np.ndarray] = None):
+                 partners: Optional[ExampleStore] = None):
         self.store, self.flat, self.offsets = store, np.asarray(flat), np.asarray(offsets)
-        self.partners, self.partner_of = partners, partner_of
+        self.partners = partners
         self.values: dict[str, np.ndarray] = {}
         self.valued: Optional[np.ndarray] = None  # positions whose values are set
 
@@ -171,10 +171,8 @@ class GroupLayout:
         examples = self.store.fetch(self.flat[positions]) if positions else []
         partners = self.partners.fetch(positions) if self.partners is not None else None
         for k, (example, p) in enumerate(zip(examples, positions)):
-            example["position"] = p
             if partners is not None:
-                example["kl"] = partners[k]
-                example["kl_partner"] = int(self.partner_of[p])
+                example["kl"] = partners[k]  # this position's mismatched pair, as tokenised
             if self.valued is not None and self.valued[p]:
                 for name, values in self.values.items():
                     example[name] = None if np.isnan(values[p]) else float(values[p])

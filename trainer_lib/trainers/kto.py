@@ -50,7 +50,6 @@ from trainer_lib.losses.kto import (
     document_logps,
     kto_loss,
     kto_sft_losses,
-    mismatched_pairing,
     reference_point,
     sft_scale,
 )
@@ -127,14 +126,6 @@ class KTOTrainer(Trainer):
             if not ok:
                 warnings.warn(message, stacklevel=2)
 
-    def _kl_example(self, prompt_ex: dict, completion_ex: dict) -> dict:
-        """The mismatched pair of `prompt_ex` (its prompt, `completion_ex`'s completion),
-        tokenised by the data pipeline; `completion_ex` must be the partner it was made with."""
-        if prompt_ex.get("kl_partner") != completion_ex.get("position"):
-            raise ValueError("KL pairs are tokenised with the pairing of the fixed micro-batches "
-                             "(mismatched_pairing); this example's partner is another one")
-        return prompt_ex["kl"]
-
     def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None):
         return super().make_loader(items, shuffle, batch_size=1)  # an item is a micro-batch
 
@@ -148,8 +139,8 @@ class KTOTrainer(Trainer):
         for group in items:
             examples.extend(group)
             if self.method.loss_type == "kto":
-                pairing = mismatched_pairing(len(group))
-                kl_rows.extend(self._kl_example(group[i], group[j]) for i, j in enumerate(pairing))
+                # each example's mismatched pair within its micro-batch, made by the pipeline
+                kl_rows.extend(ex["kl"] for ex in group)
         batch = kto_batch(examples, kl_rows, pad_token_id=self.tokenizer.pad_token_id,
                           seq_length=self.config.train.seq_length, packing=self.method.packing,
                           num_rows=self._fixed_rows())
