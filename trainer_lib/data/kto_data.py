@@ -231,9 +231,11 @@ def _record(prompt: Any, completion: Any, label: bool, sample: Any) -> dict:
     return record
 
 
-def _normalize_one(
+def normalize_kto_sample(
     sample: Any, kind: str, index: int, input_key: str, output_key: str, label_key: str
 ) -> list[dict]:
+    """One KTO sample of format `kind` (as `_kind` found it) -> its records (a pair gives two);
+    errors name the sample by `index`."""
     if kind == "tuple":
         prompt, completion, label = sample
         return [_record(
@@ -294,7 +296,8 @@ def normalize_kto_samples(
                 f"sample {index} is {_KIND_NAMES[kind]} but sample 0 is {_KIND_NAMES[first_kind]}; "
                 "all samples must have the same format"
             )
-        records.extend(_normalize_one(sample, kind, index, input_key, output_key, label_key))
+        records.extend(normalize_kto_sample(sample, kind, index, input_key, output_key,
+                                           label_key))
     if not records:
         raise KTODataError("no KTO samples were given")
     return records

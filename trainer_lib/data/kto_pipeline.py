@@ -1,6 +1,6 @@
 """KTO's part of the data pipeline: its recipe, its fixed micro-batches and their KL pairs.
 
-- `KTORecipe`: samples -> records with `normalize_kto_samples` (feedback, tuples, conversations,
+- `KTORecipe`: samples -> records with `normalize_kto_sample` (feedback, tuples, conversations,
   unpaired preferences) -> tokenised prompt/completion examples (loss on the completion), each
   with its `label`.
 - `micro_batches`: the train and eval examples cut into fixed micro-batches (a seeded
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from trainer_lib.data.chat import RunTemplate, _as_messages, tokenize_prompt_completion_messages
-from trainer_lib.data.kto_data import _KIND_NAMES, KTODataError, _kind, normalize_kto_samples
+from trainer_lib.data.kto_data import _KIND_NAMES, KTODataError, _kind, normalize_kto_sample
 from trainer_lib.data.pipeline import PreparedData, resolve_num_proc
 from trainer_lib.data.recipe import DataRecipe
 from trainer_lib.data.samples import DataError
@@ -58,10 +57,7 @@ class KTORecipe(DataRecipe):
                 "all samples must have the same format")
 
     def normalize(self, sample, index: int, form: str) -> list[dict]:
-        try:
-            return normalize_kto_samples([sample], *self.keys)
-        except KTODataError as e:  # it numbers the one sample it was given 0
-            raise KTODataError(re.sub(r"^sample 0\b", f"sample {index}", str(e))) from None
+        return normalize_kto_sample(sample, form, index, *self.keys)
 
     def tokenize(self, records: list[dict], indices: list[int]) -> list:
         out: list = [None] * len(records)
