@@ -170,6 +170,27 @@ def test_lora_under_zero3_saves_the_trained_adapter(tiny_model_dir, single_runs,
 # ------------------------------------------------------------------ in one process
 
 
+def test_generation_and_metric_fn_under_zero3_match_one_process(tiny_model_dir, tmp_path):
+    # every process takes part in each generation under ZeRO-3; the metric is scored once and
+    # logged alike everywhere, with the figures one process gives
+    extra = ["--metric", "--override", "train.eval_interval=2",
+             "--override", "method.gen_kwargs.max_new_tokens=6"]
+    _script_module().main(["--model", tiny_model_dir, "--out", str(tmp_path / "one"),
+                           "--batch_size", "4", "--num_samples", str(NUM_SAMPLES), *extra])
+    out = launch("accelerate", tiny_model_dir, tmp_path / "two",
+                 config_file=REPO / "configs" / "accelerate" / "zero3.yaml", extra=extra)
+
+    def metrics(history):
+        return [{k: v for k, v in h.items() if k.startswith("metrics/")} for h in history
+                if any(k.startswith("metrics/") for k in h)]
+
+    one = metrics(json.loads((tmp_path / "one" / "ids_rank0.json").read_text())["log_history"])
+    ranks = [metrics(r["log_history"]) for r in read_ranks(out)]
+    assert len(one) == 2 and one[0]["metrics/prompts_seen"] == 3.0
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == [pytest.approx(m) for m in one]
+
+
 def test_deepspeed_config_autos_filled_from_the_trainer():
     t = TrainConfig(batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5,
                     mixed_precision="bf16")

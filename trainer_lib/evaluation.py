@@ -25,7 +25,7 @@ import warnings
 from typing import Any, Callable, Optional
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 
 from trainer_lib.config import ConfigError
 from trainer_lib.data.constants import IGNORE_INDEX
@@ -347,20 +347,12 @@ class GenerationEval:
         samples = [p + o for p, o in zip(prompts, outputs)]
         values, per_sample = {}, {}
         if self.metric_fn is not None:
-            # scored once, on the main process (a metric may be costly), then shared
-            payload = [None]
-            if acc.is_main_process:
-                try:
-                    payload = [("ok", score(self.metric_fn, samples, prompts, outputs,
-                                            self.metadata))]
-                except MetricFnError as e:
-                    payload = [("error", str(e))]
-            if acc.num_processes > 1:
-                broadcast_object_list(payload)
-            status, result = payload[0]
-            if status == "error":
-                raise MetricFnError(result)
-            values, per_sample = result
+            from trainer_lib.preflight import on_main_process
+
+            # scored once, on the main process (a metric may be costly), then shared; an error
+            # there is raised on every process
+            values, per_sample = on_main_process(acc, lambda: score(
+                self.metric_fn, samples, prompts, outputs, self.metadata))
             _warn_non_finite(values, function_name(self.metric_fn), trainer.step,
                              acc.is_main_process)
         columns = ["prompt", "output", *per_sample]

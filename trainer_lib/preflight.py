@@ -23,14 +23,19 @@ def on_main_process(accelerator, fn: Callable[[], Any]) -> Any:
     there is raised on every process, with the same type and message."""
     if accelerator.num_processes == 1:
         return fn()
+    from trainer_lib.data.cache import portable_error
+
     payload: list = [None]
+    error = None
     if accelerator.is_main_process:
         try:
             payload = [("ok", fn())]
         except Exception as e:  # noqa: BLE001 - sent to the other processes, then raised
-            payload = [("error", (type(e), str(e)))]
+            error, payload = e, [("error", portable_error(e))]
     broadcast_object_list(payload)
     status, value = payload[0]
+    if error is not None:
+        raise error  # the original, with its traceback, where it happened
     if status == "error":
         kind, message = value
         try:

@@ -66,7 +66,15 @@ def run(args):
                         seen.extend(int(m) for m in re.findall(r"sample (\d+)", text))
             return super().training_step(micro)
 
-    trainer = Recording(config, samples=make_samples(args.num_samples, args.method))
+    evaluation = {}
+    if args.metric:
+        # 3 prompts, uneven over 2 processes; scored once on the main process, then shared
+        def metric_fn(samples, prompts, outputs):
+            return {"output_chars": [float(len(o)) for o in outputs],
+                    "prompts_seen": float(len(prompts))}
+        evaluation = dict(eval_prompts=["sample 001", "sample 002", "sample 003"],
+                          metric_fn=metric_fn)
+    trainer = Recording(config, samples=make_samples(args.num_samples, args.method), **evaluation)
     trainer.train()
     acc = trainer.accelerator
     os.makedirs(args.out, exist_ok=True)
@@ -114,6 +122,7 @@ def main(argv=None):
     p.add_argument("--deepspeed_config", default=None)
     p.add_argument("--peft", default=None, help="a JSON dict for model.peft_config")
     p.add_argument("--check_reference", action="store_true")
+    p.add_argument("--metric", action="store_true", help="evaluate with eval_prompts and a metric")
     p.add_argument("--override", action="append", default=[], help="e.g. train.seed=3")
     p.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     run(p.parse_args(argv))

@@ -131,7 +131,7 @@ def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
         try:
             value = prepare()
         except Exception as e:  # noqa: BLE001 - shared with the other processes below
-            error, failure = e, [_portable(e)]
+            error, failure = e, [portable_error(e)]
     # every node's outcome, so that a failure on any node stops all of them
     failures = [f for f in gather_object(failure) if f is not None]
     if error is not None:
@@ -144,7 +144,9 @@ def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
     return value
 
 
-def _portable(e: Exception) -> tuple[type, str]:
+def portable_error(e: Exception) -> tuple[type, str]:
+    """(type, message) of `e` that can be sent to the other processes and raised there: a class
+    that cannot be pickled travels as a RuntimeError naming it."""
     import pickle
 
     try:
