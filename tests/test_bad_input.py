@@ -56,6 +56,13 @@ class Ctx:
         path.write_bytes(data)
         return str(path)
 
+    def legacy_checkpoint(self) -> str:
+        """old/step_3 as an earlier trainer_lib wrote it: a state file, no manifest."""
+        folder = self.tmp / "old" / "step_3"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": 3}))
+        return str(folder)
+
     def gpt2_like(self) -> str:
         """A model folder whose positions are learned embeddings, 32 of them (config only: it
         must never load)."""
@@ -201,6 +208,16 @@ CASES = [
     Case("resume from a folder that is no checkpoint",
          lambda c: c.train(train=dict(resume_from_checkpoint=str(c.tmp))), CheckpointError,
          ["is not a checkpoint folder", "no manifest.json"]),
+    Case("resume a checkpoint of an earlier trainer_lib",
+         lambda c: c.train(train=dict(resume_from_checkpoint=c.legacy_checkpoint())),
+         CheckpointError, ["step_3' has no manifest.json: it was written by an earlier "
+                           "trainer_lib", r"model\.model_path=.*step_3/hf_model"]),
+    Case("resume 'latest' among checkpoints of an earlier trainer_lib",
+         lambda c: (c.legacy_checkpoint(), c.train(train=dict(
+             resume_from_checkpoint="latest", checkpoint_dir=str(c.tmp / "old")))),
+         CheckpointError, [r"'latest': .*old holds checkpoints written by an earlier "
+                           r"trainer_lib \(step_3\)", r"model\.model_path=.*step_3/hf_model",
+                           "its own train.checkpoint_dir"]),
     # ---------------------------------------------------------------- samples
     Case("no samples", lambda c: c.train(samples=[]), DataError,
          ["samples is empty", "at least one training sample"]),

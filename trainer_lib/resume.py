@@ -77,6 +77,14 @@ def _pick_latest(folder: Path, found: list, identity: dict) -> Optional[Path]:
                 f"train.resume_from_checkpoint='latest': the checkpoints in {folder} are "
                 f"from another run ({newest.name}: {'; '.join(diffs[:3])}); resume with that "
                 f"run's settings, or give this run its own train.checkpoint_dir")
+        legacy = _legacy_checkpoints(folder)
+        if legacy:
+            raise CheckpointError(
+                f"train.resume_from_checkpoint='latest': {folder} holds checkpoints written by "
+                f"an earlier trainer_lib ({', '.join(p.name for p in legacy[-4:])}), which "
+                "recorded no checksums or run identity and cannot be resumed; start a new run "
+                f"from the weights of one with model.model_path={legacy[-1] / 'hf_model'}, or "
+                "give this run its own train.checkpoint_dir")
         print(f"resume_from_checkpoint='latest': no checkpoint under {folder}; "
               "starting from scratch", flush=True)
         return None
@@ -96,6 +104,17 @@ def _pick_latest(folder: Path, found: list, identity: dict) -> Optional[Path]:
         damaged.append(f"{path.name} is unusable: {problem}")
     raise CheckpointError(f"train.resume_from_checkpoint='latest': no intact checkpoint of "
                           f"this run in {folder} ({'; '.join(damaged)})")
+
+
+def _legacy_checkpoints(folder: Path) -> list[Path]:
+    """`step_<N>` folders with a state file and no manifest (an earlier trainer_lib's), oldest
+    first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(p.name[len("step_"):]), p) for p in folder.glob("step_*")
+             if p.name[len("step_"):].isdigit() and (p / STATE_FILE).is_file()
+             and not (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def _check_explicit(spec: str, identity: dict) -> Path:
