@@ -91,23 +91,6 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(spec: str, checkpoint_dir: str | Path) -> Optional[Path]:
-    """"latest" → the newest complete checkpoint or None; a path → that folder (checked)."""
-    if spec == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(_not_a_checkpoint(spec))
-    return path
-
-
-def _not_a_checkpoint(spec: str) -> str:
-    return (f"train.resume_from_checkpoint={spec!r} is not a checkpoint folder (no {MANIFEST} "
-            "in it, so it does not exist, is incomplete, or was not written by trainer_lib); "
-            "give a step_<N> folder under train.checkpoint_dir, or \"latest\"")
-
-
 def _manifest_or_none(path: Path) -> Optional[dict]:
     try:
         return read_manifest(path)

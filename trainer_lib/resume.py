@@ -24,7 +24,6 @@ from trainer_lib.checkpoint import (
     _PREVIOUS,
     STATE_FILE,
     _manifest_or_none,
-    _not_a_checkpoint,
     list_checkpoints,
 )
 from trainer_lib.integrity import (
@@ -104,6 +103,12 @@ def _pick_latest(folder: Path, found: list, identity: dict) -> Optional[Path]:
         damaged.append(f"{path.name} is unusable: {problem}")
     raise CheckpointError(f"train.resume_from_checkpoint='latest': no intact checkpoint of "
                           f"this run in {folder} ({'; '.join(damaged)})")
+
+
+def _not_a_checkpoint(spec: str) -> str:
+    return (f"train.resume_from_checkpoint={spec!r} is not a checkpoint folder (no {MANIFEST} "
+            "in it, so it does not exist, is incomplete, or was not written by trainer_lib); "
+            "give a step_<N> folder under train.checkpoint_dir, or \"latest\"")
 
 
 def _legacy_checkpoints(folder: Path) -> list[Path]:
