@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from trainer_lib.data.recipe import FORM, NORMALIZE, READ, TOKENIZE, DataRecipe
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.sources import MAX_REPORTED_LINES, Source, read_errors_message
+from trainer_lib.data.store import column
 from trainer_lib.data.tokenize import DataReport
 
 
@@ -55,12 +56,6 @@ def error_class(name: str) -> type:
     from trainer_lib.data.kto_data import KTODataError
 
     return {"ChatError": ChatError, "KTODataError": KTODataError}.get(name, DataError)
-
-
-def column(table: pa.Table, name: str) -> np.ndarray:
-    column = table.column(name)
-    return column.to_numpy() if column.num_chunks != 1 else column.chunk(0).to_numpy(
-        zero_copy_only=False)
 
 
 def kept_rows(table: pa.Table) -> np.ndarray:

@@ -31,11 +31,11 @@ from trainer_lib.data.cache import (
     shared_value,
     temporary_root,
 )
-from trainer_lib.data.checks import check_errors, column, held_out, kept_rows, make_report
+from trainer_lib.data.checks import check_errors, held_out, kept_rows, make_report
 from trainer_lib.data.recipe import DataRecipe, prepare_batch, table_features
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.sources import Source, open_source
-from trainer_lib.data.store import Examples, ExampleStore
+from trainer_lib.data.store import Examples, ExampleStore, column
 from trainer_lib.data.tokenize import DataReport
 
 SMALL_DATASET = 1000  # samples per worker below which starting a worker costs more than it saves

@@ -46,7 +46,7 @@ class ExampleStore:
         return self.column("length").astype(np.int64)
 
     def column(self, name: str) -> np.ndarray:
-        return _numpy(self.table.column(name))
+        return column(self.table, name)
 
     def _chunk(self, c: int) -> list:
         """numpy views (no copy, but for booleans) of one chunk's offsets and values."""
@@ -75,12 +75,14 @@ class ExampleStore:
         return out
 
 
-def _numpy(column: pa.ChunkedArray) -> np.ndarray:
-    if column.num_chunks == 0:
-        return np.zeros(0, dtype=column.type.to_pandas_dtype())
-    if column.num_chunks == 1:
-        return column.chunk(0).to_numpy(zero_copy_only=False)
-    return column.to_numpy()
+def column(table: pa.Table, name: str) -> np.ndarray:
+    """A column of `table` as a numpy array (without a copy where Arrow allows)."""
+    values = table.column(name)
+    if values.num_chunks == 0:
+        return np.zeros(0, dtype=values.type.to_pandas_dtype())
+    if values.num_chunks == 1:
+        return values.chunk(0).to_numpy(zero_copy_only=False)
+    return values.to_numpy()
 
 
 class _View:

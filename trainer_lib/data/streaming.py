@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from trainer_lib.data.packing import pack_lengths
-from trainer_lib.data.checks import error_class, make_report
+from trainer_lib.data.checks import error_class, kept_rows, make_report
 from trainer_lib.data.recipe import READ, DataRecipe, prepare_samples
 from trainer_lib.data.samples import DataError
 from trainer_lib.data.sources import decode_json_row, read_errors_message
@@ -66,7 +66,7 @@ class StreamItems:
                                 self.recipe)
         _raise_first_error(table, self.name)
         examples = ExampleStore(table, self.recipe.carried)
-        kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
+        kept = kept_rows(table)
         if not len(kept):
             raise DataError(f"samples: none of the first {len(head)} samples of the stream "
                             "leaves an example to train on (all dropped)")
@@ -101,7 +101,7 @@ class StreamItems:
             table = prepare_samples([self._decode(r) for r in batch], indices, self.recipe)
             _raise_first_error(table, self.name, self.rank if self.by_shards else None,
                                process=self.rank)
-            kept = np.nonzero(table.column("length").to_numpy() > 0)[0]
+            kept = kept_rows(table)
             yield from ExampleStore(table, self.recipe.carried).fetch(kept)
 
     def epoch(self, epoch: int, seq_length: int) -> Iterator[Any]:
