@@ -165,41 +165,33 @@ def function_name(fn: Callable) -> str:
 def normalize_eval_prompts(eval_prompts: list, tokenizer, chat_template: Any = None
                            ) -> tuple[list[dict], dict[str, list]]:
     """→ ([{"text": str, "ids": [int]}], metadata {key: [value per prompt]})."""
-    if isinstance(eval_prompts, (str, dict)) or not hasattr(eval_prompts, "__iter__"):
-        raise ValueError("eval_prompts must be a list of strings, message lists, or dicts with a "
-                         f"'prompt' key; got a {type(eval_prompts).__name__}")
+    check_eval_inputs(eval_prompts, None)  # done before the model loads too; cheap
     eval_prompts = list(eval_prompts)
     keys: list[str] = []
     for p in eval_prompts:
         if isinstance(p, dict):
             keys += [k for k in p if k != "prompt" and k not in keys]
     prompts, metadata = [], {k: [] for k in keys}
-    for i, p in enumerate(eval_prompts):
+    for p in eval_prompts:
         tools = None
         if isinstance(p, dict):
-            if "prompt" not in p:
-                raise ValueError(f"eval_prompts[{i}] is a dict without a 'prompt' key "
-                                 f"(keys: {sorted(p)}); put the text to complete under 'prompt'")
             for k in keys:
                 metadata[k].append(p.get(k))
             tools, p = p.get("tools"), p["prompt"]
-        prompts.append(_encode_prompt(p, i, tokenizer, tools, chat_template))
+        prompts.append(_encode_prompt(p, tokenizer, tools, chat_template))
     return prompts, metadata
 
 
-def _encode_prompt(prompt: Any, i: int, tokenizer, tools, chat_template) -> dict:
+def _encode_prompt(prompt: Any, tokenizer, tools, chat_template) -> dict:
+    """A checked prompt (`check_eval_inputs`): a string or a list of messages."""
     if isinstance(prompt, str):
         # the way training encodes a prompt (BOS added), so the model sees what it learned from
         return {"text": prompt, "ids": tokenizer(prompt, add_special_tokens=True)["input_ids"]}
-    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt) and prompt:
-        from trainer_lib.data.chat import render_generation_prompt
+    from trainer_lib.data.chat import render_generation_prompt
 
-        text = render_generation_prompt(tokenizer, list(prompt), tools, chat_template)
-        # the template writes its own special tokens (BOS included, where it has one)
-        return {"text": text, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
-    raise ValueError(f"eval_prompts[{i}] must be a string, a list of messages "
-                     f"({{'role': ..., 'content': ...}}), or a dict with a 'prompt' key; "
-                     f"got {type(prompt).__name__}: {str(prompt)[:60]!r}")
+    text = render_generation_prompt(tokenizer, list(prompt), tools, chat_template)
+    # the template writes its own special tokens (BOS included, where it has one)
+    return {"text": text, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
 
 
 def default_eval_prompts(train_items: list, tokenizer, n: int = NUM_DEFAULT_PROMPTS) -> list[dict]:
