@@ -131,6 +131,12 @@ def test_keep_last_n_and_save_best(tiny_config):
     assert best["step"] == 4 and best["best_value"] == 1.0
     assert [e["metrics/score"] for e in trainer.log_history] == [5.0, 3.0, 4.0, 1.0, 2.0, 6.0]
     AutoModelForCausalLM.from_pretrained(ckpts / "best" / "hf_model")
+    # best/'s manifest checks out against its files (copied from step_4, the state rewritten)
+    from trainer_lib.integrity import damage, file_checksum, read_manifest
+
+    assert damage(ckpts / "best") is None
+    entry = read_manifest(ckpts / "best")["files"]["trainer_state.json"]
+    assert entry["xxh3_128"] == file_checksum(ckpts / "best" / "trainer_state.json")
     # the newest checkpoint knows the best so far, so a resumed run keeps comparing against it
     last = json.loads((ckpts / "step_6" / "trainer_state.json").read_text())
     assert (last["best_step"], last["best_value"]) == (4, 1.0)

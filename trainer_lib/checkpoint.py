@@ -281,7 +281,11 @@ class Checkpointer:
                         shutil.copytree(step_dir, tmp, dirs_exist_ok=True)
                         (tmp / STATE_FILE).write_text(json.dumps(
                             self._state(trainer, position), indent=1, default=_json_default))
-                        write_manifest(tmp, self._header(trainer.step))
+                        # the copied files were checksummed when step_<N> was written
+                        copied = {name: entry for name, entry
+                                  in read_manifest(step_dir)["files"].items()
+                                  if name != STATE_FILE}
+                        write_manifest(tmp, self._header(trainer.step), known=copied)
                 except Exception as e:  # noqa: BLE001
                     raise self._write_error(e, best, trainer) from e
             acc.wait_for_everyone()

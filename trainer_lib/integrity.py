@@ -58,13 +58,17 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path, header: Optional[dict] = None) -> int:
+def write_manifest(folder: Path, header: Optional[dict] = None,
+                   known: Optional[dict] = None) -> int:
     """Writes `folder/manifest.json` (`header`, e.g. the run it belongs to, then the files);
-    returns the checkpoint's size in bytes."""
+    returns the checkpoint's size in bytes. `known`: entries of another manifest for files copied
+    unchanged from its folder, taken as they are where the size agrees instead of read again."""
     files = {}
     for path in _files(folder):
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size,
-                                                      "xxh3_128": file_checksum(path)}
+        name, size = path.relative_to(folder).as_posix(), path.stat().st_size
+        entry = (known or {}).get(name)
+        files[name] = entry if entry and entry["size"] == size else {
+            "size": size, "xxh3_128": file_checksum(path)}
     data = json.dumps({"format": 1, **(header or {}), "files": files}, indent=1)
     with open(folder / MANIFEST, "w", encoding="utf-8") as f:
         f.write(data)
