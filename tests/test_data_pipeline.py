@@ -17,7 +17,7 @@ from trainer_lib.data import chat
 from trainer_lib.data.chat import RunTemplate
 from trainer_lib.data.conversations import ChatError
 from trainer_lib.data.kto_data import normalize_kto_samples
-from trainer_lib.data.kto_pipeline import KTORecipe, kto_example, micro_batches
+from trainer_lib.data.kto_pipeline import KTORecipe, micro_batches, tokenize_kto_pair
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.data.samples import normalize_sft_samples
 from trainer_lib.data.tokenize import count_loss_tokens, fit_to_length, tokenize_pair, tokenize_text
@@ -225,6 +225,17 @@ def kto_sets():
 def kto_config(**train):
     return default_kto_config().evolve(train=dict(seq_length=64, batch_size=3, progress_bar=False,
                                                   **train))
+
+
+def kto_example(tokenizer, template, prompt, completion, tools, seq_length, overlong,
+                index=None):
+    """One KTO record as the pipeline stores it, computed alone: `tokenize_kto_pair` fitted to
+    `seq_length` (None when the policy drops it), with `truncated`."""
+    example = tokenize_kto_pair(tokenizer, template, prompt, completion, tools, index)
+    fitted, what = fit_to_length(example, seq_length, "pair", overlong)
+    if not fitted:
+        return None
+    return {**fitted[0], "truncated": int(what == "truncated")}
 
 
 def reference_kto(tokenizer, config, samples):

@@ -99,17 +99,6 @@ def tokenize_kto_pair(tokenizer, template: RunTemplate, prompt, completion, tool
         template.for_messages(), index=index)
 
 
-def kto_example(tokenizer, template: RunTemplate, prompt, completion, tools, seq_length: int,
-                overlong: str, index: Optional[int] = None) -> Optional[dict]:
-    """`tokenize_kto_pair` fitted to `seq_length` (None when the policy drops it), with
-    `truncated`: what the pipeline stores for one record, computed alone."""
-    example = tokenize_kto_pair(tokenizer, template, prompt, completion, tools, index)
-    fitted, what = fit_to_length(example, seq_length, "pair", overlong)
-    if not fitted:
-        return None
-    return {**fitted[0], "truncated": int(what == "truncated")}
-
-
 # ---------------------------------------------------------------------- micro-batches
 
 
@@ -215,13 +204,17 @@ def _tokenize_kl_pairs(folder: Path, data: PreparedData, recipe: KTORecipe, flat
 
 
 def _kl_batch(batch: pa.Table, recipe: KTORecipe) -> pa.Table:
+    prompts = [json.loads(t) for t in batch.column("prompt").to_pylist()]
+    completions = [json.loads(t) for t in batch.column("completion").to_pylist()]
+    records = [{"prompt": p["prompt"], "completion": c["completion"], "tools": p["tools"]}
+               for p, c in zip(prompts, completions)]
+    # as the examples themselves are tokenised (text pairs in one batch), then truncated
+    examples = recipe.tokenize(records, list(range(len(records))))
     ids, mask, offsets, lengths = [], [], [0], []
-    for prompt_json, completion_json in zip(batch.column("prompt").to_pylist(),
-                                            batch.column("completion").to_pylist()):
-        prompt, completion = json.loads(prompt_json), json.loads(completion_json)
-        example = kto_example(recipe.tokenizer, recipe.template, prompt["prompt"],
-                              completion["completion"], prompt["tools"], recipe.seq_length,
-                              "truncate")
+    for example in examples:
+        if isinstance(example, DataError):
+            raise example
+        example = fit_to_length(example, recipe.seq_length, "pair", "truncate")[0][0]
         ids.extend(example["input_ids"])
         mask.extend(0 if label == -100 else 1 for label in example["labels"])
         offsets.append(len(ids))
