@@ -40,8 +40,8 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer_lib.attention import register
     from trainer_lib.data.packing import pack_documents
+    from trainer_lib.ops.attention import register
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ def write_workload(folder: Path, sizes: list[int], tokenizer_dir: Path) -> tuple
 
     from transformers import AutoTokenizer
 
-    from trainer_lib.data.samples import alpaca_prompt
+    from trainer_lib.methods.sft.samples import alpaca_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tok.pad_token is None:
@@ -85,7 +85,7 @@ def since_start() -> float:
 
 def run_trainer_lib(model_dir: str, data: str, cache: str) -> None:
     from trainer_lib import default_sft_config, train
-    from trainer_lib.trainers.base import Trainer
+    from trainer_lib.training.trainer import Trainer
 
     first = []
     step = Trainer.training_step

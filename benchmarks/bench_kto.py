@@ -45,7 +45,7 @@ MAX_LENGTH, BATCH_SIZE, VOCAB = 512, 8, 8192
 
 def feedback_rows(n_examples: int) -> list[dict]:
     """n/2 instructions, each with its own answer (true) and another one's answer (false)."""
-    from trainer_lib.data.samples import alpaca_prompt
+    from trainer_lib.methods.sft.samples import alpaca_prompt
 
     gsm, alpaca = instructions()
     n = n_examples // 2
@@ -64,7 +64,7 @@ def feedback_rows(n_examples: int) -> list[dict]:
 
 def write_workload(folder: Path, n_examples: int) -> tuple[Path, Path, int]:
     from trainer_lib.data.tokenize import tokenize_pair
-    from trainer_lib.defaults import build_tokenizer
+    from trainer_lib.model.embedded import build_tokenizer
 
     rows = feedback_rows(n_examples)
     gsm, alpaca = instructions()  # the tokenizer learns from all of them: 8,192 tokens whatever n
@@ -87,7 +87,7 @@ def write_workload(folder: Path, n_examples: int) -> tuple[Path, Path, int]:
 
 def run_trainer_lib(model_dir: str, data: str) -> None:
     from trainer_lib import default_kto_config
-    from trainer_lib.trainers.kto import KTOTrainer
+    from trainer_lib.methods.kto.trainer import KTOTrainer
 
     config = default_kto_config().evolve(
         model=dict(model_path=model_dir),

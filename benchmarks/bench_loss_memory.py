@@ -26,7 +26,7 @@ def worker(kind: str, tokens: int, hidden: int, vocab: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from trainer_lib.losses.cross_entropy import chunked_token_nll
+    from trainer_lib.ops.cross_entropy import chunked_token_nll
 
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False)

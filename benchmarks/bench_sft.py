@@ -52,7 +52,7 @@ SEQ_LENGTH, BATCH_SIZE = 512, 8
 def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[Path, Path]:
     from transformers import AutoTokenizer
 
-    from trainer_lib.data.samples import alpaca_prompt
+    from trainer_lib.methods.sft.samples import alpaca_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tok.pad_token is None:
@@ -106,7 +106,7 @@ def flops_per_token(config, avg_context: float) -> float:
 
 def run_trainer_lib(model_dir: str, data: str) -> dict:
     from trainer_lib import default_sft_config
-    from trainer_lib.trainers.sft import SFTTrainer
+    from trainer_lib.methods.sft.trainer import SFTTrainer
 
     config = default_sft_config().evolve(
         model=dict(model_path=model_dir, attn_implementation="sdpa"),

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer_lib import (ConfigError, DataError, default_kto_config, default_sft_config,
-                         train)
+from trainer_lib import ConfigError, DataError, default_kto_config, default_sft_config, train
 from trainer_lib.data.tokenize import tokenize_pair
-from trainer_lib.defaults import ASSETS, DEFAULT_DATA, tiny_model
-from trainer_lib.modeling import model_source
+from trainer_lib.model.embedded import ASSETS, DEFAULT_DATA, tiny_model
+from trainer_lib.runtime.hub import model_source
 
 FEEDBACK = ASSETS / "feedback.jsonl"
 

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer_lib import ConfigError, DataError, default_sft_config, train
-from trainer_lib.defaults import CHAT_TOOLS_DATA, tiny_model
-from trainer_lib.modeling import model_source
+from trainer_lib.model.embedded import CHAT_TOOLS_DATA, tiny_model
+from trainer_lib.runtime.hub import model_source
 
 
 def _first_tools(path):

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from trainer_lib import ConfigError, DataError, default_sft_config, train
-from trainer_lib.data.samples import alpaca_prompt
-from trainer_lib.defaults import DEFAULT_DATA, tiny_model
-from trainer_lib.modeling import model_source
+from trainer_lib.methods.sft.samples import alpaca_prompt
+from trainer_lib.model.embedded import DEFAULT_DATA, tiny_model
+from trainer_lib.runtime.hub import model_source
 
 
 def main():

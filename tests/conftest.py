@@ -37,7 +37,7 @@ def fixtures_dir() -> Path:
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised Llama (hidden 32, 2 layers) with a BPE tokenizer trained on the
     shipped instruction set; built once per test session."""
-    from trainer_lib.defaults import build_tiny_llama, load_default_samples
+    from trainer_lib.model.embedded import build_tiny_llama, load_default_samples
 
     texts = [v for row in load_default_samples() for v in row.values()]
     texts += [f"word{i} token{i}" for i in range(200)]

@@ -14,11 +14,8 @@ from typing import Callable
 import pytest
 
 from trainer_lib import ConfigError, DataError, default_kto_config, default_sft_config, train
-from trainer_lib.checkpoint import list_checkpoints
-from trainer_lib.data.conversations import ChatError
-from trainer_lib.data.kto_data import KTODataError
-from trainer_lib.evaluation import EvalPromptError
-from trainer_lib.integrity import CheckpointError
+from trainer_lib.checkpointing.layout import list_checkpoints
+from trainer_lib.errors import ChatError, CheckpointError, EvalPromptError, KTODataError
 
 PAIRS = [{"prompt": f"word{i} ", "completion": f"token{i} word{i + 1}"} for i in range(8)]
 KTO = [{"prompt": f"word{i} ", "completion": f" token{i}", "label": i % 2 == 0} for i in range(8)]
@@ -324,7 +321,7 @@ def ctx(tiny_model_dir, tmp_path, monkeypatch):
     def refuse(config):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr("trainer_lib.trainers.base.load_model", refuse)
+    monkeypatch.setattr("trainer_lib.training.trainer.load_model", refuse)
     return Ctx(tiny_model_dir, tmp_path)
 
 

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_lib.data.chat import (
+from trainer_lib.data.chat_template import (
     apply_template_to_tokenizer,
     render_generation_prompt,
     resolve_chat_template,
     tokenize_conversation,
     tokenize_prompt_completion_messages,
 )
-from trainer_lib.data.conversations import ChatError, clean_dataset_row, normalize_conversation
+from trainer_lib.data.conversations import clean_dataset_row, normalize_conversation
+from trainer_lib.errors import ChatError
 
 torch.set_num_threads(1)
 
@@ -172,13 +173,13 @@ def check_mask(tok, conversation, template, expected, loss_on="assistant"):
 
 
 # ---------------------------------------------------------------- masks on the embedded template
-# These need no fixtures: the embedded tokenizer (trainer_lib.defaults) has a ChatML template with
+# These need no fixtures: the embedded tokenizer (trainer_lib.model.embedded) has a ChatML template with
 # tools, and its byte-level BPE decodes every piece exactly.
 
 
 @functools.lru_cache(maxsize=None)
 def embedded_tokenizer():
-    from trainer_lib.defaults import build_tokenizer, load_default_samples
+    from trainer_lib.model.embedded import build_tokenizer, load_default_samples
 
     texts = [v for row in load_default_samples() for v in row.values()]
     return build_tokenizer(texts + [json.dumps(WEATHER), "Weather in Paris? It is 21 C."], 600)

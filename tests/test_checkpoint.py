@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer_lib import train
-from trainer_lib.checkpoint import NonFiniteLossError, list_checkpoints
-from trainer_lib.integrity import CheckpointError
+from trainer_lib.checkpointing.layout import list_checkpoints
+from trainer_lib.errors import CheckpointError, NonFiniteLossError
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_run.py"
 REPO = SCRIPT.parents[2]
@@ -132,7 +132,7 @@ def test_keep_last_n_and_save_best(tiny_config):
     assert [e["metrics/score"] for e in trainer.log_history] == [5.0, 3.0, 4.0, 1.0, 2.0, 6.0]
     AutoModelForCausalLM.from_pretrained(ckpts / "best" / "hf_model")
     # best/'s manifest checks out against its files (copied from step_4, the state rewritten)
-    from trainer_lib.integrity import damage, file_checksum, read_manifest
+    from trainer_lib.checkpointing.manifest import damage, file_checksum, read_manifest
 
     assert damage(ckpts / "best") is None
     entry = read_manifest(ckpts / "best")["files"]["trainer_state.json"]
@@ -144,7 +144,7 @@ def test_keep_last_n_and_save_best(tiny_config):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_config):
     config = tiny_config.evolve(train=dict(total_steps=6, checkpoint_interval=2))
-    from trainer_lib.trainers.sft import SFTTrainer
+    from trainer_lib.methods.sft.trainer import SFTTrainer
 
     class NaNAtStep4(SFTTrainer):
         def compute_loss(self, model, batch):
@@ -161,7 +161,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_co
 
 
 def test_non_finite_loss_report_skips_the_empty_share_of_a_short_rank():
-    from trainer_lib.faults import NonFiniteSteps
+    from trainer_lib.training.step import NonFiniteSteps
 
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "num_tokens": 3}
     out = {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True}

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from trainer_lib.cli import CLIError, load_config, main, parse_args, pop_local_rank, resolve_data
-from trainer_lib.config import Config, KTOConfig, default_kto_config, default_sft_config
+from trainer_lib.config import Config, default_kto_config, default_sft_config
+from trainer_lib.methods.kto.config import KTOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO / "configs" / "sft_alpaca.yaml"
@@ -238,7 +239,7 @@ def test_the_readme_deepspeed_command_trains_on_two_processes(tiny_model_dir, tm
     adapter = load_file(out / "adapter_model.safetensors")  # configs/sft_lora.yaml is LoRA
     assert adapter and all(v.numel() > 0 for v in adapter.values())
     # eval/loss over both processes' shares is the saved model's mean token loss on all 5
-    from trainer_lib.data.samples import alpaca_prompt
+    from trainer_lib.methods.sft.samples import alpaca_prompt
 
     pairs = [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in eval_rows]
     assert metrics[-1]["eval/loss"] == pytest.approx(_eval_loss_in_torch(out, pairs), rel=1e-4)

@@ -5,12 +5,12 @@ import pytest
 from trainer_lib.config import (
     Config,
     ConfigError,
-    KTOConfig,
-    SFTConfig,
     default_kto_config,
     default_sft_config,
     parse_override,
 )
+from trainer_lib.methods.kto.config import KTOConfig
+from trainer_lib.methods.sft.config import SFTConfig
 
 
 @pytest.mark.parametrize("make", [default_sft_config, default_kto_config])

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from trainer_lib.cli import load_config
-from trainer_lib.config import Config, KTOConfig, SFTConfig
+from trainer_lib.config import Config
+from trainer_lib.methods.kto.config import KTOConfig
+from trainer_lib.methods.sft.config import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))

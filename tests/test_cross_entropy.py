@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from plain import sequence_logps
 from torch import nn
 
-from trainer_lib.losses.cross_entropy import (auto_chunk_size, causal_lm_token_nll,
-                                              chunked_token_nll, sequence_logps)
+from trainer_lib.ops.cross_entropy import auto_chunk_size, causal_lm_token_nll, chunked_token_nll
 
 torch.set_num_threads(1)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from trainer_lib import default_sft_config
-from trainer_lib.data.chat import RunTemplate
+from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.pipeline import build_data
-from trainer_lib.defaults import CHAT_TOOLS_DATA, build_tokenizer, load_default_samples
-from trainer_lib.trainers.sft import SFTRecipe
+from trainer_lib.methods.sft.recipe import SFTRecipe
+from trainer_lib.model.embedded import CHAT_TOOLS_DATA, build_tokenizer, load_default_samples
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [{"prompt": f"Question {i}?\n", "completion": f"Answer {i}."} for i in range(20)]

@@ -11,21 +11,19 @@ from collections import Counter
 
 import datasets
 import pytest
+from conftest import fixtures_path
+from plain import count_loss_tokens, normalize_kto_samples, normalize_sft_samples
 
 from trainer_lib import DataError, default_kto_config, default_sft_config
-from trainer_lib.data import chat
-from trainer_lib.data.chat import RunTemplate
-from trainer_lib.data.conversations import ChatError
-from trainer_lib.data.kto_data import normalize_kto_samples
-from trainer_lib.data.kto_pipeline import KTORecipe, micro_batches, tokenize_kto_pair
+from trainer_lib.data import chat_template
+from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.pipeline import build_data
-from trainer_lib.data.samples import normalize_sft_samples
-from trainer_lib.data.tokenize import count_loss_tokens, fit_to_length, tokenize_pair, tokenize_text
-from trainer_lib.defaults import CHAT_TOOLS_DATA, build_tokenizer, load_default_samples
-from trainer_lib.losses.kto import mismatched_pairing
-from trainer_lib.trainers.sft import SFTRecipe
-
-from conftest import fixtures_path
+from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_text
+from trainer_lib.errors import ChatError
+from trainer_lib.methods.kto.loss import mismatched_pairing
+from trainer_lib.methods.kto.recipe import KTORecipe, micro_batches, tokenize_kto_pair
+from trainer_lib.methods.sft.recipe import SFTRecipe
+from trainer_lib.model.embedded import CHAT_TOOLS_DATA, build_tokenizer, load_default_samples
 
 FIXTURES = fixtures_path()
 
@@ -87,11 +85,11 @@ def reference_sft(tokenizer, config, samples):
         elif r["kind"] == "pair":
             ex, kind = tokenize_pair(tokenizer, r["prompt"], r["completion"], m.add_eos), "pair"
         elif r["kind"] == "conversation":
-            ex = chat.tokenize_conversation(tokenizer, r["messages"], r["tools"], template,
+            ex = chat_template.tokenize_conversation(tokenizer, r["messages"], r["tools"], template,
                                             loss_on=m.loss_on, index=i)
             kind = "chat"
         else:
-            ex = chat.tokenize_prompt_completion_messages(tokenizer, r["prompt"], r["completion"],
+            ex = chat_template.tokenize_prompt_completion_messages(tokenizer, r["prompt"], r["completion"],
                                                           r["tools"], template, index=i)
             kind = "chat"
         pieces, what = fit_to_length(ex, seq_length, kind, m.overlong)

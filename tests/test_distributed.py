@@ -17,14 +17,13 @@ import torch
 
 from trainer_lib import ConfigError, train
 from trainer_lib.config import TrainConfig
-from trainer_lib.distributed import (
-    align_micro_batches,
-    batches_per_process,
+from trainer_lib.runtime.deepspeed import (
     is_zero3,
     load_deepspeed_config,
     prepare_reference_model,
     resolve_deepspeed_config,
 )
+from trainer_lib.runtime.processes import align_micro_batches, batches_per_process
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "train_sft.py"
@@ -288,7 +287,7 @@ import torch.distributed as dist
 atexit.register(lambda: print("at exit, process group alive:", dist.is_initialized()))
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 from trainer_lib import default_sft_config
-from trainer_lib.distributed import build_accelerator
+from trainer_lib.runtime.accelerator import build_accelerator
 build_accelerator(default_sft_config().evolve(
     train=dict(progress_bar=False, checkpoint_dir={str(tmp_path / "ckpts")!r})))
 print("during the run, process group alive:", dist.is_initialized())

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from trainer_lib import train
-from trainer_lib.checkpoint import list_checkpoints
-from trainer_lib.evaluation import MetricFnError, cut_at_stop, score
+from trainer_lib.checkpointing.layout import list_checkpoints
+from trainer_lib.errors import MetricFnError
+from trainer_lib.training.evaluation import cut_at_stop, score
 
 SAMPLES = [{"prompt": f"word{i} ", "completion": f"token{i}"} for i in range(16)]
 

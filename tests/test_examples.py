@@ -30,7 +30,7 @@ def _run_example(tmp_path, script, out, overrides=(), launcher=(sys.executable,)
 def test_main_example_trains_saves_reloads_and_generates(tmp_path):
     """The main job as shipped, on the first 30 of its instructions (the two it is asked about
     among them) to take a quarter of the time: the reloaded folder answers both."""
-    from trainer_lib.defaults import DEFAULT_DATA
+    from trainer_lib.model.embedded import DEFAULT_DATA
 
     data = tmp_path / "instructions30.jsonl"
     data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:30]))
@@ -64,7 +64,7 @@ def test_chat_tools_example_learns_to_call_the_tools(tmp_path):
     arguments in that tool's JSON shape."""
     import re
 
-    from trainer_lib.defaults import CHAT_TOOLS_DATA
+    from trainer_lib.model.embedded import CHAT_TOOLS_DATA
 
     lines = CHAT_TOOLS_DATA.read_text().splitlines(keepends=True)
     data = tmp_path / "chats12.jsonl"
@@ -83,8 +83,8 @@ def _answer_nll(model, tokenizer, rows) -> float:
     """Mean NLL of the Alpaca answers given their prompts, in plain torch."""
     import torch
 
-    from trainer_lib.data.samples import alpaca_prompt
     from trainer_lib.data.tokenize import tokenize_pair
+    from trainer_lib.methods.sft.samples import alpaca_prompt
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_lora_zero3_example_on_two_processes(tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from trainer_lib.defaults import load_default_samples
+    from trainer_lib.model.embedded import load_default_samples
 
     out = tmp_path / "lora"
     env = {**_env(tmp_path), "OMP_NUM_THREADS": "1"}
@@ -152,7 +152,7 @@ def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeyp
     import huggingface_hub
 
     from trainer_lib import ConfigError
-    from trainer_lib.modeling import model_source
+    from trainer_lib.runtime.hub import model_source
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # refused

@@ -19,17 +19,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trainer_lib import default_sft_config, train
-from trainer_lib.checkpoint import CheckpointWriteError, list_checkpoints
-from trainer_lib.defaults import DEFAULT_DATA
-from trainer_lib.faults import NonFiniteLossError
-from trainer_lib.integrity import (
+from trainer_lib.checkpointing.layout import list_checkpoints
+from trainer_lib.checkpointing.manifest import damage, read_manifest, write_manifest
+from trainer_lib.errors import (
     CheckpointError,
+    CheckpointWriteError,
+    NonFiniteLossError,
     UnsafeCheckpointError,
-    damage,
-    read_manifest,
-    write_manifest,
 )
-from trainer_lib.trainers.sft import SFTTrainer
+from trainer_lib.methods.sft.trainer import SFTTrainer
+from trainer_lib.model.embedded import DEFAULT_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "fault_run.py"
@@ -54,7 +53,7 @@ def _refuse_model(config):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fails the test if the model is loaded: the error must come before."""
-    monkeypatch.setattr("trainer_lib.trainers.base.load_model", _refuse_model)
+    monkeypatch.setattr("trainer_lib.training.trainer.load_model", _refuse_model)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def _snapshot(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def embedded_model(tmp_path_factory) -> str:
-    from trainer_lib.defaults import tiny_model
+    from trainer_lib.model.embedded import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("embedded") / "model")
 
@@ -308,7 +307,7 @@ def test_leftovers_of_interrupted_saves_and_deletions_are_cleaned_up_at_start(
 
 
 def test_an_interrupted_deletion_never_leaves_a_folder_that_looks_complete(ckpts, monkeypatch):
-    from trainer_lib import saving
+    from trainer_lib.runtime import files as saving
 
     def crash(path, ignore_errors=False):
         raise OSError("the machine went down")
@@ -324,7 +323,7 @@ def test_an_interrupt_during_a_commit_is_raised_when_the_commit_is_done():
     import threading
     import time
 
-    from trainer_lib.saving import held_interrupts
+    from trainer_lib.runtime.files import held_interrupts
 
     # another thread, as torch's are in every run, which the signal could be delivered to
     other = threading.Thread(target=time.sleep, args=(2,))
@@ -415,7 +414,7 @@ def test_keep_last_n_after_resuming_an_earlier_step_keeps_what_the_run_just_wrot
 @pytest.mark.parametrize("failure", ["ENOSPC", "torch zip writer"])
 def test_a_save_that_fails_for_lack_of_space_says_so_and_keeps_the_previous_checkpoint(
         failure, tiny_model_dir, tmp_path, monkeypatch):
-    import trainer_lib.checkpoint as checkpoint
+    import trainer_lib.checkpointing.checkpointer as checkpoint
 
     original = checkpoint.save_pretrained
 

@@ -5,8 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
+from plain import fixed_micro_batches, normalize_kto_samples
 
-from trainer_lib.data.kto_data import KTODataError, fixed_micro_batches, normalize_kto_samples
+from trainer_lib.errors import KTODataError
 
 FIXTURES = Path(os.environ.get("TRAINER_LIB_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 needs_fixtures = pytest.mark.skipif(
@@ -258,7 +259,7 @@ def test_tool_calls_take_the_form_sft_conversations_take():
 def test_the_pipelines_micro_batches_are_fixed_micro_batches(n, size):
     import numpy as np
 
-    from trainer_lib.data.kto_pipeline import micro_batch_offsets
+    from trainer_lib.methods.kto.recipe import micro_batch_offsets
 
     order = np.random.default_rng(3).permutation(n)
     offsets = micro_batch_offsets(n, size)

@@ -6,7 +6,6 @@ it with a stand-in batch, whose KL pairs must not count in z. Loss and z step by
 final weights, must agree."""
 
 import pytest
-
 from test_distributed import (
     NUM_SAMPLES,
     REPO,

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer_lib.data.tokenize import tokenize_pair
-from trainer_lib.trainers.base import _Window
-from trainer_lib.trainers.kto import KTOTrainer
+from trainer_lib.methods.kto.trainer import KTOTrainer
+from trainer_lib.training.trainer import _Window
 
 WORDS = "apple river stone cloud tiger lemon piano robot candle garden silver planet".split()
 

@@ -4,16 +4,15 @@ rows pair every prompt with another example's completion of the same micro-batch
 
 import pytest
 import torch
+from test_kto_figures import completion_logp, feedback
 from transformers import AutoModelForCausalLM
 
 from trainer_lib import train
-from trainer_lib.attention import DOCUMENT_ATTENTION, register
 from trainer_lib.data.packing import pack_documents
 from trainer_lib.data.tokenize import tokenize_pair
-from trainer_lib.losses.kto import mismatched_pairing
-from trainer_lib.trainers.kto import kto_batch, sequence_logps
-
-from test_kto_figures import completion_logp, feedback
+from trainer_lib.methods.kto.batches import completion_logps, kto_batch
+from trainer_lib.methods.kto.loss import mismatched_pairing
+from trainer_lib.ops.attention import DOCUMENT_ATTENTION, register
 
 WORDS = "apple river stone cloud tiger lemon piano robot candle garden silver".split()
 
@@ -43,11 +42,11 @@ def test_packed_log_probs_equal_padded_ones_and_each_example_alone(tiny_model_di
             for attention in ("sdpa", register()):
                 model.set_attn_implementation(attention)
                 for batch in (packed, padded):
-                    logps, n = sequence_logps(model, batch, prefix)
+                    logps, n = completion_logps(model, batch, prefix)
                     torch.testing.assert_close(logps.double(), want, atol=1e-4, rtol=1e-5)
                     assert n.tolist() == [c for _, c in alone]
                 # every position through the head (as under ZeRO-3): the same
-                logps, _ = sequence_logps(model, packed, prefix, select=False)
+                logps, _ = completion_logps(model, packed, prefix, select=False)
                 torch.testing.assert_close(logps.double(), want, atol=1e-4, rtol=1e-5)
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kto_figures import completion_logp, feedback
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer_lib import ConfigError, DataError, KTOTrainer, train
-from trainer_lib.data.kto_data import KTODataError
 from trainer_lib.data.tokenize import tokenize_pair
-
-from test_kto_figures import completion_logp, feedback
+from trainer_lib.errors import KTODataError
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("apple river stone cloud tiger lemon piano robot candle garden silver planet window "

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trainer_lib import ConfigError, train
-from trainer_lib.modeling import count_parameters
-from trainer_lib.peft_utils import apply_lora, build_lora_config
+from trainer_lib.model.loading import count_parameters
+from trainer_lib.model.lora import apply_lora, build_lora_config
 
 SAMPLES = [f"word{i} token{i} word{i + 1} token{i + 2}" for i in range(16)]
 

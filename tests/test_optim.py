@@ -11,8 +11,8 @@ from transformers.optimization import Adafactor
 
 from trainer_lib import ConfigError, default_sft_config, train
 from trainer_lib.config import OptimizerConfig, SchedulerConfig
-from trainer_lib.optim import build_optimizer, build_scheduler, param_groups
-from trainer_lib.trainers.sft import SFTTrainer
+from trainer_lib.methods.sft.trainer import SFTTrainer
+from trainer_lib.training.optim import build_optimizer, build_scheduler, param_groups
 
 SAMPLES = [["Hello there\n", "general"], ["Good\n", "morning to you"], ["Yes\n", "no"],
            ["One\n", "two three"]]

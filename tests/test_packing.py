@@ -2,10 +2,11 @@ import random
 
 import pytest
 import torch
+from plain import pack_dataset
 
-from trainer_lib.data.packing import PackedCollator, best_fit_decreasing, pack_dataset
-from trainer_lib.data.sampling import length_grouped_order, padded_collate
-from trainer_lib.losses.cross_entropy import causal_lm_token_nll
+from trainer_lib.data.packing import PackedCollator, best_fit_decreasing
+from trainer_lib.data.padding import length_grouped_order, padded_collate
+from trainer_lib.ops.cross_entropy import causal_lm_token_nll
 
 torch.set_num_threads(1)
 
@@ -40,12 +41,12 @@ def test_bfd_rejects_items_that_cannot_fit():
         best_fit_decreasing([3, 11], 10)
 
 
-def test_pack_dataset_errors():
+def test_the_collator_refuses_rows_it_cannot_lay_out():
     ex = dict(input_ids=list(range(10)), labels=[-100] * 3 + list(range(3, 10)))
-    with pytest.raises(ValueError, match="example 1 has 10 tokens"):
-        pack_dataset([dict(input_ids=[1], labels=[1]), ex], 8)
-    with pytest.raises(ValueError, match="example 0 has 2 input_ids but 1 labels"):
-        pack_dataset([dict(input_ids=[1, 2], labels=[1])], 8)
+    with pytest.raises(ValueError, match="a row holds 10 tokens, more than seq_length=8"):
+        PackedCollator(0, 8)([[ex]])
+    with pytest.raises(ValueError, match="an example has 2 input_ids but 1 labels"):
+        PackedCollator(0, 8)([[dict(input_ids=[1, 2], labels=[1])]])
 
 
 # ------------------------------------------------------------------ collation

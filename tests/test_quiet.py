@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from trainer_lib import default_sft_config, train
-from trainer_lib.quiet import _DropMessages
+from trainer_lib.runtime.quiet import _DropMessages
 
 DEEPSPEED_CPU = "Setting accelerator to CPU. If you have GPU or other accelerator"
 NOISE = ("Removed shared tensor", "Token indices sequence length is longer",
@@ -21,7 +21,7 @@ def _tied_tiny_llama(folder: Path) -> str:
     limit, so saving and tokenising meet the messages silenced."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trainer_lib.defaults import build_tokenizer, load_default_samples
+    from trainer_lib.model.embedded import build_tokenizer, load_default_samples
 
     texts = [v for row in load_default_samples() for v in row.values()]
     tok = build_tokenizer(texts, vocab_size=300)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer_lib import train
-from trainer_lib.saving import atomic_directory
+from trainer_lib.runtime.files import atomic_directory
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_the_trainer_masks_exactly_the_assistant_turns_with_the_embedded_templat
     """The embedded model's own ChatML template (chat_template="default"), through the SFT
     trainer: the loss-carrying tokens are each assistant turn's content, tool call and <|im_end|>,
     never the "<|im_start|>assistant" header. Runs without the real-data fixtures."""
-    from trainer_lib.trainers.sft import SFTTrainer
+    from trainer_lib.methods.sft.trainer import SFTTrainer
 
     sample = {"tools": TOOLS, "messages": [
         {"role": "user", "content": "word1 word2"},

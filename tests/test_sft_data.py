@@ -4,12 +4,13 @@ tokenisation, and the loss checked against plain torch on the same logits."""
 import pytest
 import torch
 import torch.nn.functional as F
+from plain import normalize_sft_samples
 from transformers import AutoTokenizer
 
 from trainer_lib import DataError, train
-from trainer_lib.data.samples import alpaca_prompt, normalize_sft_samples
 from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_text
-from trainer_lib.trainers.sft import SFTTrainer
+from trainer_lib.methods.sft.samples import alpaca_prompt
+from trainer_lib.methods.sft.trainer import SFTTrainer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer_lib import train
-from trainer_lib.trainers.sft import SFTTrainer
+from trainer_lib.methods.sft.trainer import SFTTrainer
 
 
 def _varied_pairs(n=8):

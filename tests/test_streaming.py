@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from trainer_lib import DataError, train
-from trainer_lib.data.chat import RunTemplate
+from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.data.streaming import CHECKED, StreamItems
-from trainer_lib.trainers.sft import SFTRecipe, SFTTrainer
+from trainer_lib.methods.sft.recipe import SFTRecipe
+from trainer_lib.methods.sft.trainer import SFTTrainer
 
 
 def numbered(n):

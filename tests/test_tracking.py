@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import trainer_lib.trainers.base as base
+import trainer_lib.training.trainer as base
 from trainer_lib import ConfigError, default_sft_config, train
-from trainer_lib.tracking import TRACKER_PACKAGES, format_log_line
+from trainer_lib.config.trackers import TRACKER_PACKAGES
+from trainer_lib.training.tracking import format_log_line
 
 SAMPLES = [{"prompt": f"word{i} ", "completion": f"token{i}"} for i in range(16)]
 

@@ -1,26 +1,30 @@
 """trainer_lib: supervised fine-tuning and KTO alignment of causal language models."""
 
-from trainer_lib.quiet import install as _install_quiet
+from trainer_lib.runtime.quiet import install as _install_quiet
 
 _install_quiet()  # first: some of the silenced messages come at import time
 
 from trainer_lib.api import train  # noqa: E402
-from trainer_lib.config import (
+from trainer_lib.config import (  # noqa: E402
     Config,
-    ConfigError,
-    KTOConfig,
-    SFTConfig,
+    default_config,
     default_kto_config,
     default_sft_config,
 )
-from trainer_lib.checkpoint import CheckpointWriteError
-from trainer_lib.data.conversations import ChatError
-from trainer_lib.data.kto_data import KTODataError
-from trainer_lib.data.samples import DataError
-from trainer_lib.faults import NonFiniteLossError
-from trainer_lib.integrity import CheckpointError, UnsafeCheckpointError
-from trainer_lib.registry import register_trainer
-from trainer_lib.trainers import KTOTrainer, SFTTrainer, Trainer
+from trainer_lib.errors import (  # noqa: E402
+    ChatError,
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    DataError,
+    KTODataError,
+    NonFiniteLossError,
+    UnsafeCheckpointError,
+)
+from trainer_lib.methods.kto import KTOConfig, KTOTrainer  # noqa: E402
+from trainer_lib.methods.sft import SFTConfig, SFTTrainer  # noqa: E402
+from trainer_lib.registry import register_trainer  # noqa: E402
+from trainer_lib.training.trainer import Trainer  # noqa: E402
 
 __all__ = [
     "ChatError",
@@ -31,12 +35,13 @@ __all__ = [
     "DataError",
     "KTOConfig",
     "KTODataError",
-    "NonFiniteLossError",
     "KTOTrainer",
+    "NonFiniteLossError",
     "SFTConfig",
     "SFTTrainer",
     "Trainer",
     "UnsafeCheckpointError",
+    "default_config",
     "default_kto_config",
     "default_sft_config",
     "register_trainer",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import trainer_lib.trainers  # noqa: F401 - registers the built-in trainers
-from trainer_lib.config import Config, ConfigError, default_sft_config
-from trainer_lib.quiet import install as install_quiet
+from trainer_lib import methods  # noqa: F401 - the built-in methods register themselves
+from trainer_lib.config import Config, default_sft_config
+from trainer_lib.errors import ConfigError
 from trainer_lib.registry import get_trainer_class
+from trainer_lib.runtime.quiet import install as install_quiet
 
 
 def train(samples: Any = None, eval_prompts: Optional[list] = None,
@@ -22,7 +23,7 @@ def train(samples: Any = None, eval_prompts: Optional[list] = None,
     evaluation every `train.eval_interval` steps.
     `model_path`, when given, overrides `config.model.model_path`.
     """
-    install_quiet()  # the dependencies' known-harmless noise (see trainer_lib.quiet)
+    install_quiet()  # the dependencies' known-harmless noise (see runtime/quiet.py)
     if config is None:
         config = default_sft_config()
     if not isinstance(config, Config):

@@ -1,4 +1,5 @@
-"""The command line: `trainer-lib sft|kto [--config FILE] [--data ...] [key=value ...]` and
+"""The command line: `trainer-lib METHOD [--config FILE] [--data ...] [key=value ...]` for any
+registered method (sft, kto, and one's own with `--import MODULE`), and
 `trainer-lib config show|validate`.
 
 A run is: read the YAML config, apply the `section.key=value` overrides, find the data and the
@@ -10,29 +11,38 @@ run the same code as `trainer-lib sft ...`.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from trainer_lib.config import (
-    METHOD_CONFIGS,
-    Config,
-    ConfigError,
-    _load_yaml_text,
-    default_kto_config,
-    default_sft_config,
+from trainer_lib.api import train
+from trainer_lib.config import Config, ConfigError, default_config
+from trainer_lib.config.trlx import from_trlx_names
+from trainer_lib.config.yaml_io import read_yaml
+from trainer_lib.data.sources import LOCAL_SUFFIXES, check_exists, load_dataset_named
+from trainer_lib.errors import CheckpointError, CheckpointWriteError, DataError, NonFiniteLossError
+from trainer_lib.methods.sft import SFTTrainer
+from trainer_lib.model.embedded import DEFAULT_DATA, tiny_model
+from trainer_lib.registry import (
+    ENTRY_POINT_GROUP,
+    get_trainer_class,
+    method_config_class,
+    method_names,
 )
-from trainer_lib.data.samples import DataError
-from trainer_lib.trlx_names import from_trlx_names
-
-DEFAULT_CONFIGS = {"sft": default_sft_config, "kto": default_kto_config}
-LOCAL_SUFFIXES = (".json", ".jsonl")
+from trainer_lib.runtime.deepspeed import zero_stage
+from trainer_lib.training.preflight import check_writable
 
 EPILOG = """\
 overrides: section.key=value, the value read as YAML, e.g.
   train.batch_size=4  optimizer.kwargs.lr=2e-5  model.model_path=HuggingFaceTB/SmolLM2-135M
   train.tags=[a,b]  train.progress_bar=false  train.tracker=null  model.peft_config.r=16
+
+methods of your own: --import MODULE (a module name, or a .py file) before the method name
+imports the module that registers them; installed packages declare theirs under the
+entry-point group '""" + ENTRY_POINT_GROUP + """'.
 """
 
 
@@ -46,10 +56,10 @@ class CLIError(Exception):
 def load_config(method: Optional[str], path: Optional[str], overrides: Sequence[str]) -> Config:
     """The config for a run: the method's defaults, then the YAML file, then the overrides.
 
-    `method` (the command, "sft" or "kto") must agree with `method.name` in the file, if any;
+    `method` (the command, e.g. "sft") must agree with `method.name` in the file, if any;
     None takes the method from the file.
     """
-    data = _read_yaml(path) if path is not None else {}
+    data = read_yaml(path) if path is not None else {}
     data = from_trlx_names(data)  # a trlX file names its method "sftconfig"
     section = data.get("method") or {}
     if method is not None and isinstance(section, dict):
@@ -64,19 +74,28 @@ def load_config(method: Optional[str], path: Optional[str], overrides: Sequence[
     return config.validate()
 
 
-def _read_yaml(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"config file {path} does not exist")
-    try:
-        data = _load_yaml_text(p.read_text(encoding="utf-8"))
-    except Exception as e:  # noqa: BLE001 - a YAML syntax error, said with the file name
-        raise CLIError(f"{path}: not valid YAML ({e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CLIError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
-    return data
+def import_methods(modules: Sequence[str]) -> None:
+    """Imports the modules named by `--import` (their `@register_trainer` registers their
+    methods): a module name, found from the current folder first as `python -m` would, or the
+    path of a .py file."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            if name.endswith(".py"):
+                if not Path(name).is_file():
+                    raise CLIError(f"--import {name}: no such file")
+                spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except CLIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - said with the module that failed
+            raise CLIError(f"--import {name}: the module cannot be imported "
+                           f"({type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------- data and model
@@ -86,26 +105,13 @@ def resolve_data(source: str, split: str) -> Any:
     """A local .json/.jsonl/.parquet file as its path (train() reads it, with every bad line
     reported), anything else that exists on disk or a hub name through `datasets.load_dataset`."""
     path = Path(source)
-    local = LOCAL_SUFFIXES + (".parquet",)
-    if path.is_file() and path.suffix in local:
+    if path.is_file() and path.suffix in LOCAL_SUFFIXES:
         return str(path)
-    if not path.exists() and (path.suffix in local or source.startswith((".", "/", "~"))):
-        raise CLIError(f"data file {source} does not exist")
     try:
-        import datasets
-
-        return datasets.load_dataset(source, split=split)
-    except Exception as e:  # noqa: BLE001 - offline, a wrong name or split: say which and why
-        hint = ("; offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so only local files "
-                "and cached datasets can be used" if _offline() else "")
-        raise CLIError(f"could not load the dataset '{source}' (split '{split}') with "
-                       f"datasets.load_dataset: {type(e).__name__}: {e}{hint}. For a local "
-                       "file, give an existing .json, .jsonl or .parquet path") from None
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        check_exists(source, "data")
+        return load_dataset_named(source, "--data", split=split)
+    except DataError as e:
+        raise CLIError(str(e)) from None
 
 
 def _say(message: str) -> None:
@@ -118,20 +124,16 @@ def _say(message: str) -> None:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    from trainer_lib.api import train
-    from trainer_lib.defaults import DEFAULT_DATA, tiny_model
-    from trainer_lib.registry import get_trainer_class
-
     config = load_config(args.command, args.config, args.overrides)
     try:
-        get_trainer_class(config.method)
+        trainer_cls = get_trainer_class(config.method)
     except ValueError as e:  # no trainer registered for this method
         raise CLIError(f"`trainer-lib {args.command}` cannot train: {e}") from None
     output = args.output or str(Path(config.train.checkpoint_dir) / "final")
     _check_output(output)
 
     if args.data is None:
-        if args.command != "sft":
+        if not issubclass(trainer_cls, SFTTrainer):
             raise CLIError(f"`trainer-lib {args.command}` needs --data (a .json/.jsonl file or a "
                            "datasets hub name)")
         samples = str(DEFAULT_DATA)
@@ -159,8 +161,6 @@ def run_training(args: argparse.Namespace) -> int:
 
 def _check_output(output: str) -> None:
     """Where the final model goes can be written: found out before training, not after it."""
-    from trainer_lib.preflight import check_writable
-
     if Path(output).exists() and not Path(output).is_dir():
         raise CLIError(f"--output {output} is a file; give a folder for the model")
     check_writable(Path(output).parent, "the folder of --output")
@@ -170,8 +170,6 @@ def _summary(history: list[dict], output: str, accelerator=None) -> str:
     losses = [h for h in history if "loss" in h]
     parts = []
     if accelerator is not None and accelerator.num_processes > 1:
-        from trainer_lib.distributed import zero_stage
-
         stage = zero_stage(accelerator)
         parts.append(f"{accelerator.num_processes} processes"
                      + (f" (DeepSpeed ZeRO-{stage})" if stage else ""))
@@ -189,7 +187,7 @@ def _summary(history: list[dict], output: str, accelerator=None) -> str:
 
 
 def config_show(args: argparse.Namespace) -> int:
-    config = DEFAULT_CONFIGS[args.method]().apply_overrides(args.overrides).validate()
+    config = default_config(args.method).apply_overrides(args.overrides).validate()
     print(f"# trainer-lib {args.method} config. Save it, edit it, and run: "
           f"trainer-lib {args.method} --config FILE [section.key=value ...]")
     print(config.to_yaml(), end="")
@@ -231,7 +229,8 @@ def _config_show_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer-lib config show", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Print a full default config as YAML.")
-    p.add_argument("method", choices=sorted(METHOD_CONFIGS))
+    p.add_argument("method", help=f"a registered method ({', '.join(method_names())}, or one "
+                   "of your own with --import MODULE)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=config_show)
     return p
@@ -255,8 +254,8 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="run `trainer-lib COMMAND --help` for the options of each command\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    for method in METHOD_CONFIGS:
-        commands.add_parser(method, help=f"train with {method.upper()}")
+    for method in method_names():
+        commands.add_parser(method, help=f"train with {method}")
     cfg = commands.add_parser("config", help="print (show) or check (validate) a config")
     actions = cfg.add_subparsers(dest="action", required=True)
     actions.add_parser("show", help="print a full default config as YAML")
@@ -285,9 +284,31 @@ def pop_local_rank(argv: Sequence[str]) -> tuple[list[str], Optional[int]]:
     return rest, rank
 
 
+def pop_imports(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Removes every `--import MODULE` / `--import=MODULE` from the arguments; returns (the rest,
+    the modules)."""
+    rest, modules, it = [], [], iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name == "--import":
+            value = value if eq else next(it, "")
+            if not value or value.startswith("-"):
+                raise CLIError("--import takes a module name or a .py file, e.g. --import "
+                               "my_methods")
+            modules.append(value)
+        else:
+            rest.append(arg)
+    return rest, modules
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command's arguments, once the modules of `--import` are imported (so that their
+    methods are commands too)."""
     argv, _ = pop_local_rank(argv)  # the launchers also set LOCAL_RANK, which is what is used
-    if argv and argv[0] in METHOD_CONFIGS:
+    argv, modules = pop_imports(argv)
+    import_methods(modules)
+    if argv and argv[0] != "config" and not argv[0].startswith("-"):
+        method_config_class(argv[0])  # an unknown method: which ones there are, how to add one
         return _method_parser(argv[0]).parse_intermixed_args(argv[1:])
     if argv[:2] == ["config", "show"]:
         return _config_show_parser().parse_intermixed_args(argv[2:])
@@ -301,12 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 0 when done; 2 for a mistake in the command, config, data or checkpoint (one
     line, before training starts); 1 for a run that failed (one line: a non-finite step, a
     checkpoint that could not be written); 130 when interrupted (the run said where it saved)."""
-    from trainer_lib.checkpoint import CheckpointWriteError
-    from trainer_lib.faults import NonFiniteLossError
-    from trainer_lib.integrity import CheckpointError
-
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         return args.func(args)
     except (CLIError, ConfigError, DataError, CheckpointError) as e:
         # every process finds the same mistake and one of them says it; but a bad sample met in

@@ -16,7 +16,7 @@ from make_instructions import CAPITALS, COLORS, OPPOSITES, rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from trainer_lib.data.samples import alpaca_prompt  # noqa: E402
+from trainer_lib.methods.sft.samples import alpaca_prompt  # noqa: E402
 
 
 def wrong_answer(row: dict, rng: random.Random) -> str:

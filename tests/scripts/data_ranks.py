@@ -41,7 +41,8 @@ def main():
 
     from trainer_lib import default_sft_config
     from trainer_lib.data.streaming import StreamItems
-    from trainer_lib.trainers.sft import SFTRecipe, SFTTrainer
+    from trainer_lib.methods.sft.recipe import SFTRecipe
+    from trainer_lib.methods.sft.trainer import SFTTrainer
 
     calls = []
     tokenize = SFTRecipe.tokenize

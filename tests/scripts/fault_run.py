@@ -47,12 +47,12 @@ def make_config(spec: dict, **train):
 
 
 def run(spec: dict) -> None:
-    import trainer_lib.checkpoint as checkpoint
-    import trainer_lib.faults as faults
+    import trainer_lib.checkpointing.checkpointer as checkpoint
+    import trainer_lib.training.interrupts as interrupts
     from trainer_lib import train
-    from trainer_lib.trainers.base import Trainer
+    from trainer_lib.training.trainer import Trainer
 
-    faults.FOLD_SECONDS = 0.0  # the second signal comes at once here, not a second later
+    interrupts.FOLD_SECONDS = 0.0  # the second signal comes at once here, not a second later
     rank = int(os.environ.get("RANK", "0"))
     signals = spec.get("rank") is None or spec["rank"] == rank
     original_step = Trainer.training_step
@@ -93,7 +93,7 @@ def skip_a_nan_step(spec: dict) -> dict:
     """A NaN loss at step 2 of 3, with train.skip_nonfinite_steps=1: the update is not applied
     (under DeepSpeed the engine skips it) and the run goes on."""
     from trainer_lib import train
-    from trainer_lib.trainers.sft import SFTTrainer
+    from trainer_lib.methods.sft.trainer import SFTTrainer
 
     original = SFTTrainer.compute_loss
 
@@ -127,9 +127,9 @@ class Plant:
 
 
 def plant_and_resume(spec: dict, step: Path, rank: int, accelerator) -> dict:
-    import trainer_lib.trainers.base as base
+    import trainer_lib.training.trainer as base
     from trainer_lib import train
-    from trainer_lib.integrity import read_manifest, write_manifest
+    from trainer_lib.checkpointing.manifest import read_manifest, write_manifest
 
     out = Path(spec["out"])
     marker = out / "code-ran"

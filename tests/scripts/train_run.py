@@ -34,9 +34,10 @@ SAMPLES = {"sft": sft_samples, "kto": kto_samples}
 
 
 def make_config(spec: dict):
-    from trainer_lib.config import Config, METHOD_CONFIGS
+    from trainer_lib.config import Config
+    from trainer_lib.registry import method_config_class
 
-    return Config(method=METHOD_CONFIGS[spec["method"]]()).evolve(
+    return Config(method=method_config_class(spec["method"])()).evolve(
         model=dict(model_path=spec["model_dir"]),
         train=dict(seq_length=32, batch_size=4, gradient_accumulation_steps=2, epochs=100,
                    total_steps=spec["total_steps"], log_interval=1, eval_interval=1000,
@@ -54,9 +55,9 @@ def _kill_self():
 
 
 def run(spec: dict):
-    import trainer_lib.checkpoint as checkpoint
+    import trainer_lib.checkpointing.checkpointer as checkpoint
     from trainer_lib.api import train
-    from trainer_lib.trainers.base import Trainer
+    from trainer_lib.training.trainer import Trainer
 
     if spec.get("kill_at_step"):
         original_step = Trainer.training_step

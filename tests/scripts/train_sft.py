@@ -50,8 +50,8 @@ def build_config(args):
 
 
 def run(args):
+    import trainer_lib.methods  # noqa: F401
     from trainer_lib.registry import get_trainer_class
-    import trainer_lib.trainers  # noqa: F401
 
     config = build_config(args)
     base_cls = get_trainer_class(config.method)
@@ -85,7 +85,7 @@ def run(args):
     trainer.save_pretrained(os.path.join(args.out, "model"))
     if args.peft:
         trainer.save_pretrained(os.path.join(args.out, "merged"), merge_adapters=True)
-        from trainer_lib.peft_utils import is_peft_model
+        from trainer_lib.model.lora import is_peft_model
 
         unwrapped = acc.unwrap_model(trainer.model)
         assert is_peft_model(unwrapped)
@@ -99,7 +99,7 @@ def check_reference(args, trainer):
     logits."""
     from transformers import AutoModelForCausalLM
 
-    from trainer_lib.distributed import prepare_reference_model
+    from trainer_lib.runtime.deepspeed import prepare_reference_model
 
     acc = trainer.accelerator
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]], device=acc.device)

@@ -1,0 +1,1 @@
+"""The one data pipeline every method shares: samples -> records -> tokenised examples -> batches."""

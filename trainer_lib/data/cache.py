@@ -24,7 +24,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 # bump when the prepared tables change for the same inputs, so old entries are not reused
 PIPELINE_VERSION = 1
@@ -113,60 +113,3 @@ def temporary_root(root: Path, token: str) -> Path:
     path = Path(root) / f"tmp-{token}"
     atexit.register(shutil.rmtree, path, True)
     return path
-
-
-# ---------------------------------------------------------------------- several processes
-
-
-def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
-    """`prepare()` on each node's main process first, then on the others (which then find its
-    files). An error on the main process is raised on every process, with its message, instead of
-    leaving the others waiting."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return prepare()
-    from accelerate.utils import gather_object
-
-    value, failure, error = None, [None], None
-    if accelerator.is_local_main_process:
-        try:
-            value = prepare()
-        except Exception as e:  # noqa: BLE001 - shared with the other processes below
-            error, failure = e, [portable_error(e)]
-    # every node's outcome, so that a failure on any node stops all of them
-    failures = [f for f in gather_object(failure) if f is not None]
-    if error is not None:
-        raise error
-    if failures:
-        cls, message = failures[0]
-        raise cls(message)
-    if not accelerator.is_local_main_process:
-        value = prepare()
-    return value
-
-
-def portable_error(e: Exception) -> tuple[type, str]:
-    """(type, message) of `e` that can be sent to the other processes and raised there: a class
-    that cannot be pickled travels as a RuntimeError naming it."""
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(type(e)))
-        return type(e), str(e)
-    except Exception:  # noqa: BLE001 - a class that cannot travel: its name and message do
-        return RuntimeError, f"{type(e).__name__}: {e}"
-
-
-def shared_value(accelerator, value: Any) -> Any:
-    """The global main process's `value`, on every process."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box)
-    return box[0]
-
-
-def shared_token(accelerator) -> str:
-    """A random name every process agrees on (the global main's)."""
-    return shared_value(accelerator, uuid.uuid4().hex[:12])

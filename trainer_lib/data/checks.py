@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trainer_lib.data.recipe import FORM, NORMALIZE, READ, TOKENIZE, DataRecipe
-from trainer_lib.data.samples import DataError
+from trainer_lib.data.report import DataReport
 from trainer_lib.data.sources import MAX_REPORTED_LINES, Source, read_errors_message
 from trainer_lib.data.store import column
-from trainer_lib.data.tokenize import DataReport
+from trainer_lib.errors import ChatError, DataError, KTODataError
 
 
 def check_errors(table: pa.Table, recipe: DataRecipe, source: Source) -> None:
@@ -52,9 +52,6 @@ def _raise_first(table: pa.Table, rows: np.ndarray) -> None:
 
 def error_class(name: str) -> type:
     """The class of the error a sample raised (ChatError and KTODataError are DataErrors)."""
-    from trainer_lib.data.conversations import ChatError
-    from trainer_lib.data.kto_data import KTODataError
-
     return {"ChatError": ChatError, "KTODataError": KTODataError}.get(name, DataError)
 
 

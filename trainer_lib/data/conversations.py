@@ -8,20 +8,16 @@ problem is a ChatError naming the sample, the field and the fix.
 
 import json
 
-from trainer_lib.data.samples import DataError
+from trainer_lib.errors import ChatError
 
 ROLES = ("system", "user", "assistant", "tool")
-_SHAREGPT_ROLES = {
+SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
 }
 
 
-class ChatError(DataError):
-    """A conversation or chat template that cannot be used; the message names the sample and the fix."""
-
-
-def _err(index, text):
+def conversation_error(index, text):
     return ChatError(f"{'conversation' if index is None else f'sample {index}'}: {text}")
 
 
@@ -75,9 +71,9 @@ def _json_object(value, field, index):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as err:
-            raise _err(index, f"{field} is not valid JSON ({err}); expected a JSON object") from None
+            raise conversation_error(index, f"{field} is not valid JSON ({err}); expected a JSON object") from None
     if not isinstance(value, dict):
-        raise _err(index, f"{field} is a {type(value).__name__}; expected a JSON object (dict)")
+        raise conversation_error(index, f"{field} is a {type(value).__name__}; expected a JSON object (dict)")
     return value
 
 
@@ -89,17 +85,17 @@ def _parse_tools(tools, index):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as err:
-            raise _err(index, f"tools is not valid JSON ({err}); expected a list of tool schemas") from None
+            raise conversation_error(index, f"tools is not valid JSON ({err}); expected a list of tool schemas") from None
         if tools is None:  # "null": a row without tools in a column of JSON strings
             return None
     if not isinstance(tools, list):
-        raise _err(index, f"tools is a {type(tools).__name__}; expected a list of tool schemas")
+        raise conversation_error(index, f"tools is a {type(tools).__name__}; expected a list of tool schemas")
     parsed = []
     for pos, tool in enumerate(tools):
         if isinstance(tool, str):
             tool = _json_object(tool, f"tools[{pos}]", index)
         if not isinstance(tool, dict):
-            raise _err(index, f"tools[{pos}] is a {type(tool).__name__}; expected a tool schema dict")
+            raise conversation_error(index, f"tools[{pos}] is a {type(tool).__name__}; expected a tool schema dict")
         parsed.append(tool)
     return parsed or None
 
@@ -107,11 +103,11 @@ def _parse_tools(tools, index):
 def _normalize_tool_call(call, field, index):
     """OpenAI form `{"type": "function", "function": {"name", "arguments": dict}}`; a flat call is wrapped."""
     if not isinstance(call, dict):
-        raise _err(index, f"{field} is a {type(call).__name__}; expected a tool call dict")
+        raise conversation_error(index, f"{field} is a {type(call).__name__}; expected a tool call dict")
     function = call.get("function", call if "name" in call else None)
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
         expected = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
-        raise _err(index, f"{field} has no function name; expected {expected}")
+        raise conversation_error(index, f"{field} has no function name; expected {expected}")
     arguments = _json_object(function.get("arguments"), f"{field}.function.arguments", index)
     function = {**function, "arguments": arguments}
     if "function" in call:
@@ -119,23 +115,23 @@ def _normalize_tool_call(call, field, index):
     return {"type": "function", "function": function}
 
 
-def _normalize_message(message, field, index):
+def normalize_message(message, field, index):
     if not isinstance(message, dict):
-        raise _err(index, f"{field} is a {type(message).__name__}; expected a dict with role and content")
+        raise conversation_error(index, f"{field} is a {type(message).__name__}; expected a dict with role and content")
     role = message.get("role")
     if role not in ROLES:
-        raise _err(index, f"{field}.role is {role!r}; expected one of {', '.join(ROLES)}")
+        raise conversation_error(index, f"{field}.role is {role!r}; expected one of {', '.join(ROLES)}")
     out = {k: v for k, v in message.items() if v is not None}
     calls = out.pop("tool_calls", None) or None
     if calls is not None:
         if role != "assistant" or not isinstance(calls, list):
-            raise _err(index, f"{field}.tool_calls must be a list on an assistant turn (role is {role!r})")
+            raise conversation_error(index, f"{field}.tool_calls must be a list on an assistant turn (role is {role!r})")
         out["tool_calls"] = [_normalize_tool_call(c, f"{field}.tool_calls[{j}]", index) 
                              for j, c in enumerate(calls)]
     content = out.get("content")
     if content is None:
         if calls is None:
-            raise _err(
+            raise conversation_error(
                 index,
                 f"{field}.content is missing; every {role} turn needs a 'content' string "
                 "(only an assistant turn with tool_calls may leave it empty)"
@@ -143,9 +139,9 @@ def _normalize_message(message, field, index):
         out["content"] = ""  # templates test or concatenate content; "" renders as "no text" everywhere
     elif not isinstance(content, str):
         kind = type(content).__name__
-        raise _err(index, f"{field}.content is a {kind}; expected a string (join text parts into one)")
+        raise conversation_error(index, f"{field}.content is a {kind}; expected a string (join text parts into one)")
     if not isinstance(out.get("reasoning_content", ""), str):
-        raise _err(index, f"{field}.reasoning_content must be a string")
+        raise conversation_error(index, f"{field}.reasoning_content must be a string")
     return out
 
 
@@ -153,24 +149,24 @@ def _sharegpt_calls(value, field, index):
     try:
         calls = json.loads(value)
     except json.JSONDecodeError as err:
-        raise _err(index, f"{field} is not valid JSON ({err}); expected {{\"name\", \"arguments\"}}") from None
+        raise conversation_error(index, f"{field} is not valid JSON ({err}); expected {{\"name\", \"arguments\"}}") from None
     calls = calls if isinstance(calls, list) else [calls]
     return [_normalize_tool_call(c, field, index) for c in calls]
 
 
-def _from_sharegpt(sample, index):
+def from_sharegpt(sample, index):
     turns = sample["conversations"]
     if not isinstance(turns, list):
-        raise _err(index, f"conversations is a {type(turns).__name__}; expected a list of turns")
+        raise conversation_error(index, f"conversations is a {type(turns).__name__}; expected a list of turns")
     messages = [{"role": "system", "content": sample["system"]}] if sample.get("system") else []
     for pos, turn in enumerate(turns):
         field = f"conversations[{pos}]"
         source = turn.get("from") if isinstance(turn, dict) else None
-        if source not in _SHAREGPT_ROLES:
-            raise _err(index, f"{field}.from is {source!r}; expected one of {', '.join(_SHAREGPT_ROLES)}")
+        if source not in SHAREGPT_ROLES:
+            raise conversation_error(index, f"{field}.from is {source!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         value = turn.get("value")
         if not isinstance(value, str):
-            raise _err(index, f"{field}.value is missing; every turn needs a 'value' string")
+            raise conversation_error(index, f"{field}.value is missing; every turn needs a 'value' string")
         if source == "function_call":
             calls = _sharegpt_calls(value, f"{field}.value", index)
             previous = messages[-1] if messages else None
@@ -179,26 +175,26 @@ def _from_sharegpt(sample, index):
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": calls})
         else:
-            messages.append({"role": _SHAREGPT_ROLES[source], "content": value})
+            messages.append({"role": SHAREGPT_ROLES[source], "content": value})
     return messages
 
 
 def normalize_conversation(sample: dict, index: int) -> dict:
     """OpenAI `messages` or ShareGPT `conversations` as `{"messages": [...], "tools": [...] or None}`."""
     if not isinstance(sample, dict):
-        raise _err(index, f"expected a dict with 'messages', got a {type(sample).__name__}")
+        raise conversation_error(index, f"expected a dict with 'messages', got a {type(sample).__name__}")
     if "messages" in sample:
         raw = sample["messages"]
         if not isinstance(raw, list):
-            raise _err(index, f"messages is a {type(raw).__name__}; expected a list of turns")
-        messages = [_normalize_message(m, f"messages[{pos}]", index) for pos, m in enumerate(raw)]
+            raise conversation_error(index, f"messages is a {type(raw).__name__}; expected a list of turns")
+        messages = [normalize_message(m, f"messages[{pos}]", index) for pos, m in enumerate(raw)]
     elif "conversations" in sample:
-        messages = _from_sharegpt(sample, index)
+        messages = from_sharegpt(sample, index)
     else:
         keys = sorted(sample)
-        raise _err(index, f"no 'messages' (OpenAI) or 'conversations' (ShareGPT) key; got keys {keys}")
+        raise conversation_error(index, f"no 'messages' (OpenAI) or 'conversations' (ShareGPT) key; got keys {keys}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise _err(index, "the conversation has no assistant turn, so nothing would be trained on; add one")
+        raise conversation_error(index, "the conversation has no assistant turn, so nothing would be trained on; add one")
     _check_tool_call_ids(messages, index)
     return {"messages": messages, "tools": _parse_tools(sample.get("tools"), index)}
 
@@ -213,6 +209,6 @@ def _check_tool_call_ids(messages, index):
         ids += [str(call["id"]) for call in message.get("tool_calls", ()) if call.get("id") is not None]
         answer = message.get("tool_call_id")
         if message["role"] == "tool" and answer is not None and str(answer) not in ids:
-            raise _err(index, f"messages[{pos}].tool_call_id is {answer!r}, which answers no tool call "
+            raise conversation_error(index, f"messages[{pos}].tool_call_id is {answer!r}, which answers no tool call "
                               f"made before it (the calls' ids: {', '.join(ids) or 'none yet'}); give it "
                               "the id of the call it answers")

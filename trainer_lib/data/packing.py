@@ -34,8 +34,7 @@ from bisect import bisect_left, insort
 import numpy as np
 import torch
 
-from trainer_lib.data.constants import IGNORE_INDEX
-
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
@@ -94,21 +93,6 @@ def pack_lengths(lengths, capacity: int, progress=None) -> tuple[np.ndarray, np.
     return flat, offsets
 
 
-def pack_dataset(examples: list[dict], seq_length: int) -> list[list[dict]]:
-    """Group examples into rows of at most `seq_length` tokens (best fit decreasing)."""
-    lengths = []
-    for i, ex in enumerate(examples):
-        _check_example(ex, i)
-        n = len(ex["input_ids"])
-        if n > seq_length:
-            raise ValueError(
-                f"example {i} has {n} tokens, more than seq_length={seq_length}; set method.overlong "
-                "to truncate, drop or split it"
-            )
-        lengths.append(n)
-    return [[examples[i] for i in row] for row in best_fit_decreasing(lengths, seq_length)]
-
-
 class PackedCollator:
     """Turns a list of rows (each a list of examples) into one packed batch.
 
@@ -131,7 +115,7 @@ class PackedCollator:
         if longest > self.seq_length:
             raise ValueError(
                 f"a row holds {longest} tokens, more than seq_length={self.seq_length}; "
-                "build the rows with pack_dataset"
+                "build the rows with pack_lengths"
             )
         width = self.seq_length
         if self.pad_to_multiple_of is not None:

@@ -26,17 +26,16 @@ from trainer_lib.data.cache import (
     CacheEntry,
     default_cache_dir,
     digest,
-    main_first,
-    shared_token,
-    shared_value,
     temporary_root,
+    tokenizer_fingerprint,
 )
 from trainer_lib.data.checks import check_errors, held_out, kept_rows, make_report
 from trainer_lib.data.recipe import DataRecipe, prepare_batch, table_features
-from trainer_lib.data.samples import DataError
+from trainer_lib.data.report import DataReport
 from trainer_lib.data.sources import Source, open_source
 from trainer_lib.data.store import Examples, ExampleStore, column
-from trainer_lib.data.tokenize import DataReport
+from trainer_lib.errors import DataError
+from trainer_lib.runtime.processes import main_first, shared_token, shared_value
 
 SMALL_DATASET = 1000  # samples per worker below which starting a worker costs more than it saves
 
@@ -172,8 +171,6 @@ def _prepare(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.
 
 
 def _tokenizer_key(recipe: DataRecipe) -> str:
-    from trainer_lib.data.cache import tokenizer_fingerprint
-
     cached = getattr(recipe, "_tokenizer_key", None)
     if cached is None:
         cached = recipe._tokenizer_key = tokenizer_fingerprint(recipe.tokenizer)

@@ -17,10 +17,11 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from trainer_lib.data.constants import IGNORE_INDEX
-from trainer_lib.data.samples import DataError
+from trainer_lib.data.conversations import clean_dataset_row
 from trainer_lib.data.sources import decode_json_row
 from trainer_lib.data.tokenize import fit_to_length
+from trainer_lib.errors import DataError
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 
 # the stage at which a sample failed: errors of an earlier stage are reported first
 READ, FORM, NORMALIZE, TOKENIZE = 0, 1, 2, 3
@@ -88,7 +89,6 @@ def decode_rows(batch: pa.Table, rows: str) -> list[tuple[Any, Optional[str]]]:
     if rows == "json":
         texts, lines = batch.column("json").to_pylist(), batch.column("line").to_pylist()
         return [decode_json_row(t, n) for t, n in zip(texts, lines)]
-    from trainer_lib.data.conversations import clean_dataset_row
 
     return [(clean_dataset_row(row), None) for row in batch.to_pylist()]
 

@@ -30,11 +30,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from trainer_lib.data.samples import DataError
+from trainer_lib.errors import DataError
+from trainer_lib.runtime.hub import hub_offline
 
 # the raw table of JSON text: one row per sample, `line` its line number in the file (0: a list)
 RAW_SCHEMA = pa.schema([("json", pa.binary()), ("line", pa.int64())])
 JSON_SUFFIXES = (".json", ".jsonl")
+LOCAL_SUFFIXES = JSON_SUFFIXES + (".parquet",)
 MAX_REPORTED_LINES = 20
 _BLOCK = 1 << 24  # bytes read at a time from a JSON Lines file
 
@@ -171,24 +173,40 @@ def _from_path(source: str, what: str, streaming: bool, hf_cache: Optional[str],
             return Sources(_stream_source(_raw_stream(lambda: _json_file_rows(path)), str(path),
                                           "json", path=str(path)))
         return Sources(_json_file_source(path))
-    if not path.exists() and (suffix in JSON_SUFFIXES + (".parquet",)
-                              or source.startswith((".", "/", "~"))):
+    check_exists(source, what)
+    loaded = load_dataset_named(source, what, cache_dir=hf_cache, streaming=streaming)
+    return open_source(loaded, what, streaming, hf_cache, dict_eval)
+
+
+
+def check_exists(source: str, what: str) -> None:
+    """A path that is plainly meant as a local file (by its suffix or start) must exist: it is
+    never looked up on the hub."""
+    if not Path(source).expanduser().exists() and (
+            Path(source).suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))):
         raise DataError(f"{what} file {source} does not exist")
+
+
+def load_dataset_named(source: str, what: str, split: Optional[str] = None,
+                       cache_dir: Optional[str] = None, streaming: bool = False):
+    """`datasets.load_dataset` of a .parquet file, a folder or a hub name; a failure (offline, a
+    wrong name or split) is a DataError saying which and why."""
     import datasets
 
+    path = Path(source).expanduser()
     try:
-        if path.is_file() and suffix == ".parquet":
-            loaded = datasets.load_dataset("parquet", data_files=str(path), cache_dir=hf_cache,
-                                           streaming=streaming)
-        else:
-            loaded = datasets.load_dataset(source, cache_dir=hf_cache, streaming=streaming)
+        if path.is_file() and path.suffix.lower() == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(path), split=split,
+                                         cache_dir=cache_dir, streaming=streaming)
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir,
+                                     streaming=streaming)
     except Exception as e:  # noqa: BLE001 - offline, a wrong name: say which and why
-        offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes")
-                      for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        hint = "; offline, so only local files and cached datasets can be used" if offline else ""
-        raise DataError(f"{what}: could not load {source!r} with datasets.load_dataset: "
-                        f"{type(e).__name__}: {e}{hint}") from None
-    return open_source(loaded, what, streaming, hf_cache, dict_eval)
+        hint = ("; offline, so only local files and cached datasets can be used"
+                if hub_offline(datasets=True) else "")
+        which = f"the dataset '{source}'" + (f" (split '{split}')" if split else "")
+        raise DataError(f"{what}: could not load {which} with datasets.load_dataset: "
+                        f"{type(e).__name__}: {e}{hint}. For a local file, give an existing "
+                        ".json, .jsonl or .parquet path") from None
 
 
 def _json_file_source(path: Path) -> Source:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from trainer_lib.data.constants import IGNORE_INDEX
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 
 
 class ExampleStore:

@@ -26,12 +26,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from trainer_lib.data.packing import pack_lengths
 from trainer_lib.data.checks import error_class, kept_rows, make_report
+from trainer_lib.data.conversations import clean_dataset_row
+from trainer_lib.data.packing import pack_lengths
 from trainer_lib.data.recipe import READ, DataRecipe, prepare_samples
-from trainer_lib.data.samples import DataError
 from trainer_lib.data.sources import decode_json_row, read_errors_message
 from trainer_lib.data.store import ExampleStore
+from trainer_lib.errors import DataError
 
 CHECKED = 256  # samples of a stream checked before the model loads
 _READ = 64  # samples prepared at a time
@@ -75,7 +76,6 @@ class StreamItems:
     def _decode(self, row: dict) -> tuple[Any, Optional[str]]:
         if self.rows == "json":
             return decode_json_row(row["json"], row["line"])
-        from trainer_lib.data.conversations import clean_dataset_row
 
         return clean_dataset_row(row), None
 

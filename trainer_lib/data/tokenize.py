@@ -15,53 +15,7 @@ Every truncation and drop is counted in the data report.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
-from trainer_lib.data.constants import IGNORE_INDEX
-
-
-
-@dataclass
-class DataReport:
-    """What happened to the samples on their way to the model."""
-
-    kinds: Counter = field(default_factory=Counter)
-    num_samples: int = 0
-    num_examples: int = 0
-    truncated: int = 0
-    split: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason -> count
-    num_tokens: int = 0
-    num_loss_tokens: int = 0
-    stream_checked: int = 0  # a stream: the report covers only its first samples, checked up front
-
-    def as_dict(self) -> dict:
-        return {
-            "samples": self.num_samples,
-            "examples": self.num_examples,
-            **{f"kind/{k}": v for k, v in sorted(self.kinds.items())},
-            "truncated": self.truncated,
-            "split": self.split,
-            **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())},
-            "tokens": self.num_tokens,
-            "loss_tokens": self.num_loss_tokens,
-            "loss_token_share": round(self.num_loss_tokens / max(self.num_tokens, 1), 4),
-        }
-
-    def summary(self) -> str:
-        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.kinds.items()))
-        dropped = sum(self.dropped.values())
-        reasons = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items()))
-        share = 100 * self.num_loss_tokens / max(self.num_tokens, 1)
-        scope = (f" (a stream; its first {self.stream_checked} samples)"
-                 if self.stream_checked else "")
-        return (
-            f"data{scope}: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
-            f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
-            f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
-            + (f" ({reasons})" if dropped else "")
-        )
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 
 
 def tokenize_text(tokenizer, text: str, add_eos: bool = True) -> dict:
@@ -133,11 +87,6 @@ def _truncate_pair(ids: list, labels: list, seq_length: int) -> tuple[list[dict]
         keep = (list(range(keep_head)) + list(range(prompt_len, len(ids))))[:seq_length]
     new = {"input_ids": [ids[i] for i in keep], "labels": [labels[i] for i in keep]}
     return [new], "truncated"
-
-
-def count_loss_tokens(labels: list) -> int:
-    """Tokens that carry loss once labels are shifted (the first position is never a target)."""
-    return sum(1 for l in labels[1:] if l != IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------- many at once

@@ -1,0 +1,1 @@
+"""Checkpoints: writing them, checking them, and resuming from them exactly."""

@@ -1,0 +1,190 @@
+"""Whether a checkpoint folder can be trusted: complete, undamaged, safe to load, and from this run.
+
+- A manifest (`manifest.json`) lists every file of a checkpoint with its size and xxh3-128
+  checksum. It is written last, so it also marks the checkpoint complete; resuming recomputes
+  the checksums and names the first file that differs.
+- Loading must not run code. Checksums guard against damage, not against someone who can write
+  the folder (they can rewrite the manifest too), so every file a resume reads is also opened the
+  safe way before anything else reads it: pickles (`.bin`, `.pt`, `.pth`, `.pkl`: accelerate's
+  optimiser and RNG states, DeepSpeed's shards, the schedule) with `torch.load(weights_only=True)`,
+  which builds only tensors, plain containers and a few known harmless classes (numpy's arrays for
+  RNG states, DeepSpeed's loss scaler and ZeRO stage); safetensors and JSON files are parsed.
+  accelerate reads its pickles the safe way too, but swallows a failure on the RNG file; DeepSpeed
+  reads its shards with `weights_only=False`, which is why they are opened here first.
+- The run identity: the model, the data and the settings that change shapes or the data order.
+  A checkpoint records it; resuming with another one is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from trainer_lib.errors import CheckpointError, UnsafeCheckpointError
+
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+_CHUNK = 8 << 20
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def file_checksum(path: Path) -> str:
+    import xxhash  # a dependency of datasets
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, header: Optional[dict] = None,
+                   known: Optional[dict] = None) -> int:
+    """Writes `folder/manifest.json` (`header`, e.g. the run it belongs to, then the files);
+    returns the checkpoint's size in bytes. `known`: entries of another manifest for files copied
+    unchanged from its folder, taken as they are where the size agrees instead of read again."""
+    files = {}
+    for path in _files(folder):
+        name, size = path.relative_to(folder).as_posix(), path.stat().st_size
+        entry = (known or {}).get(name)
+        files[name] = entry if entry and entry["size"] == size else {
+            "size": size, "xxh3_128": file_checksum(path)}
+    data = json.dumps({"format": 1, **(header or {}), "files": files}, indent=1)
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return sum(v["size"] for v in files.values())
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it is incomplete (a save that did "
+                              "not finish) or not a trainer_lib checkpoint")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except Exception:  # noqa: BLE001 - any damage to the manifest itself
+        raise CheckpointError(f"{path} is damaged (not the JSON list of files a checkpoint "
+                              "ends with)") from None
+    return manifest
+
+
+def damage(folder: Path) -> Optional[str]:
+    """None when every file listed in the manifest is there with its size and checksum;
+    otherwise what is wrong, naming the file."""
+    try:
+        files = read_manifest(folder)["files"]
+    except CheckpointError as e:
+        return str(e)
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{path} is damaged ({size:,} bytes, {entry.get('size'):,} when saved)"
+        if file_checksum(path) != entry.get("xxh3_128"):
+            return f"{path} is damaged (its checksum differs from the one saved with it)"
+    return None
+
+
+# --------------------------------------------------------------------------- loading safely
+
+
+def _harmless_classes(deepspeed: bool) -> list:
+    """Classes that a resume's pickles legitimately hold and that are safe to rebuild."""
+    classes: list = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        classes.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # numpy < 2
+        classes.append(np.core.multiarray._reconstruct)
+    if not deepspeed:  # importing it takes seconds
+        return classes
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        classes += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except Exception:  # noqa: BLE001 - without DeepSpeed no checkpoint holds them
+        pass
+    return classes
+
+
+def check_safe_to_load(folder: Path) -> None:
+    """Opens every file a resume reads the safe way; raises UnsafeCheckpointError for a pickle
+    that would run code, CheckpointError for a file that does not parse."""
+    from safetensors import safe_open
+
+    files = _files(folder)
+    allowed = None
+    for path in files:
+        name = path.name
+        if name.endswith(PICKLE_SUFFIXES):
+            if allowed is None:
+                allowed = _harmless_classes(deepspeed=any(
+                    "zero_pp_rank_" in f.name or f.name.startswith("mp_rank_") for f in files))
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    _load_weights_only(path)
+            except Exception as e:  # noqa: BLE001 - UnpicklingError for code, others for damage
+                if isinstance(e, pickle.UnpicklingError):
+                    raise UnsafeCheckpointError(
+                        f"{path} holds objects that loading would have to run "
+                        f"({_unsupported(e)}), so it is not loaded: trainer_lib writes only "
+                        "tensors and plain data there. Someone or something changed the file; "
+                        "resume from a checkpoint you trust") from None
+                raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: "
+                                      f"{str(e)[:200]})") from None
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+        elif name.endswith(".json"):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except Exception:  # noqa: BLE001
+                raise CheckpointError(f"{path} is not valid JSON") from None
+
+
+def _load_weights_only(path: Path) -> None:
+    try:  # mapped rather than read, so a large shard costs no memory
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unsupported(e: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return f"it refers to {found.group(1)}"
+    return "it uses pickle instructions beyond tensors and plain data"
+
+
+def load_plain(path: Path) -> Any:
+    """A small state written with torch.save (the schedule), read without running code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None

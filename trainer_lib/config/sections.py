@@ -1,0 +1,168 @@
+"""The config sections: plain dataclasses, each validating its own values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from trainer_lib.config.optimizer import check_optimizer, check_scheduler
+from trainer_lib.config.trackers import TRACKER_NAMES, tracker_names
+from trainer_lib.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    model_path: Optional[str] = None
+    # A peft.LoraConfig, or a dict of its keyword arguments (plus the shorthands `rank`, `alpha`,
+    # `dropout`, `exclude_modules`, and target_modules="all-linear").
+    peft_config: Any = None
+    # Train only the top N transformer layers (and the final norm/head); -1 trains everything.
+    num_layers_unfrozen: int = -1
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: Optional[str] = None  # "sdpa" | "eager" | "flash_attention_2" | None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.num_layers_unfrozen < -1:
+            raise ConfigError("model.num_layers_unfrozen must be -1 (train all layers) or >= 0")
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_path: Optional[str] = None  # defaults to model.model_path
+    # "default": the tokenizer's own template; None: no template (contents are concatenated);
+    # any other string: a Jinja template, or a path to a .jinja file.
+    chat_template: Optional[str] = "default"
+
+
+@dataclass
+class OptimizerConfig:
+    # any torch.optim class by name, any case ("adamw", "AdamW", "sgd", "adagrad", ...), or
+    # "adafactor" (transformers' Adafactor); Adam and AdamW run fused where the device has it
+    name: str = "adamw"
+    # the optimiser's keyword arguments; weight_decay never applies to biases and norm weights
+    kwargs: dict = field(default_factory=lambda: dict(lr=1e-4, weight_decay=0.0))
+
+    def validate(self) -> None:
+        check_optimizer(self)
+
+
+@dataclass
+class SchedulerConfig:
+    # transformers' schedule names (get_scheduler: "linear", "cosine", "cosine_with_min_lr",
+    # "warmup_stable_decay", ...) or a torch.optim.lr_scheduler class ("CosineAnnealingLR")
+    name: str = "cosine"
+    # warmup_steps or warmup_ratio (of the run's optimiser steps), plus the schedule's own
+    # arguments (num_cycles, min_lr_rate, num_decay_steps, lr_end, power, ...)
+    kwargs: dict = field(default_factory=lambda: dict(warmup_steps=0))
+
+    def validate(self) -> None:
+        check_scheduler(self)
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 512
+    batch_size: int = 8  # sequences per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    total_steps: int = 1000  # optimiser steps; training stops at whichever of epochs/total_steps is first
+    seed: int = 1000
+    max_grad_norm: Optional[float] = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_interval: int = 100
+    eval_batch_size: Optional[int] = None  # defaults to batch_size
+    eval_split: float = 0.0  # fraction of samples held out for eval/loss when no eval_samples are given
+    checkpoint_interval: int = 1000
+    checkpoint_dir: str = "ckpts"
+    keep_last_n: Optional[int] = None
+    save_best: Optional[str] = None  # a logged name, e.g. "eval/loss" or "metrics/accuracy"
+    save_best_mode: Literal["min", "max"] = "min"
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
+    log_interval: int = 10
+    # None, or one or a list of: "jsonl", and accelerate's trackers (wandb, tensorboard,
+    # mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio) as installed
+    tracker: Optional[Union[str, list]] = None
+    # per tracker, keyword arguments for its init (accelerate's init_kwargs), e.g.
+    # {"wandb": {"entity": "team"}, "mlflow": {"tags": {"team": "nlp"}}}
+    tracker_kwargs: dict = field(default_factory=dict)
+    logging_dir: str = "logs"
+    project_name: str = "trainer_lib"
+    run_name: Optional[str] = None
+    tags: list = field(default_factory=list)
+    deepspeed_config: Any = None  # a path to a DeepSpeed JSON, or a dict
+    progress_bar: bool = True
+    # Steps whose loss or gradient norm is NaN/inf that may be skipped (not applied) in a run
+    # before it stops; 0: stop at the first.
+    skip_nonfinite_steps: int = 0
+
+    def validate(self) -> None:
+        if self.seq_length < 2:
+            raise ConfigError(f"train.seq_length must be at least 2, got {self.seq_length}")
+        for name in ("batch_size", "gradient_accumulation_steps", "epochs", "total_steps",
+                     "eval_interval", "checkpoint_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("train.eval_batch_size must be at least 1")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"train.eval_split must be within [0, 1), got {self.eval_split}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError("train.max_grad_norm must be positive, or None to disable clipping")
+        if self.skip_nonfinite_steps < 0:
+            raise ConfigError("train.skip_nonfinite_steps must be >= 0 (0: stop at the first "
+                              f"non-finite step), got {self.skip_nonfinite_steps}")
+        if self.keep_last_n is not None and self.keep_last_n < 1:
+            raise ConfigError("train.keep_last_n must be at least 1, or None to keep all")
+        if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
+            raise ConfigError("train.deepspeed_config must be a path to a JSON file or a dict")
+        tracker_names(self.tracker)
+        for name, kwargs in self.tracker_kwargs.items():
+            if name not in TRACKER_NAMES or not isinstance(kwargs, dict):
+                raise ConfigError(f"train.tracker_kwargs maps a tracker name "
+                                  f"({', '.join(TRACKER_NAMES)}) to its keyword arguments; got "
+                                  f"{name!r}: {kwargs!r}")
+
+
+@dataclass
+class DataConfig:
+    """How samples become tokenised examples (the method decides what the examples are)."""
+
+    # worker processes that tokenise; None: the CPU cores available to this process (a dataset
+    # of fewer than ~1,000 samples per worker is tokenised in the process itself)
+    num_proc: Optional[int] = None
+    # where prepared data is cached; None: $TRAINER_LIB_DATA_CACHE, else ~/.cache/trainer_lib/data
+    cache_dir: Optional[str] = None
+    cache: bool = True  # False: prepare afresh in a temporary folder, removed once opened
+    streaming: bool = False  # stream a path or hub name instead of preparing it whole
+    stream_buffer: int = 1000  # examples packed together (and shuffled) at a time when streaming
+
+    def validate(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError("data.num_proc must be at least 1, or None for the CPU cores available")
+        if self.stream_buffer < 1:
+            raise ConfigError("data.stream_buffer must be at least 1")
+
+
+@dataclass
+class MethodConfig:
+    """The base of every method's config (`config.method`): generation settings for evaluation
+    and the loss's chunking. A method's subclass adds a `name` field, whose default names the
+    method, and may override `defaults()`."""
+
+    gen_kwargs: dict = field(default_factory=lambda: dict(max_new_tokens=64, do_sample=False))
+    stop_sequences: list = field(default_factory=list)
+    # Tokens per chunk in the cross-entropy over the vocabulary (bounds the logits memory);
+    # None: about 2**25 / vocabulary tokens, so a chunk's float32 logits take 128 MiB.
+    loss_chunk_size: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ConfigError("method.loss_chunk_size must be at least 1")
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Settings of the other sections this method starts from (`default_config(name)`),
+        as nested dicts, e.g. {"optimizer": {"kwargs": {"lr": 5e-6}}}."""
+        return {}

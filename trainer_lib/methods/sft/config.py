@@ -1,0 +1,23 @@
+"""SFT's settings (`config.method` of an SFT run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from trainer_lib.config.sections import MethodConfig
+
+
+@dataclass
+class SFTConfig(MethodConfig):
+    name: str = "sft"
+    text_key: str = "text"
+    input_key: str = "prompt"
+    output_key: str = "completion"
+    # For conversations: "assistant" (every assistant turn), "last_assistant", or "all" tokens.
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    add_eos: bool = True
+    packing: bool = True
+    # An example longer than seq_length: "truncate" it, "drop" it, or "split" it (text only).
+    overlong: Literal["truncate", "drop", "split"] = "truncate"
+    group_by_length: bool = True  # for unpacked batches

@@ -1,0 +1,80 @@
+"""SFT's part of the data pipeline: how a sample's form is told, normalised and tokenised."""
+
+from __future__ import annotations
+
+from trainer_lib.data import chat_template
+from trainer_lib.data.chat_template import RunTemplate
+from trainer_lib.data.recipe import DataRecipe
+from trainer_lib.data.tokenize import tokenize_pairs, tokenize_texts
+from trainer_lib.errors import DataError
+from trainer_lib.methods.sft.config import SFTConfig
+from trainer_lib.methods.sft.samples import (
+    mixed_forms_message,
+    normalize_sft_sample,
+    sft_sample_form,
+)
+
+
+class SFTRecipe(DataRecipe):
+    """SFT's normalise and tokenise functions, for the shared pipeline."""
+
+    name = "sft"
+
+    def __init__(self, tokenizer, template: RunTemplate, method: SFTConfig, seq_length: int):
+        super().__init__(tokenizer, seq_length, method.overlong)
+        self.keys = (method.text_key, method.input_key, method.output_key)
+        self.loss_on, self.add_eos, self.template = method.loss_on, method.add_eos, template
+
+    def settings(self) -> dict:
+        return {**super().settings(), "keys": self.keys, "loss_on": self.loss_on,
+                "add_eos": self.add_eos, "chat_template": [self.template.spec,
+                                                           self.template.template]}
+
+    def form(self, sample, index: int) -> str:
+        return sft_sample_form(sample, index, *self.keys)
+
+    def mixed_forms(self, index: int, form: str, first: str) -> str:
+        return mixed_forms_message(index, form, first)
+
+    def normalize(self, sample, index: int, form: str) -> list[dict]:
+        return [normalize_sft_sample(sample, index, form, *self.keys)]
+
+    def tokenize(self, records: list[dict], indices: list[int]) -> list:
+        out: list = [None] * len(records)
+        texts = [k for k, r in enumerate(records) if r["kind"] == "text"]
+        pairs = [k for k, r in enumerate(records) if r["kind"] == "pair"]
+        if texts:
+            done = tokenize_texts(self.tokenizer, [records[k]["text"] for k in texts], self.add_eos)
+            for k, example in zip(texts, done):
+                out[k] = example
+        if pairs:
+            done = tokenize_pairs(self.tokenizer, [records[k]["prompt"] for k in pairs],
+                                  [records[k]["completion"] for k in pairs], self.add_eos)
+            for k, example in zip(pairs, done):
+                out[k] = example
+        for k, (record, index) in enumerate(zip(records, indices)):
+            if out[k] is None:
+                try:
+                    out[k] = tokenize_chat_record(self.tokenizer, record, self.template,
+                                                  self.loss_on, index)
+                except DataError as e:
+                    out[k] = e
+        return out
+
+    def fit_kind(self, record: dict) -> str:
+        return record["kind"] if record["kind"] in ("text", "pair") else "chat"
+
+    def report_kind(self, record: dict) -> str:
+        return record["kind"]
+
+
+def tokenize_chat_record(tokenizer, record: dict, template: RunTemplate, loss_on: str,
+                         index: int | None = None) -> dict:
+    """A conversation or a chat prompt/completion record -> input_ids and labels."""
+    messages_template = template.for_messages()
+    if record["kind"] == "conversation":
+        return chat_template.tokenize_conversation(tokenizer, record["messages"], record["tools"],
+                                          messages_template, loss_on=loss_on, index=index)
+    return chat_template.tokenize_prompt_completion_messages(tokenizer, record["prompt"],
+                                                    record["completion"], record["tools"],
+                                                    messages_template, index=index)

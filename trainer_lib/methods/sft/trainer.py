@@ -1,0 +1,106 @@
+"""Supervised fine-tuning: next-token loss on the tokens that `labels` marks.
+
+Data: the shared pipeline (`data/pipeline.py`) with `SFTRecipe`: text, prompt/completion pairs,
+Alpaca rows and conversations, tokenised by the per-sample functions of `data/tokenize.py` and
+`data/chat.py` (texts and pairs in batches). Examples are packed into rows of `seq_length` by
+default (best fit decreasing over the lengths column; position ids restart at each document and
+no document attends to another), or padded in length-grouped batches with
+`method.packing=False`. The loss is the chunked cross-entropy, which never holds the full
+float32 logits for the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from trainer_lib.data.chat_template import RunTemplate
+from trainer_lib.data.packing import PackedCollator, pack_lengths
+from trainer_lib.data.padding import LengthGroupedSampler, padded_collate
+from trainer_lib.data.pipeline import PreparedData
+from trainer_lib.data.store import GroupLayout, Groups, materialize
+from trainer_lib.data.streaming import StreamItems, StreamLoader
+from trainer_lib.errors import DataError
+from trainer_lib.methods.sft.config import SFTConfig
+from trainer_lib.methods.sft.recipe import SFTRecipe
+from trainer_lib.ops.cross_entropy import causal_lm_token_nll
+from trainer_lib.registry import register_trainer
+from trainer_lib.runtime.deepspeed import is_zero3
+from trainer_lib.training.trainer import Trainer
+
+
+@register_trainer(SFTConfig)
+class SFTTrainer(Trainer):
+    method: SFTConfig
+
+    # ------------------------------------------------------------------ data
+
+    def data_recipe(self) -> SFTRecipe:
+        self.method = self.config.method
+        self.chat_template = RunTemplate(self.tokenizer, self.config.tokenizer.chat_template)
+        return SFTRecipe(self.tokenizer, self.chat_template, self.method,
+                         self.config.train.seq_length)
+
+    def arrange(self, data: PreparedData, recipe: SFTRecipe) -> tuple:
+        """Loader items: packed rows (best fit decreasing over the lengths), or single examples."""
+        t = self.config.train
+        if data.stream is not None:
+            acc = self.accelerator
+            items = StreamItems(data.stream.stream, data.stream.rows, recipe,
+                                packing=self.method.packing, seed=t.seed,
+                                buffer_size=self.config.data.stream_buffer,
+                                rank=acc.process_index, world=acc.num_processes,
+                                name=data.stream.name)
+            self.data_report = items.report
+            self.train_examples = items.first
+            return items, data.eval
+        if not len(data.train):
+            raise DataError(f"no sample is left to train on: {data.report.summary()}")
+        self.train_examples = data.train
+        if not self.method.packing:
+            return data.train, data.eval
+        train = data.train
+
+        def pack():
+            bar = tqdm(total=len(train), desc="packing", unit=" examples", dynamic_ncols=True,
+                       disable=not (self.accelerator.is_main_process and t.progress_bar))
+            with bar:
+                flat, offsets = pack_lengths(train.lengths(), t.seq_length, bar)
+            return {"rows": train.rows[flat], "offsets": offsets}
+
+        packed = data.derived_arrays("packed", ["best_fit_decreasing", t.seq_length], pack)
+        return Groups(GroupLayout(data.store, packed["rows"], packed["offsets"])), data.eval
+
+    def make_loader(self, items, shuffle: bool, batch_size: int | None = None):
+        batch_size = batch_size or self.config.train.batch_size
+        if isinstance(items, StreamItems):
+            return StreamLoader(items, batch_size, self.config.train.seq_length, self.collate)
+        if shuffle and not self.method.packing and self.method.group_by_length:
+            sampler = LengthGroupedSampler(items.lengths(), self.config.train.batch_size,
+                                           self.config.train.seed)
+            return DataLoader(items, batch_size=batch_size, sampler=sampler,
+                              collate_fn=self.collate)
+        return super().make_loader(items, shuffle, batch_size)
+
+    def collate(self, items) -> dict:
+        """Packed rows (lists of examples) or single examples, padded. Under ZeRO-3 every batch
+        is padded to seq_length so that all processes run the same chunks of the loss."""
+        items = materialize(items)
+        seq_length = self.config.train.seq_length
+        same_shape = is_zero3(self.accelerator)
+        if isinstance(items[0], list):
+            collator = PackedCollator(self.tokenizer.pad_token_id, seq_length,
+                                      pad_to_multiple_of=None if same_shape else 64)
+            return collator(items)
+        return padded_collate(items, self.tokenizer.pad_token_id,
+                              width=seq_length if same_shape else None)
+
+    # ------------------------------------------------------------------ loss
+
+    def loss_weight(self, batch: dict) -> float:
+        return batch["num_loss_tokens"]
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        nll = causal_lm_token_nll(model, batch, self.method.loss_chunk_size)
+        return nll.sum(), {}

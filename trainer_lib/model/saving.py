@@ -1,0 +1,76 @@
+"""Writing the trained model as an ordinary Hugging Face folder, atomically.
+
+The folder is written under a temporary name beside the target and renamed into place only when
+complete, so a crash mid-save never leaves a half-written folder where a good one was: either the
+previous folder or the new one is there (an interrupted swap leaves the previous one under
+`<name>.previous-*`, never a partial one under `<name>`). A folder is deleted the same way round:
+renamed out of sight first, then removed, so an interrupted deletion leaves no folder under its
+name. Ctrl-C is held back while a folder is committed or cleaned up, so that it cannot leave a
+temporary folder behind; it takes effect right after.
+"""
+
+from __future__ import annotations
+
+import os
+
+from trainer_lib.model.dropout import dropout_as_configured
+from trainer_lib.model.lora import is_peft_model
+from trainer_lib.runtime.files import atomic_directory
+from trainer_lib.runtime.quiet import no_progress_bars
+
+
+def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
+                    merge_adapters: bool = False) -> None:
+    """Every process must call this (a sharded model is gathered collectively); only the main
+    process writes.
+
+    A LoRA model is written as its adapter folder (adapter_config.json pointing at the base model,
+    adapter weights only), or with `merge_adapters=True` as a full model with the adapters merged
+    into the base weights, which loads with AutoModelForCausalLM alone.
+    """
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    is_peft = is_peft_model(unwrapped)
+    # gathers ZeRO-3 shards (needs stage3_gather_16bit_weights_on_model_save, which
+    # trainer_lib.distributed always sets); the unwrapped module alone would hold empty shards
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        # the folder keeps the dropout the user configured, even if training ran without it
+        with atomic_directory(path) as tmp, no_progress_bars(), \
+                dropout_as_configured(unwrapped):
+            if is_peft and merge_adapters:
+                merged = _merged_copy(unwrapped, state_dict)
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+def _merged_copy(peft_model, state_dict):
+    """A plain model with the adapters merged, built apart from the (maybe sharded) live one."""
+    import copy
+
+    sharded = any(hasattr(p, "ds_numel") for p in peft_model.parameters())
+    if not sharded:
+        model = copy.deepcopy(peft_model)
+    else:
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        base = peft_model.get_base_model()
+        # built whole on this process: ZeRO-3's partitioned construction must not kick in
+        saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+        finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        model = get_peft_model(plain, copy.deepcopy(peft_model.peft_config["default"]))
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if unexpected or (sharded and missing):
+            raise RuntimeError(f"merging adapters: the gathered weights do not fit the model "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.merge_and_unload()

@@ -1,0 +1,1 @@
+"""Compute kernels the stack lacks: the chunked cross-entropy and per-document attention."""

@@ -1,0 +1,173 @@
+"""DeepSpeed: its config completed from the trainer's settings, and the ZeRO stage in use.
+
+The DeepSpeed config's "auto" values are filled from the trainer's own settings and values that
+contradict them are refused, before anything is trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
+
+from trainer_lib.errors import ConfigError
+from trainer_lib.runtime.processes import launched_world_size
+
+
+def build_deepspeed_plugin(t) -> DeepSpeedPlugin | None:
+    """A DeepSpeed plugin whose config agrees with the trainer's, or None when DeepSpeed is not
+    asked for (neither `train.deepspeed_config` nor an accelerate config with DeepSpeed)."""
+    if t.deepspeed_config is not None:
+        ds = resolve_deepspeed_config(load_deepspeed_config(t.deepspeed_config), t,
+                                      launched_world_size())
+        return DeepSpeedPlugin(hf_ds_config=ds)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        plugin = DeepSpeedPlugin()  # from the accelerate config file (environment variables)
+        resolve_deepspeed_config(plugin.deepspeed_config, t, launched_world_size(), inplace=True)
+        plugin.zero3_save_16bit_model = plugin.deepspeed_config["zero_optimization"].get(
+            "stage3_gather_16bit_weights_on_model_save", False)
+        return plugin
+    return None
+
+
+def load_deepspeed_config(spec: str | os.PathLike | dict) -> dict:
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: no DeepSpeed config file at '{path}'")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config: '{path}' is not valid JSON: {e}") from None
+
+
+def resolve_deepspeed_config(ds: dict, t, world_size: int,
+                             inplace: bool = False) -> dict:
+    """Fills the "auto" values of a DeepSpeed config from the trainer's settings and refuses
+    values that contradict them.
+
+    - train_micro_batch_size_per_gpu = train.batch_size
+    - gradient_accumulation_steps = train.gradient_accumulation_steps
+    - train_batch_size = batch_size * gradient_accumulation_steps * number of processes
+    - gradient_clipping = train.max_grad_norm (0 when clipping is off)
+    - bf16/fp16 enabled from train.mixed_precision
+    - ZeRO-3: stage3_gather_16bit_weights_on_model_save = true, so the model can be saved whole.
+    """
+    ds = ds if inplace else copy.deepcopy(ds)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"the DeepSpeed config has an '{section}' section; trainer_lib builds the "
+                f"optimiser and schedule from config.optimizer and config.scheduler (with CPU "
+                f"offload, DeepSpeed's CPU Adam is used in its place): remove '{section}'"
+            )
+    global_batch = t.batch_size * t.gradient_accumulation_steps * world_size
+    wanted = {
+        "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (t.gradient_accumulation_steps,
+                                        "train.gradient_accumulation_steps"),
+        "train_batch_size": (global_batch, f"train.batch_size * train.gradient_accumulation_steps"
+                                           f" * {world_size} processes"),
+    }
+    for key, (value, source) in wanted.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif given != value:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={given!r} but the trainer uses {value} "
+                f"({source}); set it to \"auto\" (or to {value}) in the DeepSpeed config, or "
+                f"change the train settings to match"
+            )
+    clip = t.max_grad_norm or 0.0
+    given = ds.get("gradient_clipping", "auto")
+    if given == "auto":
+        ds["gradient_clipping"] = clip
+    elif float(given) != float(clip):
+        raise ConfigError(f"the DeepSpeed config sets gradient_clipping={given!r} but "
+                          f"train.max_grad_norm is {t.max_grad_norm}; use \"auto\"")
+    for kind in ("bf16", "fp16"):
+        section = ds.setdefault(kind, {"enabled": "auto"})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = t.mixed_precision == kind
+        elif section["enabled"] and t.mixed_precision != kind:
+            raise ConfigError(f"the DeepSpeed config enables {kind} but train.mixed_precision is "
+                              f"'{t.mixed_precision}'; use \"enabled\": \"auto\"")
+    zero = ds.setdefault("zero_optimization", {"stage": 2})
+    if zero.get("stage", 0) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage in use, 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return 0
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    """True when parameters are sharded across processes (DeepSpeed ZeRO-3): every process must
+    then take part in every forward pass, generation included."""
+    return zero_stage(accelerator) == 3
+
+
+def prepare_reference_model(accelerator: Accelerator, model: torch.nn.Module):
+    """A frozen copy of the policy for methods that compare against a reference (KTO).
+
+    Under DeepSpeed ZeRO-3 it becomes a DeepSpeed inference engine sharded like the policy (no
+    optimiser, so it costs 1/N of its weights per process); under ZeRO-1/2 and without DeepSpeed
+    it is put whole on the device, in the precision the policy computes in (DeepSpeed's half
+    precision weights, or accelerate's autocast around forward). Either way it is in eval mode
+    with requires_grad False.
+    """
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not is_zero3(accelerator):
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        for kind, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            # DeepSpeed casts the policy's weights to its half precision: the reference too
+            if plugin is not None and plugin.deepspeed_config.get(kind, {}).get("enabled") is True:
+                model.to(dtype)
+        if accelerator.native_amp and plugin is None:
+            # the autocast wrapper accelerate.prepare puts on the policy's forward, so that both
+            # compute in the same precision
+            from types import MethodType
+
+            from accelerate.utils import convert_outputs_to_fp32
+            from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+            autocast = get_mixed_precision_context_manager(accelerator.native_amp,
+                                                           accelerator.autocast_handler)
+            forward = autocast(model.forward.__func__)
+            model.forward = MethodType(convert_outputs_to_fp32(forward), model)
+        return model.to(accelerator.device)
+    import deepspeed
+
+    ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        ds.pop(key, None)
+    zero = ds["zero_optimization"]
+    zero.pop("offload_optimizer", None)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    autos = {"reduce_bucket_size": hidden * hidden if hidden else None,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else None,
+             "stage3_param_persistence_threshold": 10 * hidden if hidden else None}
+    for key, value in autos.items():
+        if zero.get(key) == "auto":
+            if value is None:
+                zero.pop(key)
+            else:
+                zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+

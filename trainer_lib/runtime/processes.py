@@ -1,0 +1,120 @@
+"""What several processes do together: share a value or an error, take turns, sum figures.
+
+With one process every helper is a plain call.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun, accelerate launch and deepspeed all set
+    WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batches_per_process(accelerator: Accelerator, num_batches: int) -> int:
+    """Micro-batches the busiest process gets per epoch: accelerate deals whole batches out in
+    turn (and, with even_batches=False, repeats none)."""
+    return -(-num_batches // accelerator.num_processes)
+
+
+def align_micro_batches(accelerator: Accelerator, micro: list) -> list:
+    """Pads this process's micro-batches of one optimiser step with None up to the most any
+    process has, so every process runs the same forward/backward passes (DDP and ZeRO
+    collectives would otherwise wait forever). Returns [] once every process is out of data."""
+    if accelerator.num_processes == 1:
+        return micro
+    n = torch.tensor([len(micro)], device=accelerator.device)
+    most = int(accelerator.gather(n).max())
+    return micro + [None] * (most - len(micro))
+
+
+def reduce_sum(accelerator: Accelerator, values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Sums a small vector of numbers over all processes (one collective call)."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t
+
+
+def on_main_process(accelerator, fn: Callable[[], Any]) -> Any:
+    """`fn()` run on the main process, its result given to every process; an exception raised
+    there is raised on every process, with the same type and message."""
+    if accelerator.num_processes == 1:
+        return fn()
+    payload: list = [None]
+    error = None
+    if accelerator.is_main_process:
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # noqa: BLE001 - sent to the other processes, then raised
+            error, payload = e, [("error", portable_error(e))]
+    broadcast_object_list(payload)
+    status, value = payload[0]
+    if error is not None:
+        raise error  # the original, with its traceback, where it happened
+    if status == "error":
+        kind, message = value
+        try:
+            error = kind(message)
+        except Exception:  # noqa: BLE001 - a type that does not take one message
+            error = RuntimeError(message)
+        raise error
+    return value
+
+
+def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
+    """`prepare()` on each node's main process first, then on the others (which then find its
+    files). An error on the main process is raised on every process, with its message, instead of
+    leaving the others waiting."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return prepare()
+    value, failure, error = None, [None], None
+    if accelerator.is_local_main_process:
+        try:
+            value = prepare()
+        except Exception as e:  # noqa: BLE001 - shared with the other processes below
+            error, failure = e, [portable_error(e)]
+    # every node's outcome, so that a failure on any node stops all of them
+    failures = [f for f in gather_object(failure) if f is not None]
+    if error is not None:
+        raise error
+    if failures:
+        cls, message = failures[0]
+        raise cls(message)
+    if not accelerator.is_local_main_process:
+        value = prepare()
+    return value
+
+
+def portable_error(e: Exception) -> tuple[type, str]:
+    """(type, message) of `e` that can be sent to the other processes and raised there: a class
+    that cannot be pickled travels as a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(type(e)))
+        return type(e), str(e)
+    except Exception:  # noqa: BLE001 - a class that cannot travel: its name and message do
+        return RuntimeError, f"{type(e).__name__}: {e}"
+
+
+def shared_value(accelerator, value: Any) -> Any:
+    """The global main process's `value`, on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def shared_token(accelerator) -> str:
+    """A random name every process agrees on (the global main's)."""
+    return shared_value(accelerator, uuid.uuid4().hex[:12])

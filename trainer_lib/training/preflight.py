@@ -1,0 +1,115 @@
+"""Checks that run before the model loads, so that a mistake costs seconds rather than a model
+load and a training run: the settings that can only be judged together (a `save_best` figure that
+is never logged, a `seq_length` beyond the model's positions, a learning rate of 0), the eval
+prompts and generation settings, and whether the folders the run writes to can be written.
+
+They run on the main process; an error found there is raised on every process
+(`on_main_process`), so that no process goes on to load a model alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer_lib.config import Config, ConfigError
+from trainer_lib.runtime.processes import on_main_process
+from trainer_lib.training.evaluation import check_eval_inputs, check_gen_kwargs
+
+
+def check_run(config: Config, accelerator, has_eval_data: bool, eval_prompts: Any,
+              metric_fn: Any) -> Any:
+    """Everything that can be judged from the settings and the call alone; returns the model's
+    config (read with transformers.AutoConfig, None when it cannot be read here)."""
+    def checks():
+        check_eval_inputs(eval_prompts, metric_fn)
+        check_gen_kwargs(config.method.gen_kwargs)
+        check_save_best(config, has_eval_data, metric_fn)
+        check_learning_rate(config)
+        check_writable(config.train.checkpoint_dir, "train.checkpoint_dir")
+        if config.train.tracker is not None:
+            check_writable(config.train.logging_dir, "train.logging_dir")
+        model_config = read_model_config(config)
+        check_seq_length(config, model_config)
+        return model_config
+
+    return on_main_process(accelerator, checks)
+
+
+def check_save_best(config: Config, has_eval_data: bool, metric_fn: Any) -> None:
+    name = config.train.save_best
+    if not name:
+        return
+    if name == "eval/loss" and not has_eval_data:
+        raise ConfigError(
+            "train.save_best='eval/loss' but the run has no evaluation data, so eval/loss is "
+            "never logged and best/ would never be written: pass eval_samples= to train() (or "
+            "--eval-data), set train.eval_split, or name a figure that is logged, e.g. 'loss'")
+    if name.startswith("metrics/") and metric_fn is None:
+        raise ConfigError(
+            f"train.save_best={name!r} but no metric_fn is given, so no metrics/* figure is ever "
+            "logged: pass metric_fn= (and eval_prompts=) to train(), or name a figure that is "
+            "logged, e.g. 'loss' or 'eval/loss'")
+
+
+def check_learning_rate(config: Config) -> None:
+    if config.optimizer.kwargs.get("lr", 1) == 0:
+        warnings.warn("optimizer.kwargs.lr is 0: the weights will not change; set a positive "
+                      "learning rate to train", stacklevel=3)
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """The folder exists or can be made, and a file can be written in it."""
+    path = Path(folder)
+    fix = f"set {setting} to a folder you can write to"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{setting}={str(folder)!r} is a file, not a folder; {fix}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{setting}={str(folder)!r} cannot be made: {blocker} is a file; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".trainer_lib-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{setting}={str(folder)!r} is not writable ({e.strerror or e}); "
+                          f"{fix}") from None
+
+
+def read_model_config(config: Config) -> Optional[Any]:
+    """The model's config.json, without loading weights (None when it cannot be read: loading
+    the model says why later)."""
+    path = config.model.model_path
+    if not path:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_seq_length(config: Config, model_config: Any) -> None:
+    """`train.seq_length` against the model's positions: an error for learned (absolute)
+    position embeddings, which have no row past the limit; a warning for rotary ones, which run
+    past it but were never trained there."""
+    if model_config is None:
+        return
+    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    seq = config.train.seq_length
+    if not isinstance(limit, int) or seq <= limit:
+        return
+    message = (f"train.seq_length={seq} is above the model's max_position_embeddings={limit}")
+    rotary = any(getattr(text, k, None) for k in ("rope_parameters", "rope_scaling", "rope_theta"))
+    if rotary:
+        warnings.warn(f"{message}: the model uses rotary positions, which run past it but were "
+                      f"never trained there; lower train.seq_length to {limit}, or extend the "
+                      "model's context (rope_scaling) first", stacklevel=3)
+        return
+    raise ConfigError(f"{message}, and its position embeddings end there; lower "
+                      f"train.seq_length to {limit} or less")

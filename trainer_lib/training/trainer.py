@@ -1,0 +1,410 @@
+"""The one training loop, shared by every method.
+
+A method subclasses `Trainer` and supplies its data and its loss:
+- `data_recipe()` → its normalise and tokenise functions for the shared data pipeline
+  (`trainer_lib.data.pipeline`), `arrange(data, recipe)` → the loader items made of the prepared
+  examples (packed rows, fixed micro-batches, ...), and `collate(items)` → a batch dict;
+- `loss_weight(batch)` → how much the batch counts in the step's mean (loss-carrying tokens for
+  SFT, examples for KTO), known before the forward pass;
+- `compute_loss(model, batch)` → (the SUM of the loss over the batch, {name: (sum, count)}).
+
+Why sums: the loss of an optimiser step is the mean over every loss-carrying unit of the whole
+step, across micro-batches and processes. A mean of per-micro-batch means would weight a token in
+a short micro-batch more than one in a long micro-batch, so the result would depend on how the
+data happened to be cut into micro-batches and shards. The loop first counts the step's units
+on every process (one all-reduce), then back-propagates each micro-batch's sum divided by that
+global count, so accumulation and sharding give the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from trainer_lib.checkpointing.checkpointer import BestFigureWatch, Checkpointer
+from trainer_lib.checkpointing.identity import run_identity
+from trainer_lib.checkpointing.resume import skip_batches
+from trainer_lib.config import Config
+from trainer_lib.data.pipeline import build_data
+from trainer_lib.errors import MetricFnError
+from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
+from trainer_lib.model.saving import save_pretrained
+from trainer_lib.runtime.accelerator import build_accelerator
+from trainer_lib.runtime.processes import align_micro_batches, batches_per_process, reduce_sum
+from trainer_lib.training import preflight
+from trainer_lib.training.evaluation import GenerationEval, format_table
+from trainer_lib.training.interrupts import (
+    InterruptGuard,
+    quiet_interrupt_exit,
+    training_interrupted,
+)
+from trainer_lib.training.optim import build_optimizer, build_scheduler
+from trainer_lib.training.step import NonFiniteSteps, apply_update
+from trainer_lib.training.tracking import build_tracker, format_log_line, log_with, run_dir
+
+
+class Trainer:
+    def __init__(self, config: Config, samples: Any = None, eval_samples: Any = None,
+                 eval_prompts: Any = None, metric_fn: Any = None):
+        self.config = config.validate()
+        self.eval_prompts = eval_prompts
+        self.metric_fn = metric_fn
+        self.log_history: list[dict] = []
+        self.step = 0
+        self.accelerator = build_accelerator(config, log_with=log_with(config),
+                                             project_dir=str(run_dir(config)))
+        set_seed(config.train.seed)
+        # everything that can be wrong is found before anything heavy is loaded: the settings,
+        # eval prompts and output folders first, then the data, then the checkpoint to resume
+        model_config = preflight.check_run(
+            config, self.accelerator, eval_samples is not None or config.train.eval_split > 0,
+            eval_prompts, metric_fn)
+        self.tokenizer = load_tokenizer(config)
+        self.train_items, self.eval_items = self.build_datasets(samples, eval_samples)
+        self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
+        loader = self.make_loader(self.train_items, shuffle=True)
+        k = config.train.gradient_accumulation_steps
+        self.total_steps = min(config.train.total_steps,
+                               config.train.epochs * math.ceil(
+                                   batches_per_process(self.accelerator, len(loader)) / k))
+        self.checkpoints = Checkpointer(config)
+        self.checkpoints.prepare(self, run_identity(self, model_config))
+        self.nonfinite_steps = NonFiniteSteps(config.train.skip_nonfinite_steps)
+        self.model = load_model(config)
+        align_special_tokens(self.model, self.tokenizer)
+        self.setup_model()
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
+            self.model, self.optimizer, loader
+        )
+        self.after_prepare()
+        # stepped by hand once per optimiser step (accelerate would step it once per process)
+        self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
+        self.tracker = build_tracker(config, self.accelerator)
+        if getattr(self, "data_report", None) is not None:  # what happened to the samples
+            self.tracker.log({f"data/{k}": v for k, v in self.data_report.as_dict().items()}, 0)
+
+    # ------------------------------------------------------------------ method hooks
+
+    def data_recipe(self):
+        """The method's normalise and tokenise functions (a `DataRecipe`)."""
+        raise NotImplementedError
+
+    def arrange(self, data, recipe) -> tuple[Any, Any]:
+        """(train items, eval items) from the prepared data; by default single examples."""
+        return data.train, data.eval
+
+    def collate(self, items: list) -> dict:
+        raise NotImplementedError
+
+    def loss_weight(self, batch: dict) -> float:
+        raise NotImplementedError
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def setup_model(self) -> None:
+        """Called once the model is loaded, before the optimiser is built."""
+
+    def after_prepare(self) -> None:
+        """Called once the model is prepared (wrapped, sharded, on its device), before the first
+        step: the place for passes that need the initial model in its training layout."""
+
+    def prepare_step(self, micro: list[dict]) -> list[float]:
+        """Called once per optimiser step, before any pass with gradients, with the step's
+        micro-batches (a process short of data gets stand-ins marked `batch["padding"]`, which
+        must count for nothing). A method's forward-only passes go here; the numbers it returns
+        (the same count on every process) are summed over processes in the step's one
+        all-reduce and left in `self.step_totals` for `compute_loss`."""
+        return []
+
+    def eval_items_per_batch(self) -> int:
+        """How many loader items make one evaluation forward pass."""
+        return self.config.train.eval_batch_size or self.config.train.batch_size
+
+    def build_datasets(self, samples: Any, eval_samples: Any) -> tuple[Any, Any]:
+        """Samples -> the shared pipeline (read, normalise, tokenise, cache, share, report) ->
+        the method's loader items. Runs before the model loads, so bad input fails in seconds."""
+        recipe = self.data_recipe()
+        data = build_data(self.accelerator, self.config, recipe, samples, eval_samples)
+        self.data_report = data.report
+        items = self.arrange(data, recipe)
+        data.release()
+        if self.accelerator.is_main_process:
+            print(self.data_report.summary(), flush=True)
+        return items
+
+    # ------------------------------------------------------------------ data
+
+    def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        return DataLoader(items, batch_size=batch_size or self.config.train.batch_size,
+                          shuffle=shuffle, collate_fn=self.collate, generator=generator)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> "Trainer":
+        """Trains to `total_steps`. Ctrl-C (or SIGTERM) finishes the step, saves a checkpoint and
+        raises KeyboardInterrupt carrying `.checkpoint` and `.trainer`; a second one stops at
+        once (see trainer_lib.faults)."""
+        acc = self.accelerator
+        epoch, done = self.checkpoints.resume(self)  # (0, 0) unless resuming: where data resumes
+        self.tracker.start(self.step)  # a resumed run's logs continue after the resumed step
+        self.num_tokens = getattr(self, "num_tokens", 0)
+        with InterruptGuard(announce=acc.is_main_process) as self._interrupts:
+            try:
+                self._loop(epoch, done)
+            except KeyboardInterrupt as stop:
+                self._report_interrupt(stop)
+                raise
+        self.tracker.finish()
+        return self
+
+    def _loop(self, epoch: int, done: int) -> None:
+        acc, cfg = self.accelerator, self.config.train
+        k = cfg.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.progress_bar))
+        window = _Window()
+        best_watch = BestFigureWatch(cfg.save_best)
+        self.model.train()
+        while self.step < self.total_steps:
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(epoch)
+            batches = iter(self.train_loader)
+            skip_batches(batches, done * k)  # a resumed epoch: the same order, from where it was
+            while self.step < self.total_steps:
+                micro = list(itertools.islice(batches, k))
+                # a process short of data joins the step with empty (None) micro-batches
+                micro = align_micro_batches(acc, micro)
+                if not micro:
+                    break
+                out = self.training_step(micro)
+                # a step with a non-finite loss or gradient norm was not applied: it is skipped
+                # (within train.skip_nonfinite_steps) or the run stops, naming the last checkpoint
+                skipped = self.nonfinite_steps.check(out, micro, self.step + 1,
+                                                     self.checkpoints.last_saved,
+                                                     acc.is_main_process)
+                self.step += 1
+                done += 1
+                if not skipped:
+                    window.add(out)
+                self.num_tokens += out["num_tokens"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}",
+                                tok_s=f"{window.tokens / max(window.seconds, 1e-9):,.0f}")
+                last = self.step == self.total_steps
+                if self.step % cfg.log_interval == 0 or last:
+                    if window.weight or window.metrics:
+                        values = {**window.summary(), "num_tokens": self.num_tokens,
+                                  "epoch": epoch}
+                        if self.nonfinite_steps.skipped:
+                            values["skipped_steps"] = self.nonfinite_steps.skipped
+                        self.log(values)
+                        best_watch.see(values, self.step, evaluation=False)
+                    window = _Window()
+                if self.step % cfg.eval_interval == 0 or last:
+                    values = self.run_evaluation((epoch, done))
+                    self.log(values)
+                    best_watch.see(values, self.step, evaluation=True)
+                if self.step % cfg.checkpoint_interval == 0 or last or out["interrupted"]:
+                    self.checkpoints.save(self, (epoch, done))
+                self.checkpoints.maybe_save_best(self, (epoch, done))
+                if out["interrupted"]:
+                    bar.close()
+                    path = self.checkpoints.last_saved
+                    raise training_interrupted(
+                        f"training interrupted at step {self.step}: saved {path}; resume with "
+                        f"train.resume_from_checkpoint={path}", path, self)
+            epoch, done = epoch + 1, 0
+        bar.close()
+
+    def _report_interrupt(self, stop: KeyboardInterrupt) -> None:
+        """One line on the main process, then no traceback for a script that does not catch it."""
+        if not getattr(stop, "from_trainer_lib", False):
+            return  # a KeyboardInterrupt of the user's own (e.g. from a callback)
+        stop.trainer = self
+        if stop.checkpoint is None:
+            last = self.checkpoints.last_saved
+            stop.args = (f"{stop.args[0]} after step {self.step}; "
+                         + (f"the last checkpoint is {last}: resume with "
+                            f"train.resume_from_checkpoint={last}" if last
+                            else "no checkpoint was written"),)
+        if self.accelerator.is_main_process:
+            print(stop.args[0], file=sys.stderr, flush=True)
+        self.tracker.finish()
+        quiet_interrupt_exit(stop)
+
+    def training_step(self, micro: list[dict]) -> dict:
+        acc, model = self.accelerator, self.model
+        start = time.perf_counter()
+        local_weight = sum(float(self.loss_weight(b)) for b in micro if b is not None)
+        # a process short of data joins with a real batch of weight 0 (for the collectives),
+        # marked so that a method leaves it out of its cross-process figures
+        micro = [self._stand_in() if b is None else b for b in micro]
+        totals = reduce_sum(acc, [local_weight, *self.prepare_step(micro)]).tolist()
+        total_weight, self.step_totals = totals[0], totals[1:]
+        # accelerate divides by gradient_accumulation_steps in backward and DDP averages over
+        # processes; undo both so the gradient is that of sum(loss) / total_weight
+        scale = acc.num_processes * acc.gradient_accumulation_steps / max(total_weight, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, list[float]] = {}
+        num_tokens = 0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            padding = batch.get("padding", False)
+            self._last_batch = batch
+            acc.gradient_state._set_sync_gradients(last)
+            with nullcontext() if last else acc.no_sync(model):
+                batch_loss, metrics = self.compute_loss(model, self.to_device(batch))
+                acc.backward(batch_loss * (0.0 if padding else scale))
+            for name, (s, c) in metrics.items():
+                # a padding batch adds nothing but its metric names: every process must reduce
+                # the same vector
+                acc_s = metric_sums.setdefault(name, [0.0, 0.0])
+                acc_s[0] += 0.0 if padding else float(s)
+                acc_s[1] += 0.0 if padding else float(c)
+            if padding:
+                continue
+            loss_sum += batch_loss.detach().double().cpu()
+            num_tokens += int(batch.get("num_tokens", 0))
+        names = sorted(metric_sums)
+        # one all-reduce for the figures and for Ctrl-C: every process stops after the same step
+        interrupts = getattr(self, "_interrupts", None)
+        stop = float(bool(interrupts and interrupts.requested))
+        flat = [float(loss_sum), float(num_tokens), stop]
+        flat += [v for n in names for v in metric_sums[n]]
+        totals = reduce_sum(acc, flat).tolist()
+        loss = totals[0] / max(total_weight, 1)
+        lr = self.scheduler.get_last_lr()[0]
+        update = apply_update(self, loss)  # checked before it is applied
+        metrics = {n: (totals[3 + 2 * j], totals[4 + 2 * j]) for j, n in enumerate(names)}
+        return {
+            "loss_sum": totals[0], "weight": total_weight, "loss": loss,
+            "num_tokens": int(totals[1]), "learning_rate": lr, "interrupted": totals[2] > 0,
+            **update, "metrics": metrics, "seconds": time.perf_counter() - start,
+        }
+
+    def _stand_in(self) -> dict:
+        batch = getattr(self, "_last_batch", None) or self.collate(self.train_items[:1])
+        return {**batch, "padding": True}
+
+    def run_evaluation(self, position: tuple[int, int]) -> dict:
+        """`eval/loss` on the validation examples and `metrics/*` from generation on the eval
+        prompts. A failing metric_fn stops the run, once this step is checkpointed."""
+        values = self.evaluate() if self.eval_items else {}
+        if self.generation_eval is None:
+            return values
+        try:
+            metrics, columns, rows = self.generation_eval.run(self)
+        except MetricFnError as e:
+            path = self.checkpoints.save(self, position)
+            raise MetricFnError(f"{e} (at step {self.step}; the run is saved in {path})") from e
+        if self.accelerator.is_main_process:
+            print(f"samples at step {self.step}:\n{format_table(columns, rows)}", flush=True)
+        self.tracker.log_table("samples", columns, rows, self.step)
+        return {**values, **metrics}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss on the validation examples (`eval/loss`), the same mean as in training, and the
+        method's figures from `compute_loss` as `eval/<name>`."""
+        acc, model = self.accelerator, self.model
+        was_training = model.training
+        model.eval()
+        bs = self.eval_items_per_batch()
+        shard = self.eval_items[acc.process_index::acc.num_processes]
+        batches = [shard[i:i + bs] for i in range(0, len(shard), bs)]
+        # every process runs the same number of forward passes (sharded models need all ranks)
+        n_batches = len(batches)
+        if acc.num_processes > 1:
+            n_batches = int(acc.gather(torch.tensor([n_batches], device=acc.device)).max())
+        loss_sum, weight, metric_sums = 0.0, 0.0, {}
+        for i in range(n_batches):
+            real = i < len(batches)
+            items = batches[i] if real else batches[-1] if batches else self.eval_items[:1]
+            batch = self.to_device(self.collate(items))
+            if not real:  # a repeat that keeps the processes in step: it counts for nothing
+                batch["padding"] = True
+            s, metrics = self.compute_loss(model, batch)
+            if real:
+                loss_sum += float(s)
+                weight += float(self.loss_weight(batch))
+            for name, (ms, mc) in metrics.items():  # every process reduces the same names
+                sums = metric_sums.setdefault(name, [0.0, 0.0])
+                sums[0] += float(ms) if real else 0.0
+                sums[1] += float(mc) if real else 0.0
+        names = sorted(metric_sums)
+        total = reduce_sum(acc, [loss_sum, weight] + [v for n in names for v in metric_sums[n]])
+        total = total.tolist()
+        model.train(was_training)
+        values = {"eval/loss": total[0] / max(total[1], 1.0)}
+        for j, name in enumerate(names):
+            s, c = total[2 + 2 * j], total[3 + 2 * j]
+            if c:  # nothing measured: left out rather than logged as 0
+                values[f"eval/{name}"] = s / c
+        return values
+
+    # ------------------------------------------------------------------ logging and saving
+
+    def log(self, values: dict) -> None:
+        entry = {"step": self.step, **{k: v for k, v in values.items() if v is not None}}
+        if len(entry) == 1:
+            return  # nothing to record (e.g. an evaluation with nothing to evaluate)
+        if self.log_history and self.log_history[-1]["step"] == self.step:
+            self.log_history[-1].update(entry)
+        else:
+            self.log_history.append(entry)
+        if hasattr(self, "tracker"):  # absent while __init__ is still running
+            self.tracker.log(entry, self.step)
+        if self.accelerator.is_main_process and not self.config.train.progress_bar:
+            print(format_log_line(entry, self.step, self.total_steps), flush=True)
+
+    def save_pretrained(self, path: str, merge_adapters: bool = False) -> None:
+        save_pretrained(self.accelerator, self.model, self.tokenizer, path,
+                        merge_adapters=merge_adapters)
+
+
+class _Window:
+    """Figures accumulated between two log lines."""
+
+    def __init__(self):
+        self.loss_sum = self.weight = self.tokens = self.seconds = 0.0
+        self.metrics: dict[str, list[float]] = {}
+        self.last: dict = {}
+
+    def add(self, out: dict) -> None:
+        self.loss_sum += out["loss_sum"]
+        self.weight += out["weight"]
+        self.tokens += out["num_tokens"]
+        self.seconds += out["seconds"]
+        for name, (s, c) in out["metrics"].items():
+            m = self.metrics.setdefault(name, [0.0, 0.0])
+            m[0] += s
+            m[1] += c
+        self.last = out
+
+    def summary(self) -> dict:
+        values = {
+            "loss": self.loss_sum / max(self.weight, 1.0),
+            "learning_rate": self.last["learning_rate"],
+            "grad_norm": self.last["grad_norm"],
+            "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+        }
+        for name, (s, c) in self.metrics.items():
+            if c:  # nothing measured in the window (a class absent): left out, not logged as 0
+                values[name] = s / c
+        return values
