@@ -1,11 +1,8 @@
 """The command line: `trainer-lib METHOD [--config FILE] [--data ...] [key=value ...]` for any
-registered method (sft, kto, and one's own with `--import MODULE`), and
-`trainer-lib config show|validate`.
+registered method (`--import MODULE` for one's own), and `trainer-lib config show|validate`.
 
-A run is: read the YAML config, apply the `section.key=value` overrides, find the data and the
-model, call `train()`, then `save_pretrained()`. Nothing here depends on how the processes were
-launched, so `accelerate launch -m trainer_lib sft ...` and `deepspeed --module trainer_lib sft ...`
-run the same code as `trainer-lib sft ...`.
+Nothing here depends on the launcher, so `accelerate launch -m trainer_lib sft ...` and
+`deepspeed --module trainer_lib sft ...` run the same code as `trainer-lib sft ...`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The one registry of methods: a name, its config class and its trainer.
 
-A method is registered by decorating its trainer with `@register_trainer(ConfigClass)`; the
-config class's `name` field names it. Registered methods are what `Config.from_dict`, YAML
-files, `default_config(name)` and the command line accept. The built-in ones register as
-`trainer_lib.methods` imports them; a method of one's own registers when its module is imported
-(`trainer-lib --import MODULE`), or when an installed package declares that module under the
-entry-point group `trainer_lib.methods` and the method's name is first asked for.
+`@register_trainer(ConfigClass)` registers a method under its config's `name`; registered methods
+are what `Config.from_dict`, YAML files, `default_config(name)` and the command line accept.
+Installed packages declare theirs under the entry-point group `trainer_lib.methods`, loaded when
+an unknown name is first asked for.
 """
 
 from __future__ import annotations

@@ -1,32 +1,7 @@
-"""Checkpoints that a run can be resumed from exactly, and the best one kept aside.
+"""Writing checkpoints a run can be resumed from exactly, keeping the last N and the best one.
 
-Layout of `train.checkpoint_dir`:
-
-    step_<N>/
-        accelerate/          model, optimiser, RNG states of every process
-                             (`accelerator.save_state`, which also handles DeepSpeed engines)
-        scheduler.pt         the learning-rate schedule (stepped by hand, so not in accelerate's)
-        trainer_state.json   step, epoch, steps done in that epoch, num_tokens, best metric,
-                             skipped steps, log_history
-        config.yaml          the run's config (`config.to_dict()`)
-        hf_model/            an ordinary Hugging Face folder (AutoModelForCausalLM.from_pretrained)
-        manifest.json        written last: the run it belongs to and the size and checksum of
-                             every other file; its presence marks a complete checkpoint
-    best/                    a full copy of the checkpoint with the best `train.save_best` value
-                             (same layout; `best/trainer_state.json` says which step)
-
-Each folder is written under a temporary name (`.step_<N>.tmp-*`) and renamed when complete, so a
-crash while writing leaves the previous checkpoints as they were; one is deleted (keep_last_n) by
-renaming it out of sight first. What such interruptions leave behind is cleaned up when the next
-run starts.
-
-Before the model loads, the run picks the checkpoint it resumes (the newest intact one of this run
-for "latest") and checks it: every file against the manifest, every file it will read opened the
-safe way, and the run identity (`trainer_lib.integrity`). A fresh run never deletes or overwrites
-the checkpoints of another run in the same folder. Resuming restores everything above, then
-skips the batches the checkpointed epoch had already used (the loader's order is a function of
-seed and epoch) and restores the RNG states once more after skipping, so on CPU a resumed run ends
-with the same weights as an uninterrupted one.
+Each folder is written under a temporary name and renamed when complete, and never over another
+run's checkpoint, so a crash or a second run in the same folder loses nothing already saved.
 """
 
 from __future__ import annotations
@@ -97,7 +72,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ before the model loads
 
-    def prepare(self, trainer, identity: dict) -> None:
+    def choose_start(self, trainer, identity: dict) -> None:
         """Before the model loads: cleans up after interrupted saves and picks the checkpoint to
         resume, checked (`trainer_lib.resume`). Main process; the outcome is shared."""
         self.identity = identity
@@ -249,7 +224,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ resuming
 
-    def resume(self, trainer) -> tuple[int, int]:
+    def restore(self, trainer) -> tuple[int, int]:
         """Restores the checkpoint chosen by `prepare`, if any; returns the data position
         (epoch, optimiser steps already done in it)."""
         path = self.resume_path

@@ -1,16 +1,9 @@
 """The names in a checkpoint folder, and finding the complete checkpoints in it.
 
-    step_<N>/
-        accelerate/          model, optimiser, RNG states of every process
-                             (`accelerator.save_state`, which also handles DeepSpeed engines)
-        scheduler.pt         the learning-rate schedule (stepped by hand, so not in accelerate's)
-        trainer_state.json   step, epoch, steps done in that epoch, num_tokens, best metric,
-                             skipped steps, log_history
-        config.yaml          the run's config
-        hf_model/            an ordinary Hugging Face folder (AutoModelForCausalLM.from_pretrained)
-        manifest.json        written last: the run it belongs to and the size and checksum of
-                             every other file; its presence marks a complete checkpoint
-    best/                    a copy of the checkpoint with the best `train.save_best` value
+    step_<N>/  accelerate/ (model, optimiser, RNG states), scheduler.pt, trainer_state.json,
+               config.yaml, hf_model/ (an ordinary Hugging Face folder), and manifest.json,
+               written last: its presence marks a complete checkpoint
+    best/      a copy of the checkpoint with the best `train.save_best` value
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""Whether a checkpoint folder can be trusted: complete, undamaged, safe to load, and from this run.
+"""Whether a checkpoint folder can be trusted: complete, undamaged and safe to load.
 
-- A manifest (`manifest.json`) lists every file of a checkpoint with its size and xxh3-128
-  checksum. It is written last, so it also marks the checkpoint complete; resuming recomputes
-  the checksums and names the first file that differs.
-- Loading must not run code. Checksums guard against damage, not against someone who can write
-  the folder (they can rewrite the manifest too), so every file a resume reads is also opened the
-  safe way before anything else reads it: pickles (`.bin`, `.pt`, `.pth`, `.pkl`: accelerate's
-  optimiser and RNG states, DeepSpeed's shards, the schedule) with `torch.load(weights_only=True)`,
-  which builds only tensors, plain containers and a few known harmless classes (numpy's arrays for
-  RNG states, DeepSpeed's loss scaler and ZeRO stage); safetensors and JSON files are parsed.
-  accelerate reads its pickles the safe way too, but swallows a failure on the RNG file; DeepSpeed
-  reads its shards with `weights_only=False`, which is why they are opened here first.
-- The run identity: the model, the data and the settings that change shapes or the data order.
-  A checkpoint records it; resuming with another one is refused, naming what differs.
+The manifest lists every file with its size and checksum and is written last. Checksums guard
+against damage, not against someone who can rewrite the manifest too, so every pickle a resume
+reads is first opened with `torch.load(weights_only=True)`: DeepSpeed itself loads its shards with
+`weights_only=False`, which would run whatever a planted pickle holds.
 """
 
 from __future__ import annotations

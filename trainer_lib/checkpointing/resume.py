@@ -1,15 +1,8 @@
-"""Where a run starts: decided and checked before the model loads.
+"""Where a run starts, decided and checked before the model loads, and how it gets back there.
 
-- Leftovers of interrupted saves and deletions (`.step_<N>.tmp-*`, `.step_<N>.deleting-*`,
-  `<name>.previous-*`: only names this library makes) are removed, or put back where a swap
-  stopped halfway.
-- `train.resume_from_checkpoint="latest"` takes the newest checkpoint of this run (its manifest
-  records the run identity) that is intact and safe to load, passing over damaged ones and saying
-  so, and leaving other runs' checkpoints aside; a path is checked the same way, and any problem is
-  an error naming the file or the difference.
-- A fresh run in a folder that holds checkpoints says so. It never deletes or overwrites them: a
-  checkpoint of another run that has the name of one this run writes is renamed
-  `<name>.run-<its run id>` first (`Checkpointer.save`), and keep_last_n counts only this run's.
+Leftovers of interrupted saves are cleaned up, "latest" passes over damaged checkpoints and other
+runs', and resuming skips the batches the checkpointed epoch had used and puts the RNG states
+back, so a resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations

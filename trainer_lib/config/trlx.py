@@ -1,13 +1,6 @@
-"""trlX's config names, carried over: each is mapped onto trainer_lib's, or refused with the
-setting to use instead.
-
-trainer_lib's sections and most names are trlX's own (`model.model_path`,
-`model.num_layers_unfrozen`, `tokenizer.tokenizer_path`, `optimizer.name/kwargs`,
-`scheduler.name/kwargs`, `train.total_steps`, `seq_length`, `epochs`, `batch_size`, ...,
-`method.gen_kwargs`), and trlX's optimiser and scheduler names work as they are ("adamw",
-"cosine_annealing" with `T_max`/`eta_min`, "linear" with `start_factor`/`end_factor`/
-`total_iters`). What differs is handled here, on the nested dict a config is built from, before
-any field is checked.
+"""trlX's config names, mapped onto trainer_lib's or refused with the setting to use instead,
+on the nested dict a config is built from, before any field is checked. Most names are the same
+already; this holds only what differs.
 """
 
 from __future__ import annotations

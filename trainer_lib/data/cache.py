@@ -1,17 +1,8 @@
-"""Prepared data on disk: named by everything that changes it, written once, shared by processes.
+"""Prepared data on disk, named by everything that changes it and written once.
 
-A cache entry is a folder `<cache_dir>/<name>-<key>/` whose key hashes the pipeline's version,
-the data (a file's path, size and modification time, the fingerprint of a `datasets.Dataset`, or
-the content of a list), the tokenizer (its vocabulary, merges, special and added tokens,
-normaliser and post-processor), the chat template, `seq_length` and the method's data settings.
-An entry is built under a temporary name and renamed once complete (`done.json` inside marks it),
-so an interrupted run never leaves half an entry, and two runs racing for one key both end with
-a whole one.
-
-Several processes: the local main process of each node prepares first; the others then find its
-files and open them memory-mapped, so a node holds one copy of the data in its page cache. With
-`data.cache=False` the same happens in a temporary folder that is removed once every process has
-opened what it needs.
+An entry is built under a temporary name and renamed once complete, so an interrupted run never
+leaves half an entry and two runs racing for one key both end with a whole one. The other
+processes of a node open the entry its main process built, memory-mapped: one copy per node.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
-"""Chat templates: render conversations and mark exactly the assistant's tokens.
+"""Chat templates: render conversations and mark exactly the assistant's tokens, for any template.
 
-The assistant's spans are found from the rendered text itself, so any Jinja template works without
-`{% generation %}` markers or a list of model families:
-
-- an assistant turn starts where the conversation before it, rendered with `add_generation_prompt=True`,
-  ends (the template's own role header is therefore never trained on);
-- it ends where the conversation through it, rendered alone, ends; text the template writes only when
-  the conversation stops there (Phi-3 appends `eos_token`) and the trailing newline after the
-  end-of-turn token are left out: the separator is the template's, not the model's output.
-- Both renders must be string prefixes of the full render. Templates that re-render earlier turns once
-  later messages follow (Qwen3 drops `<think>` reasoning from past turns) break that; such a turn is
-  then located by searching the full render for the assistant header and for the end-of-turn marker
-  the template writes after an assistant's content (learnt from a probe turn). The mask follows the
-  full render, which is what the model sees at inference: reasoning a template drops from past turns
-  is not trained on; split such conversations into one sample per assistant turn to train it.
-
-Passthrough (no template) concatenates the contents in order with nothing added, loss on the
-assistant's contents. Rendered text is tokenized without special tokens since templates write BOS
-themselves; BOS is prepended only when the render lacks it and the tokenizer adds one to plain text.
+The spans are found from the rendered text itself (the render before a turn with a generation
+prompt, the render through it), so no `{% generation %}` markers or list of model families is
+needed. Templates that re-render past turns differently (Qwen3 drops past reasoning) are matched
+by the assistant header and the end-of-turn marker learnt from a probe turn.
 """
 
 import os

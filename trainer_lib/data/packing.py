@@ -1,29 +1,10 @@
-"""Packing tokenised examples into rows of at most `seq_length` tokens.
+"""Packing tokenised examples into rows of at most `seq_length` tokens, best fit decreasing.
 
-example lengths -> `pack_lengths` (best-fit-decreasing bins, as arrays of indices) -> rows ->
-`PackedCollator` -> batch. (`pack_dataset` does the same for a list of example dicts.)
-
-A packed batch carries `position_ids` that restart at 0 for every document and NO
-`attention_mask`. transformers (5.x) reads the restarts and gives SDPA and eager attention a
-block-diagonal causal mask (flash-attention uses them for variable-length attention); an
-all-ones `attention_mask` would switch that off and let documents see each other. The first
-label of every document is -100, so nothing is predicted across a boundary: a packed row gives
-the same per-token losses and gradients as its documents run one by one. The detection only
-runs without a KV cache: call the model with `use_cache=False` (`causal_lm_token_nll` does).
-
-Cost of that mask (tiny Llama, hidden 64, 2 layers, 4 documents in one 2,048-token row,
-forward + backward, 2 threads on a loaded machine): SDPA with the block mask 146 ms, the same
-documents one at a time 53 ms, plain causal (wrong) 56 ms; eager ~1.2 s either way. Correct on
-both backends; per-document attention would be the faster next step.
-
-The tail of a row is padding: pad tokens, labels -100, and positions 0, 1, ... so that the pad
-run is one more "document". Pad queries then attend only to pad keys (never an empty row, so
-no NaN), and real tokens never attend to them.
-
-Rows are padded to the longest row of the batch rounded up to `pad_to_multiple_of`, not always
-to `seq_length`: fewer tokens is never slower on CPU. Pass `pad_to_multiple_of=None` for fixed
-[B, seq_length] shapes (torch.compile, or ZeRO-3 where every rank must call the head the same
-number of times).
+A packed row carries `position_ids` that restart at 0 for every document and no
+`attention_mask`: transformers turns the restarts into a block-diagonal mask (an all-ones mask
+would switch that off and let documents see each other). Each document's first label is -100, so
+nothing is predicted across a boundary. The pad tail is one more document, so pad queries never
+meet an empty row.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """One data pipeline for every method: samples -> records -> tokenised examples, on disk.
 
-    open_source (sources.py) -> datasets.Dataset
-        -> Dataset.map(prepare_batch (recipe.py), batched, data.num_proc workers)
-        -> prepared table, cached and shared by processes (cache.py)
-        -> checks, hold-out, data report (checks.py)
+    open_source (sources.py) -> Dataset.map(tokenize_batch (recipe.py), data.num_proc workers)
+        -> prepared table, cached and shared (cache.py) -> checks, hold-out, report (checks.py)
         -> ExampleStore and the views the loaders draw from (store.py)
 
-A method supplies a `DataRecipe` (how to tell a sample's form, normalise it, tokenise it);
-everything else is shared. It all happens before the model loads, so bad input fails early.
+It all runs before the model loads, so bad input fails in seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from trainer_lib.data.cache import (
     tokenizer_fingerprint,
 )
 from trainer_lib.data.checks import check_errors, held_out, kept_rows, make_report
-from trainer_lib.data.recipe import DataRecipe, prepare_batch, table_features
+from trainer_lib.data.recipe import DataRecipe, table_features, tokenize_batch
 from trainer_lib.data.report import DataReport
 from trainer_lib.data.sources import Source, open_source
 from trainer_lib.data.store import Examples, ExampleStore, column
@@ -128,7 +125,7 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
             raise DataError("eval_samples is a stream; evaluation samples are prepared whole: "
                             "pass a list, a datasets.Dataset or a file")
 
-    eval_table, eval_entry = (_prepare(context, recipe, eval_source) if eval_source is not None
+    eval_table, eval_entry = (_prepared_table(context, recipe, eval_source) if eval_source is not None
                               else (None, None))
     if sources.train.stream is not None:
         if t.eval_split > 0:
@@ -139,7 +136,7 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
         return PreparedData(store, None, Examples(store, rows), DataReport(), None, context,
                             stream=sources.train)
 
-    train_table, entry = _prepare(context, recipe, sources.train)
+    train_table, entry = _prepared_table(context, recipe, sources.train)
     tables = [train_table] + ([eval_table] if eval_table is not None else [])
     store = ExampleStore(pa.concat_tables(tables) if len(tables) > 1 else train_table,
                          recipe.carried)
@@ -156,7 +153,7 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
                         entry.path, context, key=key)
 
 
-def _prepare(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:
+def _prepared_table(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:
     """The prepared table of one source: from the cache, or built (main process first)."""
     # the main process's key: a Dataset that datasets could not hash has a random fingerprint,
     # different in every process, and each would otherwise prepare its own copy
@@ -187,7 +184,7 @@ def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEn
             raise DataError(recipe.empty_message(source.name))
         num_proc = resolve_num_proc(context.num_proc, len(raw))
         prepared = raw.with_format("arrow").map(
-            prepare_batch, batched=True, batch_size=500, with_indices=True,
+            tokenize_batch, batched=True, batch_size=500, with_indices=True,
             fn_kwargs=dict(recipe=recipe, rows=source.rows), remove_columns=raw.column_names,
             features=table_features(recipe), num_proc=num_proc if num_proc > 1 else None,
             cache_file_name=str(folder / "prepared.arrow"), new_fingerprint=entry.key,

@@ -1,14 +1,7 @@
-"""What a method supplies to the data pipeline, and how one batch of samples becomes rows.
-
-A `DataRecipe` tells a sample's form, normalises it into records and tokenises records (reusing
-the per-sample functions of `tokenize.py` and `chat.py`, so the result is token for token
-theirs). `prepare_batch` runs it over a batch in a tokenising worker and applies what every
-method shares: the over-long policy, the accounting of truncations and drops, and errors that
-name the sample. Errors never cross the worker processes as exceptions: each problem is written
-into the `error` column of the sample's row (see `checks.py`).
-
-One row per example, plus one row per sample that failed or was dropped entirely, so that every
-sample is accounted for. Token ids are int32, the loss positions a uint8 mask.
+"""What a method supplies to the data pipeline (`DataRecipe`), and how a batch of samples becomes
+rows: one row per example, plus one per sample that failed or was dropped, so every sample is
+accounted for. Errors never cross the worker processes as exceptions: each is written into the
+row's `error` column (checks.py raises the first).
 """
 
 from __future__ import annotations
@@ -19,6 +12,7 @@ import pyarrow as pa
 
 from trainer_lib.data.conversations import clean_dataset_row
 from trainer_lib.data.sources import decode_json_row
+from trainer_lib.data.store import TokenColumns
 from trainer_lib.data.tokenize import fit_to_length
 from trainer_lib.errors import DataError
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX
@@ -78,10 +72,10 @@ class DataRecipe:
         return f"{what} is empty: give at least one training sample"
 
 
-def prepare_batch(batch: pa.Table, indices: list[int], recipe: DataRecipe, rows: str) -> pa.Table:
+def tokenize_batch(batch: pa.Table, indices: list[int], recipe: DataRecipe, rows: str) -> pa.Table:
     """Raw samples -> rows of tokenised examples (one row per example, plus one row per sample
     that failed or was dropped entirely, so that every sample is accounted for)."""
-    return prepare_samples(decode_rows(batch, rows), indices, recipe)
+    return tokenize_samples(decode_rows(batch, rows), indices, recipe)
 
 
 def decode_rows(batch: pa.Table, rows: str) -> list[tuple[Any, Optional[str]]]:
@@ -93,7 +87,7 @@ def decode_rows(batch: pa.Table, rows: str) -> list[tuple[Any, Optional[str]]]:
     return [(clean_dataset_row(row), None) for row in batch.to_pylist()]
 
 
-def prepare_samples(samples: list[tuple[Any, Optional[str]]], indices: list[int],
+def tokenize_samples(samples: list[tuple[Any, Optional[str]]], indices: list[int],
                     recipe: DataRecipe) -> pa.Table:
     out = _Rows(recipe)
     pending = []
@@ -138,24 +132,23 @@ def table_features(recipe: DataRecipe):
 
 
 class _Rows:
-    """Column builders for `prepare_batch`."""
+    """Column builders for `tokenize_batch`."""
 
     def __init__(self, recipe: DataRecipe):
         self.recipe = recipe
-        self.ids, self.mask, self.offsets = [], [], [0]
+        self.tokens = TokenColumns()
         self.cols = {k: [] for k in ("length", "num_loss", "sample", "record", "form", "kind",
                                      "outcome", "dropped", "error", "error_type", "stage",
                                      *recipe.scalar_features)}
 
-    def _row(self, ids, mask, **values) -> None:
-        self.ids.extend(ids)
-        self.mask.extend(mask)
-        self.offsets.append(len(self.ids))
+    def _row(self, input_ids=(), labels=(), **values) -> None:
+        """One row: an example's tokens, or none (a sample that failed or was dropped)."""
+        self.tokens.add(input_ids, labels)
         for name, column in self.cols.items():
             column.append(values.get(name))
 
     def error(self, index: int, stage: int, error: Any, form: str = "") -> None:
-        self._row((), (), length=0, num_loss=0, sample=index, record=index * 4, form=form,
+        self._row(length=0, num_loss=0, sample=index, record=index * 4, form=form,
                   kind="", outcome="", dropped="", error=str(error), stage=stage,
                   error_type=type(error).__name__ if isinstance(error, Exception) else None)
 
@@ -166,7 +159,7 @@ class _Rows:
         common = dict(sample=index, record=index * 4 + sub, form=form,
                       kind=recipe.report_kind(record), **recipe.scalars(record))
         if policy == "split" and kind != "text" and n > recipe.seq_length:
-            self._row((), (), length=0, num_loss=0, outcome="", dropped="", stage=TOKENIZE,
+            self._row(length=0, num_loss=0, outcome="", dropped="", stage=TOKENIZE,
                       error=f"sample {index}: {n} tokens, more than train.seq_length="
                             f"{recipe.seq_length}, and method.overlong=\"split\" cuts only text "
                             "samples; set method.overlong to \"truncate\" or \"drop\" for "
@@ -174,25 +167,21 @@ class _Rows:
             return
         pieces, what = fit_to_length(example, recipe.seq_length, kind, policy)
         if not pieces:
-            self._row((), (), length=0, num_loss=0, outcome=what, dropped=what.split(":", 1)[1],
+            self._row(length=0, num_loss=0, outcome=what, dropped=what.split(":", 1)[1],
                       **common)
         for piece in pieces:
             labels = piece["labels"]
-            mask = [0 if label == IGNORE_INDEX else 1 for label in labels]
-            num_loss = sum(mask) - (mask[0] if mask else 0)  # the first token is never a target
+            # the first token is never a target
+            num_loss = sum(label != IGNORE_INDEX for label in labels[1:])
             if num_loss == 0 and recipe.drop_without_loss:
-                self._row((), (), length=0, num_loss=0, outcome=what, dropped="no_loss_tokens",
+                self._row(length=0, num_loss=0, outcome=what, dropped="no_loss_tokens",
                           **common)
                 continue
-            self._row(piece["input_ids"], mask, length=len(labels), num_loss=num_loss,
+            self._row(piece["input_ids"], labels, length=len(labels), num_loss=num_loss,
                       outcome=what, dropped="", **common)
 
     def table(self) -> pa.Table:
-        offsets = pa.array(self.offsets, pa.int32())
-        columns = {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
-            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(self.mask, pa.uint8())),
-        }
+        columns = self.tokens.arrays()
         features = table_features(self.recipe)
         for name, values in self.cols.items():
             columns[name] = pa.array(values, features[name].pa_type)

@@ -1,21 +1,8 @@
-"""Where samples come from: a list, a file, a `datasets.Dataset`, a hub name, a stream.
+"""Where samples come from: a list, a file, a `datasets.Dataset`, a hub name or a stream.
 
-`open_source` turns what the user passed into a `Source`: a name for messages, a key that names
-the data for the cache, and a way to get the `datasets.Dataset` the pipeline maps over, which is
-only read when the cache has nothing for that key:
-
-- a list of samples, or a `.json` file (a JSON array): every sample stored as its JSON text, so
-  nested fields of any schema stay exactly as written (Arrow would unify the schemas of tools with
-  different arguments and fail on mixed types); read through the standard library;
-- a `.jsonl` file, or a `.json` file that holds JSON Lines (what `Dataset.to_json()` writes): its
-  lines as they are, with their line numbers, decoded in the tokenising workers so that every bad
-  line can be reported with its number;
-- a `datasets.Dataset`, the `train` split of a `DatasetDict` (its `validation`, else `test`, split
-  evaluates), a `.parquet` file, a folder or a hub name (`datasets.load_dataset`): mapped over as it
-  is; its rows are cleaned of the None keys Arrow adds when it unifies nested schemas.
-
-A `datasets.IterableDataset` (or `data.streaming=True` for a path or hub name) is a stream: it is
-never materialised (see `streaming.py`).
+Lists and JSON files are stored as each sample's JSON text, so nested fields of any schema stay
+exactly as written (Arrow would unify the schemas of different tools); JSON Lines keep their line
+numbers so every bad line can be named. The data is read only when the cache has nothing for it.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Tokenised examples in a memory-mapped Arrow table, and the views the loaders draw from.
 
-The table holds `input_ids` (int32) and `loss_mask` (uint8: 1 where the token carries loss) per
-example; `labels` are made from them when rows are fetched: the id where the mask is 1, -100
-elsewhere. Nothing per example lives in Python objects: a view is an array of row numbers (and,
-for rows of several examples, an array of offsets), and `fetch` reads the rows of one batch
-straight from the mapped file.
-
-- `Examples`: a selection of rows; an item is one example `{"input_ids", "labels", ...}`.
-- `Groups`: examples grouped into items, e.g. the packed rows of SFT or KTO's fixed micro-batches;
-  an item is a list of examples.
-
-Both behave like read-only lists (len, indexing, slicing into views, iteration, `+`) and have
-`__getitems__`, which the DataLoader calls to fetch a whole batch at once.
+Nothing per example lives in Python objects: a view is an array of row numbers (and offsets, for
+items of several examples), and a batch's rows are read straight from the mapped file when the
+DataLoader asks for them.
 """
 
 from __future__ import annotations
@@ -22,6 +13,26 @@ import numpy as np
 import pyarrow as pa
 
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX
+
+
+class TokenColumns:
+    """Builds the token columns of the store's format from examples, one at a time."""
+
+    def __init__(self):
+        self.ids, self.mask, self.offsets = [], [], [0]
+
+    def add(self, input_ids, labels) -> list[int]:
+        """Appends one example (empty for a row without one); returns its loss mask."""
+        mask = [0 if label == IGNORE_INDEX else 1 for label in labels]
+        self.ids.extend(input_ids)
+        self.mask.extend(mask)
+        self.offsets.append(len(self.ids))
+        return mask
+
+    def arrays(self) -> dict[str, pa.Array]:
+        offsets = pa.array(self.offsets, pa.int32())
+        return {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
+                "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(self.mask, pa.uint8()))}
 
 
 class ExampleStore:

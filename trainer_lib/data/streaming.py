@@ -1,21 +1,9 @@
-"""Training from a stream (a `datasets.IterableDataset`), never materialised.
+"""Training from a stream (`datasets.IterableDataset`), never materialised.
 
-Each process reads its share of the stream (`datasets.distributed.split_dataset_by_node`: whole
-shards when their number divides by the processes, else every N-th sample), prepares samples
-with the method's recipe in small batches (the same `prepare_samples` as the map of a whole
-dataset, so the tokens and masks are the same), and packs a bounded buffer of
-`data.stream_buffer` examples at a time by best fit decreasing. The rows (or, unpacked, the
-examples) of a buffer are shuffled with (seed, epoch, buffer number). A stream has no length:
-`train.total_steps` bounds the run, and the stream is read again, as a new epoch, until then.
-
-Resume: the training loop skips the batches a checkpointed epoch had already used by reading the
-stream again from the start of that epoch. The same stream (same files, same order, or the same
-seeded `shuffle`) gives the same batches, so a resumed run ends with the same weights as an
-uninterrupted one; the skipped part of the epoch is read and tokenised again on resume. A stream
-whose content or order changes between runs cannot be resumed exactly.
-
-Before the model loads, every process checks the first `CHECKED` samples of the stream (errors
-name the sample); later bad samples stop the run when they are reached, naming the sample.
+Each process reads its share, tokenises it with the method's recipe in small batches (the same
+code as a whole dataset) and packs a bounded buffer at a time. A stream has no length:
+`train.total_steps` bounds the run. Resuming reads the stream again from the start of the
+checkpointed epoch, which is exact for a stream that gives the same samples in the same order.
 """
 
 from __future__ import annotations
@@ -29,7 +17,7 @@ import numpy as np
 from trainer_lib.data.checks import error_class, kept_rows, make_report
 from trainer_lib.data.conversations import clean_dataset_row
 from trainer_lib.data.packing import pack_lengths
-from trainer_lib.data.recipe import READ, DataRecipe, prepare_samples
+from trainer_lib.data.recipe import READ, DataRecipe, tokenize_samples
 from trainer_lib.data.sources import decode_json_row, read_errors_message
 from trainer_lib.data.store import ExampleStore
 from trainer_lib.errors import DataError
@@ -63,7 +51,7 @@ class StreamItems:
         head = list(itertools.islice(iter(self.whole), CHECKED))
         if not head:
             raise DataError("samples: the stream yields no samples")
-        table = prepare_samples([self._decode(r) for r in head], list(range(len(head))),
+        table = tokenize_samples([self._decode(r) for r in head], list(range(len(head))),
                                 self.recipe)
         _raise_first_error(table, self.name)
         examples = ExampleStore(table, self.recipe.carried)
@@ -98,7 +86,7 @@ class StreamItems:
                 return
             local = range(start, start + len(batch))
             indices = [i if self.by_shards else i * self.world + self.rank for i in local]
-            table = prepare_samples([self._decode(r) for r in batch], indices, self.recipe)
+            table = tokenize_samples([self._decode(r) for r in batch], indices, self.recipe)
             _raise_first_error(table, self.name, self.rank if self.by_shards else None,
                                process=self.rank)
             kept = kept_rows(table)

@@ -1,16 +1,8 @@
-"""Records → tokenised examples `{"input_ids": [...], "labels": [...]}`.
+"""Records -> tokenised examples {"input_ids", "labels"} (labels aligned, -100 where no loss),
+and the over-long policy (`method.overlong`: truncate, drop, split).
 
-Labels are aligned with input_ids (not shifted; the loss shifts) and hold -100 where a token
-carries no loss.
-
-Over-long examples (more than `seq_length` tokens), by `method.overlong`:
-- "truncate": text keeps its first `seq_length` tokens. A prompt/completion pair keeps its whole
-  completion and drops prompt tokens from the left (the first token, BOS for most models, stays);
-  a completion that alone does not fit is cut at the end. Conversations keep their first
-  `seq_length` tokens; one whose assistant tokens would all be cut off is dropped.
-- "drop": the example is left out.
-- "split" (text only): the text is cut into consecutive pieces of `seq_length` tokens.
-Every truncation and drop is counted in the data report.
+A prompt/completion pair is tokenised as one text, so the tokens at the seam are the ones the
+model sees at inference.
 """
 
 from __future__ import annotations

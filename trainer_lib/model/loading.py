@@ -112,7 +112,7 @@ def load_model(config: Config):
                               "trains; set one (num_layers_unfrozen=-1 with LoRA)")
         if config.model.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpoints need a grad input
-        model = apply_lora(model, config.model.peft_config, base_path=path)
+        model = apply_lora(model, lora, base_path=path)
     elif config.model.num_layers_unfrozen >= 0:
         freeze_bottom_layers(model, config.model.num_layers_unfrozen)
     report_trainable_parameters(model)

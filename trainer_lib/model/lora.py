@@ -1,29 +1,17 @@
-"""LoRA adapters through peft, from `model.peft_config` (a `peft.LoraConfig` or a dict).
-
-The dict takes LoraConfig's own keyword arguments, and the keys NeMo RL's LoRA configs use, as
-they are written there:
-
-- `dim` (or `rank`) -> `r`; `alpha` -> `lora_alpha`; `dropout` -> `lora_dropout`
-- `dropout_position`: "pre" is peft's (dropout on the adapter's input); "post" only with dropout 0
-- `lora_A_init` / `lora_A_init_method`: "kaiming" ("uniform") is peft's kaiming-uniform;
-  "xavier" re-draws lora_A xavier-normal once the adapters exist; `lora_B_init_method`: "zero"
-- `match_all_linear` -> `target_modules="all-linear"` (every linear layer but the output head)
-- `target_modules`, `exclude_modules`: names with `*` wildcards become one regular expression
-- `enabled: false`: no LoRA; `use_triton`: accepted (a kernel choice, the same result)
-
-`target_modules` is a list of module names, a regular expression, or "all-linear" ("all_linear").
+"""LoRA adapters through peft, from `model.peft_config`: a `peft.LoraConfig`, or a dict of its
+arguments, the shorthands rank/alpha/dropout, or NeMo RL's LoRA keys as written there. A target
+module that matches nothing is an error rather than a layer silently left without an adapter.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
 
 import torch
 
-from trainer_lib.config import ConfigError
+from trainer_lib.errors import ConfigError, closest
 
 _SHORTHANDS = {"rank": "r", "dim": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 _A_INITS = {"kaiming": True, "uniform": True, "xavier": "xavier"}  # -> init_lora_weights
@@ -129,9 +117,8 @@ def build_lora_config(spec):
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, list(valid) + list(_SHORTHANDS) + list(_NEMO_KEYS),
-                                              n=1)
-            hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            close = closest(k, list(valid) + list(_SHORTHANDS) + list(_NEMO_KEYS))
+            hints.append(f"'{k}'" + (f" (did you mean '{close}'?)" if close else ""))
         raise ConfigError(f"model.peft_config has unknown keys {', '.join(hints)}; it takes "
                           "peft.LoraConfig's arguments, rank/alpha/dropout, and NeMo RL's LoRA "
                           "keys (dim, alpha, dropout, dropout_position, lora_A_init, "

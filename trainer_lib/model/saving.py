@@ -1,12 +1,6 @@
-"""Writing the trained model as an ordinary Hugging Face folder, atomically.
-
-The folder is written under a temporary name beside the target and renamed into place only when
-complete, so a crash mid-save never leaves a half-written folder where a good one was: either the
-previous folder or the new one is there (an interrupted swap leaves the previous one under
-`<name>.previous-*`, never a partial one under `<name>`). A folder is deleted the same way round:
-renamed out of sight first, then removed, so an interrupted deletion leaves no folder under its
-name. Ctrl-C is held back while a folder is committed or cleaned up, so that it cannot leave a
-temporary folder behind; it takes effect right after.
+"""Writing the trained model as an ordinary Hugging Face folder, atomically: full, as a LoRA
+adapter folder, or with the adapters merged. Every process calls it (a sharded model is gathered
+collectively); only the main process writes.
 """
 
 from __future__ import annotations

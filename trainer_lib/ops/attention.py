@@ -1,22 +1,9 @@
-"""Attention over packed rows, one document at a time.
+"""Attention over packed rows, one document at a time (`attn_implementation="sdpa_per_document"`).
 
-A packed row holds several documents: `position_ids` restart at 0 at each and no document may
-see another. transformers' own path turns the restarts into a dense block-diagonal mask for the
-whole row and runs SDPA with it: every query pays for every key of the row, and a masked SDPA
-cannot use the fused causal kernel. Here each document goes through SDPA alone with
-`is_causal=True`, so a document of n tokens costs about n^2 / 2 whatever the row it sits in.
-
-`register()` adds it to transformers' registries as `DOCUMENT_ATTENTION`; a model switches to it
-with `model.set_attn_implementation(DOCUMENT_ATTENTION)` (or loads with
-`attn_implementation=DOCUMENT_ATTENTION` once registered). Its mask function hands the attention
-the documents of each row as a [batch, length] tensor of document numbers instead of a mask.
-Everything that is not a packed row (a padding mask, a KV cache, sliding windows, images) gets
-transformers' SDPA mask and SDPA attention unchanged, so generation and padded batches behave
-exactly as with "sdpa". The documents are read from the mask transformers would have built, so
-any model that builds its mask with `create_causal_mask` is covered.
-
-Measured on 2 CPU threads (Llama, hidden 256, 4 layers, 4 rows of 512 tokens with 1 to 3
-documents, forward + backward): see benchmarks/README.md, KTO section.
+transformers' own path gives the whole row a dense block-diagonal mask: every query pays for
+every key of the row, and a masked SDPA cannot use the fused causal kernel. Here each document
+goes through causal SDPA alone. Anything that is not a packed row (padding, a KV cache, sliding
+windows) gets transformers' SDPA unchanged, so generation behaves exactly as with "sdpa".
 """
 
 from __future__ import annotations

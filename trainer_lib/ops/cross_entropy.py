@@ -1,28 +1,10 @@
 """Per-token negative log-likelihood of a causal LM without the full [tokens, vocab] float32 logits.
 
-The head is applied to chunks of `chunk_size` tokens; only one chunk's logits exist at a time.
-Two backward strategies, both exact for any upstream gradient (per-token weights included):
-
-- Fused (`_ChunkedLinearNLL`, used when the head is a plain `nn.Linear`): forward keeps the
-  hidden states and one log-sum-exp per token. When `fused_grads` is on and gradients are
-  needed, forward also computes the gradients for a uniform upstream gradient while each
-  chunk's logits are at hand (3 matmuls in all, like the plain way); backward scales them.
-  SFT's `nll.sum() / n_tokens` is uniform. A non-uniform upstream gradient (KTO weights each
-  sequence) makes backward recompute the logits chunk by chunk instead (4 matmuls; 6 if
-  forward had precomputed for nothing, so KTO passes `fused_grads=False`).
-- Recompute (`torch.utils.checkpoint` around each chunk's `lm_head(h) + CE`): for heads whose
-  weight exists only inside their forward (DeepSpeed ZeRO-3, detected by `ds_id`) or that are
-  not a plain linear layer (a PEFT-wrapped head). Every chunk is computed, all-ignored ones
-  too, so every rank calls the head the same number of times for the same token count.
-
-Measured (N=4,096 tokens, H=256, V=32,000, chunks of 1,024, 2 shared threads, forward plus
-backward of `nll.sum()`, best of 3; the machine was loaded, so +-20%):
-    float32:  plain 1.29 s | recompute (checkpoint) 1.87 s | fused, lse-recompute 1.49 s |
-              fused, grads in forward 1.15 s
-    bfloat16: plain 0.87 s | checkpoint 1.33 s | lse-recompute 1.02 s | grads in forward 0.79 s
-The plain way also holds several [N, V] float32 tensors; the chunked paths hold a few
-[chunk, V] float32 tensors, and by default a chunk has about 2**25 / V tokens, so that memory
-does not grow with the vocabulary (benchmarks/bench_loss_memory.py measures it).
+The head runs on chunks of tokens, so only one chunk's logits exist at a time and the loss's
+memory does not grow with the vocabulary. With a plain linear head, forward also computes the
+gradients of a uniform upstream gradient while each chunk's logits are at hand (SFT's mean), so
+the backward pass costs no second matmul over the vocabulary; a head whose weight exists only
+inside its forward (ZeRO-3, a PEFT wrapper) is recomputed chunk by chunk instead.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
-"""Messages from the dependencies that are known to be harmless here, silenced where they are
-raised, one message at a time; everything else still shows.
-
-- DeepSpeed logs "Setting accelerator to CPU. If you have GPU or other accelerator, we were
-  unable to detect it." when it is imported on a machine without a GPU, and accelerate imports
-  it in every run (to unwrap models) whether DeepSpeed is used or not.
-- accelerate logs "Removed shared tensor {'lm_head.weight'} while saving" at every checkpoint of
-  a model whose output head is tied to its input embeddings: the tie is restored on loading.
-  Only that message, for the output head; any other shared tensor is still reported.
-- torch 2.13 deprecates the collectives DeepSpeed still calls (`all_gather_into_tensor`,
-  `reduce_scatter_tensor`, ...) with a FutureWarning at every call: thousands per ZeRO-3 run.
-- transformers warns that `is_gradient_checkpointing` is deprecated whenever peft reads it.
-- The library truncates every example to `train.seq_length` itself, so transformers' "Token
-  indices sequence length is longer than the specified maximum" is silenced for the library's
-  own tokenizer when `train.seq_length` fits the model (`quiet_tokenizer`).
-- transformers' "Loading weights" and "Writing model shards" bars, while the library itself
-  loads or saves (`no_progress_bars`).
-
-`install()` runs when trainer_lib is imported.
-"""
+"""Messages from the dependencies that are known to be harmless here, silenced one by one, by
+their exact text, where they are raised; everything else still shows. `install()` runs when
+trainer_lib is imported."""
 
 from __future__ import annotations
 
@@ -27,14 +10,18 @@ import warnings
 from contextlib import contextmanager
 
 _WARNINGS = (
+    # torch deprecates the collectives DeepSpeed still calls, at every call: thousands per run
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|"
                     r"_all_gather_base|_reduce_scatter_base)` is (deprecated|a private function)"),
+    # peft reads transformers' deprecated attribute in every LoRA run
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
 )
 _LOG_MESSAGES = {
+    # said on every machine without a GPU, since accelerate imports DeepSpeed in every run
     "DeepSpeed": (r"^Setting accelerator to CPU\. If you have GPU or other accelerator, we were "
                   r"unable to detect it\.$",),
-    # accelerate may put "[RANK 0] " in front
+    # at every checkpoint of a model whose head is tied to its embeddings (the tie is restored on
+    # loading); only that tensor: any other shared one is still reported. "[RANK 0] " may lead
     "accelerate.utils.other": (r"^(\[RANK \d+\] )?Removed shared tensor "
                                r"\{'([\w.]+\.)?lm_head\.weight'\} while saving",),
 }

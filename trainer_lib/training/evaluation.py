@@ -1,24 +1,12 @@
-"""Generation-based evaluation: sample from `eval_prompts`, score with `metric_fn`.
+"""Generation-based evaluation: generate from `eval_prompts`, score with `metric_fn`.
 
-`eval_prompts` may hold strings, message lists (rendered with the chat template and a generation
-prompt), or dicts with a "prompt" key (a string or a message list; a "tools" key is used to render
-messages) whose other keys are handed to `metric_fn` as keyword arguments, each a list aligned with
-the prompts. `metric_fn(samples, prompts, outputs, **metadata)` returns `{name: [one float per
-sample]}` or `{name: float}`; each is logged as `metrics/<name>` (lists averaged).
-
-With no `eval_prompts` but a `metric_fn`, the prompts are the prompt parts of the first few training
-examples (the tokens before the first loss-carrying one), so an example with no prompt, plain text,
-gives a BOS-only prompt. With neither, there is no generation.
-
-Several processes: the prompts are sorted by length (little padding), dealt out across processes,
-generated in batches of `train.eval_batch_size` with LEFT padding, and gathered back in their
-original order. Every process runs the same number of `generate` calls (a ZeRO-3 model needs all
-ranks in each forward pass), padding with a dummy prompt whose output is dropped.
+Prompts are sorted by length, dealt out across processes and gathered back in order; every
+process runs the same number of `generate` calls, since a ZeRO-3 model needs all of them in each
+forward pass.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import warnings
@@ -27,9 +15,8 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate.utils import gather_object
 
-from trainer_lib.config import ConfigError
 from trainer_lib.data.chat_template import render_generation_prompt
-from trainer_lib.errors import EvalPromptError, MetricFnError
+from trainer_lib.errors import ConfigError, EvalPromptError, MetricFnError, did_you_mean
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 from trainer_lib.runtime.deepspeed import is_zero3
 from trainer_lib.runtime.processes import on_main_process
@@ -122,8 +109,7 @@ def check_gen_kwargs(gen_kwargs: Any) -> None:
     for key, value in gen_kwargs.items():
         where = f"method.gen_kwargs.{key}"
         if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else (
+            hint = did_you_mean(key, sorted(known)) or (
                 "; it must be an argument of model.generate / transformers.GenerationConfig")
             raise ConfigError(f"unknown key '{where}'{hint}")
         if key in _FIXED and value != _FIXED[key]:

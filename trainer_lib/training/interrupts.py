@@ -1,11 +1,7 @@
-"""Ctrl-C and SIGTERM during training.
-
-The first Ctrl-C (SIGINT) or SIGTERM lets the current step finish, then the loop
-saves a checkpoint and raises KeyboardInterrupt; a second one, a second or more later,
-stops at once (a save in progress removes its temporary folder). Launchers forward the terminal's
-Ctrl-C to every process, some as SIGTERM, so one press may arrive twice within a moment: signals
-within `FOLD_SECONDS` of the first count as the same one. Every process folds its flag into the
-step's all-reduce, so all of them stop after the same step even when only one got the signal.
+"""Ctrl-C and SIGTERM during training: the first lets the step finish and saves a checkpoint,
+a second one later stops at once. Launchers forward one press to every process, some as
+SIGTERM, so signals within `FOLD_SECONDS` of the first count as the same one; every process folds
+its flag into the step's all-reduce, so all stop after the same step.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Checks that run before the model loads, so that a mistake costs seconds rather than a model
-load and a training run: the settings that can only be judged together (a `save_best` figure that
-is never logged, a `seq_length` beyond the model's positions, a learning rate of 0), the eval
-prompts and generation settings, and whether the folders the run writes to can be written.
-
-They run on the main process; an error found there is raised on every process
-(`on_main_process`), so that no process goes on to load a model alone.
+"""Checks that run before the model loads, so that a mistake costs seconds: settings that can only
+be judged together, the eval prompts and generation settings, the output folders. They run on the
+main process and an error there is raised on every process.
 """
 
 from __future__ import annotations

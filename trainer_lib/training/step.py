@@ -1,17 +1,9 @@
 """The optimiser step, applied only when its loss and gradient norm are finite.
 
-The loss and the gradient norm of a step are checked before the update is
-applied, on values every process agrees on (the loss is all-reduced, the norm is the global one).
-A step whose loss or gradient norm is NaN or infinite is never applied: its gradients are dropped,
-the optimiser and the learning-rate schedule do not move, and the step counter (which counts the
-data consumed) does. `train.skip_nonfinite_steps=N` lets up to N such steps pass in a run, as
-DeepSpeed's fp16 loss scaling skips overflowing steps; beyond that (by default at the first one)
-the run stops with a `NonFiniteLossError` that names the last checkpoint, which holds only
-applied, finite steps. Under DeepSpeed the engine applies the update inside its backward pass
-and checks the reduced gradients itself (ZeRO-1/2 in fp32 and fp16, ZeRO-3 always; ZeRO-1/2 in
-bf16 when `bf16.check_grad_overflow` is set); the loop reads whether it applied the step. With
-fp16 loss scaling, an overflowing gradient under a finite loss is the scaler's business: the step
-is skipped without counting.
+Both are checked on values every process agrees on, before the update. A non-finite step is never
+applied: its gradients are dropped and the optimiser and schedule do not move, so the last
+checkpoint holds only finite steps. Under DeepSpeed the engine decides in its backward pass and
+the loop reads whether it applied the step.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """Where logged figures go: accelerate's trackers, plus a JSON-lines file of our own.
 
-`train.tracker` is None, one name or a list of names: every tracker accelerate supports (wandb,
-tensorboard, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), as each is installed,
-and "jsonl" (an accelerate `GeneralTracker` written here). The Accelerator gets them through
-`log_with` and `project_dir`; figures go through `accelerator.log`, so only the main process
-writes. Files go under `<logging_dir>[/<run_name>]`. The prompt/output table of an evaluation
-goes to the trackers that hold tables (wandb and clearml tables, mlflow `log_table`, comet_ml
-`log_table`, TensorBoard and aim as Markdown text, jsonl `tables.jsonl`).
-
-Nothing is written before `Tracking.start(step)`, which the loop calls once it knows where the
-run starts: a run resumed at step N keeps what the files already hold up to N and writes only
-what comes after, so a resumed run duplicates nothing.
+Nothing is written before `Tracking.start(step)`: a run resumed at step N keeps what the files
+already hold up to N and writes only what comes after, so a resumed run duplicates nothing.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""The one training loop, shared by every method.
+"""The one training loop, shared by every method; a method supplies its data and its loss.
 
-A method subclasses `Trainer` and supplies its data and its loss:
-- `data_recipe()` → its normalise and tokenise functions for the shared data pipeline
-  (`trainer_lib.data.pipeline`), `arrange(data, recipe)` → the loader items made of the prepared
-  examples (packed rows, fixed micro-batches, ...), and `collate(items)` → a batch dict;
-- `loss_weight(batch)` → how much the batch counts in the step's mean (loss-carrying tokens for
-  SFT, examples for KTO), known before the forward pass;
-- `compute_loss(model, batch)` → (the SUM of the loss over the batch, {name: (sum, count)}).
-
-Why sums: the loss of an optimiser step is the mean over every loss-carrying unit of the whole
-step, across micro-batches and processes. A mean of per-micro-batch means would weight a token in
-a short micro-batch more than one in a long micro-batch, so the result would depend on how the
-data happened to be cut into micro-batches and shards. The loop first counts the step's units
-on every process (one all-reduce), then back-propagates each micro-batch's sum divided by that
-global count, so accumulation and sharding give the gradient of one big batch.
+Why sums: the loss of an optimiser step is the mean over every loss-carrying unit of the step,
+across micro-batches and processes. A mean of per-micro-batch means would weight a token of a short
+micro-batch more than one of a long one. So the loop counts the step's units first (one
+all-reduce), then back-propagates each micro-batch's sum divided by that count: accumulation and
+sharding give the gradient of one big batch.
 """
 
 from __future__ import annotations
@@ -77,7 +68,7 @@ class Trainer:
                                config.train.epochs * math.ceil(
                                    batches_per_process(self.accelerator, len(loader)) / k))
         self.checkpoints = Checkpointer(config)
-        self.checkpoints.prepare(self, run_identity(self, model_config))
+        self.checkpoints.choose_start(self, run_identity(self, model_config))
         self.nonfinite_steps = NonFiniteSteps(config.train.skip_nonfinite_steps)
         self.model = load_model(config)
         align_special_tokens(self.model, self.tokenizer)
@@ -86,7 +77,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
         )
-        self.after_prepare()
+        self.setup_prepared_model()
         # stepped by hand once per optimiser step (accelerate would step it once per process)
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
         self.tracker = build_tracker(config, self.accelerator)
@@ -115,11 +106,11 @@ class Trainer:
     def setup_model(self) -> None:
         """Called once the model is loaded, before the optimiser is built."""
 
-    def after_prepare(self) -> None:
+    def setup_prepared_model(self) -> None:
         """Called once the model is prepared (wrapped, sharded, on its device), before the first
         step: the place for passes that need the initial model in its training layout."""
 
-    def prepare_step(self, micro: list[dict]) -> list[float]:
+    def before_step(self, micro: list[dict]) -> list[float]:
         """Called once per optimiser step, before any pass with gradients, with the step's
         micro-batches (a process short of data gets stand-ins marked `batch["padding"]`, which
         must count for nothing). A method's forward-only passes go here; the numbers it returns
@@ -161,7 +152,7 @@ class Trainer:
         raises KeyboardInterrupt carrying `.checkpoint` and `.trainer`; a second one stops at
         once (see trainer_lib.faults)."""
         acc = self.accelerator
-        epoch, done = self.checkpoints.resume(self)  # (0, 0) unless resuming: where data resumes
+        epoch, done = self.checkpoints.restore(self)  # (0, 0) unless resuming: where data resumes
         self.tracker.start(self.step)  # a resumed run's logs continue after the resumed step
         self.num_tokens = getattr(self, "num_tokens", 0)
         with InterruptGuard(announce=acc.is_main_process) as self._interrupts:
@@ -255,7 +246,7 @@ class Trainer:
         # a process short of data joins with a real batch of weight 0 (for the collectives),
         # marked so that a method leaves it out of its cross-process figures
         micro = [self._stand_in() if b is None else b for b in micro]
-        totals = reduce_sum(acc, [local_weight, *self.prepare_step(micro)]).tolist()
+        totals = reduce_sum(acc, [local_weight, *self.before_step(micro)]).tolist()
         total_weight, self.step_totals = totals[0], totals[1:]
         # accelerate divides by gradient_accumulation_steps in backward and DDP averages over
         # processes; undo both so the gradient is that of sum(loss) / total_weight

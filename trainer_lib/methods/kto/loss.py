@@ -1,23 +1,10 @@
 """The KTO loss (Ethayarajh et al. 2024, arXiv:2402.01306) as pure functions on tensors.
 
-Per example, with r = log pi(y|x) - log pi_ref(y|x):
+Per example, with r = log pi(y|x) - log pi_ref(y|x) and z the reference point (the clamped mean
+log-ratio over mismatched prompt/completion pairs):
 
     desirable:    w_D * (1 - sigmoid(beta * (r - z)))
     undesirable:  w_U * (1 - sigmoid(beta * (z - r)))
-
-z is the reference point: an estimate of KL(pi || pi_ref) from prompts paired with another
-example's completion (`mismatched_pairing`), the mean of log pi - log pi_ref over those pairs,
-detached and clamped at 0 (`reference_point`).
-
-The trainer's step, in order (trainer_lib/trainers/kto.py):
-  1. `document_logps` of the real pairs and of the mismatched pairs (the same `average` for both,
-     so r and z are on one scale), for the policy and the reference model;
-  2. z from every mismatched pair of the optimiser step, all micro-batches and processes
-     together (`reference_point` on their summed differences and count);
-  3. `kto_loss` -> per-example losses and rewards; the trainer returns their SUM and the shared
-     loop divides by the number of examples of the whole step;
-  4. when `sft_weight > 0`, `kto_sft_losses` (each desirable example's mean token NLL) scaled so
-     that the step's term is `sft_weight` x their mean over the step's desirable examples.
 """
 
 from __future__ import annotations

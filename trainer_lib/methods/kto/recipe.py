@@ -1,14 +1,8 @@
 """KTO's part of the data pipeline: its recipe, its fixed micro-batches and their KL pairs.
 
-- `KTORecipe`: samples -> records with `normalize_kto_sample` (feedback, tuples, conversations,
-  unpaired preferences) -> tokenised prompt/completion examples (loss on the completion), each
-  with its `label`.
-- `micro_batches`: the train and eval examples cut into fixed micro-batches (a seeded
-  permutation, as `fixed_micro_batches` draws them), stored as arrays of rows; and, for the KL
-  reference point, each example's mismatched partner (prompt i with the completion of example
-  p[i] of the same micro-batch, p = `mismatched_pairing`) tokenised once, in the pipeline,
-  cached beside the prepared examples. Micro-batches depend on the seed and the batch sizes,
-  which therefore key that cache.
+Micro-batches are drawn once, so each example's mismatched partner (prompt i with the completion
+of example i + 1 of its micro-batch) is the same in every epoch and on every process: that is
+what lets reference log-probs be precomputed. The pairs are tokenised once, in the pipeline.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from trainer_lib.data.chat_template import (
 )
 from trainer_lib.data.pipeline import PreparedData, resolve_num_proc
 from trainer_lib.data.recipe import DataRecipe
-from trainer_lib.data.store import ExampleStore, GroupLayout, Groups
+from trainer_lib.data.store import ExampleStore, GroupLayout, Groups, TokenColumns
 from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_pairs
 from trainer_lib.errors import DataError, KTODataError
 from trainer_lib.methods.kto.loss import mismatched_pairing
@@ -212,17 +206,11 @@ def _kl_batch(batch: pa.Table, recipe: KTORecipe) -> pa.Table:
                for p, c in zip(prompts, completions)]
     # as the examples themselves are tokenised (text pairs in one batch), then truncated
     examples = recipe.tokenize(records, list(range(len(records))))
-    ids, mask, offsets, lengths = [], [], [0], []
+    tokens, lengths = TokenColumns(), []
     for example in examples:
         if isinstance(example, DataError):
             raise example
         example = fit_to_length(example, recipe.seq_length, "pair", "truncate")[0][0]
-        ids.extend(example["input_ids"])
-        mask.extend(0 if label == -100 else 1 for label in example["labels"])
-        offsets.append(len(ids))
+        tokens.add(example["input_ids"], example["labels"])
         lengths.append(len(example["input_ids"]))
-    offsets = pa.array(offsets, pa.int32())
-    return pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-        "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(mask, pa.uint8())),
-        "length": pa.array(lengths, pa.int32())})
+    return pa.table({**tokens.arrays(), "length": pa.array(lengths, pa.int32())})

@@ -1,22 +1,9 @@
-"""The KTO reference model: where the reference log-probs come from (`method.ref_model`).
+"""The KTO reference model (`method.ref_model`): precomputed log-probs, the policy with its
+adapters off, or a frozen copy (the only one that can follow the policy, TR-DPO).
 
-- "precompute" (what "auto" picks for a full model): one forward-only pass over the fixed
-  micro-batches before training, with the initial policy, stores on every example its reference
-  log-prob and that of its KL pair; no second model is kept. Fixed micro-batches make the cached
-  KL-pair values valid in every epoch. With several processes each computes a share and the
-  shares are exchanged. `method.precompute_ref_batch_size` examples go through each pass.
-- "adapter" (what "auto" picks for a PEFT policy): the policy with its adapters switched off.
-  A policy that started from a trained adapter (`model.model_path` an adapter folder) keeps a
-  frozen copy of that adapter as loaded and switches to it instead: the reference is the model
-  the user started from, not the bare base model.
-- "copy": a frozen copy of the initial model, loaded afresh and sharded like the policy under
-  ZeRO-3; the only mode whose reference can follow the policy (`method.sync_ref_model`, TR-DPO:
-  every `ref_model_sync_steps` steps, ref <- alpha * policy + (1 - alpha) * ref).
-
-Every reference pass runs in eval mode, without gradients, under the same autocast as the
-policy and with the policy's attention and dropout settings, on exactly the rows the policy
-sees: at the first step the reference log-probs equal the policy's bit for bit, under any
-`train.mixed_precision`, so z and the rewards are 0 and the loss is 0.5 x the mean weight.
+Every reference pass runs in eval mode under the policy's autocast, attention and dropout, on
+exactly the rows the policy sees, so at the first step the reference equals the policy bit for
+bit: z and the rewards are 0.
 """
 
 from __future__ import annotations
@@ -25,8 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from trainer_lib.config import ConfigError
 from trainer_lib.data.store import Groups
+from trainer_lib.errors import ConfigError
 from trainer_lib.model.dropout import disable_dropout
 from trainer_lib.model.loading import adapter_base, load_model
 from trainer_lib.model.lora import is_peft_model

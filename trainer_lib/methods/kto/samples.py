@@ -1,20 +1,6 @@
-"""KTO samples -> normalised records `{"prompt", "completion", "label"}`.
-
-Accepted formats (one per list):
-  - labelled:     {"prompt": str | messages, "completion": str | messages, "label": bool}
-                  (keys remappable) or (prompt, completion, label) tuples/lists;
-  - conversation: {"messages": [...], "label": bool} (OpenAI roles) or
-                  {"conversations": [...], "label": bool} (ShareGPT "from"/"value");
-                  the final assistant turn is the completion, the turns before it the prompt;
-  - pairs:        {"prompt", "chosen", "rejected"}, or ShareGPT
-                  {"conversations": [...], "chosen": {"from", "value"}, "rejected": {...}}, or
-                  {"chosen", "rejected"} as whole transcripts sharing their start (Anthropic
-                  HH-RLHF), whose shared start is the prompt; each pair becomes two records,
-                  chosen -> True, rejected -> False.
-
-In the records a conversational prompt is a list of messages and its completion a one-message
-list `[{"role": "assistant", ...}]`; a text prompt keeps a text completion. A sample's "tools"
-travel with it. Rendering and tokenisation happen later, with the chat template.
+"""KTO samples (labelled examples, tuples, labelled conversations, preference pairs) ->
+records {"prompt", "completion", "label"}, with errors that name the sample and the field.
+A pair becomes two records; transcripts sharing their start (HH-RLHF) are split at it.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """KTO: aligning a causal LM from binary feedback (a thumbs up or down on single completions).
 
-Data: the shared pipeline with `KTORecipe` (`data/kto_pipeline.py`): samples ->
-`normalize_kto_samples` -> tokenised examples -> FIXED micro-batches of `train.batch_size`
-examples (drawn as `fixed_micro_batches` draws them), each a loader item: a list of example dicts
-(`input_ids`, `labels`, `label`, and `kl`, the tokenised mismatched pair). The loader shuffles
-micro-batches as units every epoch; their composition never changes.
-
-KL pairing: `collate` pairs prompt i of a micro-batch with completion p[i] of the same micro-batch,
-p = `mismatched_pairing(B)` (a derangement for every B >= 2, odd B included). Because micro-batches
-are fixed, so is every example's partner, in every epoch and on every process.
-
-Batches (`kto_batch`): the B examples are packed as documents into rows of `train.seq_length`
-(SFT's packing: position ids restart, no document sees another), and so are the B KL rows; a
-micro-batch is still B examples whatever the number of rows. Sequence log-probs are per-document
-sums of token log-probs (`sequence_logps`), the head applied only at completion tokens.
-
-The reference model (`method.ref_model`) lives in kto_reference.py.
-
-A step: `prepare_step` runs every forward-only pass of the step first (the policy on the KL
-rows, the reference), so that z, the reference point, is the mean over every mismatched pair of
-the whole optimiser step, all micro-batches and processes, in the step's one all-reduce; a
-process's stand-in batch adds nothing to it. Then `compute_loss` returns the SUM of per-example
-losses; `loss_weight` is the number of examples, so the loop's step loss is the mean over every
-example of the step and gradient accumulation or more processes give the gradient of one big
-batch.
+`before_step` runs every forward-only pass of the step first (the policy on the KL rows, the
+reference), so that z is estimated over every mismatched pair of the whole optimiser step, all
+micro-batches and processes, in the step's one all-reduce. `compute_loss` then returns the sum of
+per-example losses, which the loop divides by the step's example count.
 """
 
 from __future__ import annotations
@@ -33,11 +13,10 @@ import warnings
 import numpy as np
 import torch
 
-from trainer_lib.config import ConfigError
 from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.pipeline import PreparedData
 from trainer_lib.data.store import Groups, materialize
-from trainer_lib.errors import DataError, KTODataError
+from trainer_lib.errors import ConfigError, DataError, KTODataError
 from trainer_lib.methods.kto.batches import completion_logps, kto_batch
 from trainer_lib.methods.kto.config import KTOConfig
 from trainer_lib.methods.kto.loss import (
@@ -168,7 +147,7 @@ class KTOTrainer(Trainer):
                                    is None and use_document_attention(self.model))
         self.reference = KTOReference(self)
 
-    def after_prepare(self) -> None:
+    def setup_prepared_model(self) -> None:
         self.reference.prepare()
 
     @property
@@ -194,7 +173,7 @@ class KTOTrainer(Trainer):
         return batch["num_examples"]
 
     @torch.no_grad()
-    def prepare_step(self, micro: list[dict]) -> list[float]:
+    def before_step(self, micro: list[dict]) -> list[float]:
         """The step's forward-only passes, the policy on the KL rows and the reference; returns
         this process's (sum of the KL pairs' log-ratios, KL pairs, examples, desirable ones)."""
         kto = self.method.loss_type == "kto"

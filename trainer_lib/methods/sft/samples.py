@@ -1,10 +1,5 @@
-"""SFT samples as users bring them -> normalised records, with errors that name the sample.
-
-A record is a plain dict with a `kind`:
-- `{"kind": "text", "text": str}`: language modelling, loss on every token;
-- `{"kind": "pair", "prompt": str, "completion": str}`: loss on the completion only;
-- `{"kind": "conversation", "messages": [...], "tools": [...] | None}`: loss on assistant turns;
-- `{"kind": "chat_pair", "prompt": [messages], "completion": [messages], "tools": ...}`.
+"""SFT samples as users bring them (texts, prompt/completion pairs, Alpaca rows, conversations)
+-> normalised records, with errors that name the sample and the field.
 """
 
 from __future__ import annotations

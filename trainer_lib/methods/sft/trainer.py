@@ -1,12 +1,5 @@
-"""Supervised fine-tuning: next-token loss on the tokens that `labels` marks.
-
-Data: the shared pipeline (`data/pipeline.py`) with `SFTRecipe`: text, prompt/completion pairs,
-Alpaca rows and conversations, tokenised by the per-sample functions of `data/tokenize.py` and
-`data/chat.py` (texts and pairs in batches). Examples are packed into rows of `seq_length` by
-default (best fit decreasing over the lengths column; position ids restart at each document and
-no document attends to another), or padded in length-grouped batches with
-`method.packing=False`. The loss is the chunked cross-entropy, which never holds the full
-float32 logits for the backward pass.
+"""SFT: next-token loss on the tokens `labels` marks, over packed rows (default) or
+length-grouped padded batches.
 """
 
 from __future__ import annotations
