@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="trainer_lib",
     version="0.1.0",
-    description="Supervised fine-tuning and KTO alignment of causal language models, behind one call.",
+    description="Supervised fine-tuning and KTO alignment of causal language models, behind one call; documentation in docs/, starting from README.md.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["trainer_lib", "trainer_lib.*"]),

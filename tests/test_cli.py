@@ -214,7 +214,7 @@ README_DEEPSPEED = ("deepspeed --num_gpus 2 --module trainer_lib sft --config "
 def test_the_readme_deepspeed_command_trains_on_two_processes(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    assert README_DEEPSPEED in (REPO / "README.md").read_text()
+    assert README_DEEPSPEED in (REPO / "docs" / "cli-and-examples.md").read_text()
     data = tmp_path / "my_instructions.jsonl"
     rows = [{"instruction": f"Repeat word{i}.", "input": "", "output": f"word{i} word{i}"}
             for i in range(8)]
