@@ -7,7 +7,7 @@ import pytest
 from trainer_lib import train
 from trainer_lib.checkpointing.layout import list_checkpoints
 from trainer_lib.errors import MetricFnError
-from trainer_lib.training.evaluation import cut_at_stop, score
+from trainer_lib.training.evaluation import cut_at_stop, normalize_eval_prompts, score
 
 SAMPLES = [{"prompt": f"word{i} ", "completion": f"token{i}"} for i in range(16)]
 
@@ -122,3 +122,14 @@ def test_message_list_prompts_are_rendered_with_the_chat_template(tiny_config):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nword3<|im_end|>\n"
         "<|im_start|>assistant\n",
     ]
+
+
+def test_metadata_stays_aligned_when_plain_and_dict_prompts_are_mixed():
+    from trainer_lib.model.embedded import build_tokenizer
+
+    tokenizer = build_tokenizer(["word1 word2 token1 token2"], vocab_size=300)
+    prompts, metadata = normalize_eval_prompts(
+        ["word1 ", {"prompt": "word2 ", "answer": "token2"},
+         [{"role": "user", "content": "word1"}]], tokenizer, tokenizer.chat_template)
+    assert [p["text"] for p in prompts][:2] == ["word1 ", "word2 "]
+    assert metadata == {"answer": [None, "token2", None]}  # one value per prompt, in order

@@ -154,9 +154,9 @@ def normalize_eval_prompts(eval_prompts: list, tokenizer, chat_template: Any = N
     prompts, metadata = [], {k: [] for k in keys}
     for p in eval_prompts:
         tools = None
+        for k in keys:  # one value per prompt (None where a prompt has no such key)
+            metadata[k].append(p.get(k) if isinstance(p, dict) else None)
         if isinstance(p, dict):
-            for k in keys:
-                metadata[k].append(p.get(k))
             tools, p = p.get("tools"), p["prompt"]
         prompts.append(_encode_prompt(p, tokenizer, tools, chat_template))
     return prompts, metadata
