@@ -204,9 +204,8 @@ def test_a_bad_local_rank_is_a_usage_error(capsys):
     assert exit_.value.code == 2 and "--local_rank takes a process index" in capsys.readouterr().err
 
 
-# The documented command for DeepSpeed's launcher (docs/cli-and-examples.md), run as written (2 CPU
-# processes), with
-# overrides that make it small and quick
+# The documented command for DeepSpeed's launcher (docs/cli-and-examples.md), run as written
+# (2 CPU processes), with overrides that make it small and quick
 README_DEEPSPEED = ("deepspeed --num_gpus 2 --module trainer_lib sft --config "
                     "configs/sft_lora.yaml --data my_instructions.jsonl "
                     "train.deepspeed_config=configs/deepspeed/zero3.json")
