@@ -75,16 +75,15 @@ class DataRecipe:
 def tokenize_batch(batch: pa.Table, indices: list[int], recipe: DataRecipe, rows: str) -> pa.Table:
     """Raw samples -> rows of tokenised examples (one row per example, plus one row per sample
     that failed or was dropped entirely, so that every sample is accounted for)."""
-    return tokenize_samples(decode_rows(batch, rows), indices, recipe)
+    return tokenize_samples([decode_row(row, rows) for row in batch.to_pylist()], indices, recipe)
 
 
-def decode_rows(batch: pa.Table, rows: str) -> list[tuple[Any, Optional[str]]]:
-    """(sample, None) per row, or (None, what is wrong with it)."""
+def decode_row(row: dict, rows: str) -> tuple[Any, Optional[str]]:
+    """A raw row -> (sample, None), or (None, what is wrong with it). `rows`: "json" (the JSON
+    text of a sample and its line number) or "records" (a dataset's row as it is)."""
     if rows == "json":
-        texts, lines = batch.column("json").to_pylist(), batch.column("line").to_pylist()
-        return [decode_json_row(t, n) for t, n in zip(texts, lines)]
-
-    return [(clean_dataset_row(row), None) for row in batch.to_pylist()]
+        return decode_json_row(row["json"], row["line"])
+    return clean_dataset_row(row), None
 
 
 def tokenize_samples(samples: list[tuple[Any, Optional[str]]], indices: list[int],

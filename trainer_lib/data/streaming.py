@@ -15,10 +15,9 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from trainer_lib.data.checks import error_class, kept_rows, make_report
-from trainer_lib.data.conversations import clean_dataset_row
 from trainer_lib.data.packing import pack_lengths
-from trainer_lib.data.recipe import READ, DataRecipe, tokenize_samples
-from trainer_lib.data.sources import decode_json_row, read_errors_message
+from trainer_lib.data.recipe import READ, DataRecipe, decode_row, tokenize_samples
+from trainer_lib.data.sources import read_errors_message
 from trainer_lib.data.store import ExampleStore
 from trainer_lib.errors import DataError
 
@@ -51,7 +50,7 @@ class StreamItems:
         head = list(itertools.islice(iter(self.whole), CHECKED))
         if not head:
             raise DataError("samples: the stream yields no samples")
-        table = tokenize_samples([self._decode(r) for r in head], list(range(len(head))),
+        table = tokenize_samples([decode_row(r, self.rows) for r in head], list(range(len(head))),
                                 self.recipe)
         _raise_first_error(table, self.name)
         examples = ExampleStore(table, self.recipe.carried)
@@ -60,12 +59,6 @@ class StreamItems:
             raise DataError(f"samples: none of the first {len(head)} samples of the stream "
                             "leaves an example to train on (all dropped)")
         return examples.fetch(kept[:8]), table
-
-    def _decode(self, row: dict) -> tuple[Any, Optional[str]]:
-        if self.rows == "json":
-            return decode_json_row(row["json"], row["line"])
-
-        return clean_dataset_row(row), None
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -86,7 +79,7 @@ class StreamItems:
                 return
             local = range(start, start + len(batch))
             indices = [i if self.by_shards else i * self.world + self.rank for i in local]
-            table = tokenize_samples([self._decode(r) for r in batch], indices, self.recipe)
+            table = tokenize_samples([decode_row(r, self.rows) for r in batch], indices, self.recipe)
             _raise_first_error(table, self.name, self.rank if self.by_shards else None,
                                process=self.rank)
             kept = kept_rows(table)

@@ -19,22 +19,24 @@ def tokenize_text(tokenizer, text: str, add_eos: bool = True) -> dict:
 
 def tokenize_pair(tokenizer, prompt: str, completion: str, add_eos: bool = True) -> dict:
     """Tokenises prompt + completion as one text, so tokens at the seam are the ones the model
-    would see at inference; a token that contains any completion character carries loss."""
-    text = prompt + completion
+    would see at inference."""
+    eos = tokenizer.eos_token_id if add_eos else None
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        boundary = len(prompt)
-        in_completion = [end > boundary and end > start for start, end in enc["offset_mapping"]]
-    else:  # slow tokenizers have no offsets: tokenise the parts apart
-        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids = p_ids + c_ids
-        in_completion = [False] * len(p_ids) + [True] * len(c_ids)
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-        in_completion = in_completion + [True]
-    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_completion)]
+        enc = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+        return _pair_example(enc["input_ids"], enc["offset_mapping"], len(prompt), eos)
+    # slow tokenizers have no offsets: the parts are tokenised apart
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = p_ids + c_ids + ([eos] if eos is not None else [])
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(p_ids) + ids[len(p_ids):]}
+
+
+def _pair_example(ids: list, offsets: list, prompt_chars: int, eos) -> dict:
+    """A token that contains any completion character carries loss (and the EOS, if added)."""
+    labels = [t if end > prompt_chars and end > start else IGNORE_INDEX
+              for t, (start, end) in zip(ids, offsets)]
+    if eos is not None:
+        ids, labels = ids + [eos], labels + [eos]
     return {"input_ids": ids, "labels": labels}
 
 
@@ -118,12 +120,5 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
         return [tokenize_pair(tokenizer, p, c, add_eos) for p, c in zip(prompts, completions)]
     eos = tokenizer.eos_token_id if add_eos else None
     all_ids, all_offsets = _encode_batch(tokenizer, [p + c for p, c in zip(prompts, completions)])
-    out = []
-    for prompt, ids, offsets in zip(prompts, all_ids, all_offsets):
-        boundary = len(prompt)
-        labels = [t if end > boundary and end > start else IGNORE_INDEX
-                  for t, (start, end) in zip(ids, offsets)]
-        if eos is not None:
-            ids, labels = ids + [eos], labels + [eos]
-        out.append({"input_ids": ids, "labels": labels})
-    return out
+    return [_pair_example(ids, offsets, len(prompt), eos)
+            for prompt, ids, offsets in zip(prompts, all_ids, all_offsets)]
