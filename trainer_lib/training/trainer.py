@@ -95,12 +95,17 @@ class Trainer:
         return data.train, data.eval
 
     def collate(self, items: list) -> dict:
+        """Loader items -> one batch: tensors, and counts such as `num_tokens`."""
         raise NotImplementedError
 
     def loss_weight(self, batch: dict) -> float:
+        """How much the batch counts in the step's mean (loss-carrying tokens for SFT, examples
+        for KTO), known before the forward pass."""
         raise NotImplementedError
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(the SUM of the loss over the batch, {name: (sum, count)} of figures to log); the loop
+        divides by the step's total `loss_weight`."""
         raise NotImplementedError
 
     def setup_model(self) -> None:
