@@ -24,7 +24,9 @@ from trainer_lib.data.pipeline import PreparedData, resolve_num_proc
 from trainer_lib.data.recipe import DataRecipe
 from trainer_lib.data.store import ExampleStore, GroupLayout, Groups, TokenColumns
 from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_pairs
+from trainer_lib.data.tokens import vocabulary_size
 from trainer_lib.errors import DataError, KTODataError
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 from trainer_lib.methods.kto.loss import mismatched_pairing
 from trainer_lib.methods.kto.samples import KIND_NAMES, kto_sample_form, normalize_kto_sample
 
@@ -41,6 +43,7 @@ class KTORecipe(DataRecipe):
         super().__init__(tokenizer, seq_length, method.overlong)
         self.keys = (method.input_key, method.output_key, method.label_key)
         self.template = template
+        self.vocab_size = vocabulary_size(tokenizer)
         # the record travels as JSON for the KL pairs, which join records of two examples
         self.scalar_features = {"label": datasets.Value("bool"),
                                 "record_json": datasets.Value("string")}
@@ -57,12 +60,17 @@ class KTORecipe(DataRecipe):
                 "all samples must have the same format")
 
     def normalize(self, sample, index: int, form: str) -> list[dict]:
-        return normalize_kto_sample(sample, form, index, *self.keys)
+        return normalize_kto_sample(sample, form, index, *self.keys, vocab_size=self.vocab_size)
 
     def tokenize(self, records: list[dict], indices: list[int]) -> list:
         out: list = [None] * len(records)
-        texts = [k for k, r in enumerate(records)
-                 if isinstance(r["prompt"], str) and isinstance(r["completion"], str)]
+        for k, record in enumerate(records):
+            if record.get("tokens"):  # used as given: loss on the completion's ids
+                prompt, completion = record["prompt"], record["completion"]
+                out[k] = {"input_ids": prompt + completion,
+                          "labels": [IGNORE_INDEX] * len(prompt) + completion}
+        texts = [k for k, r in enumerate(records) if out[k] is None
+                 and isinstance(r["prompt"], str) and isinstance(r["completion"], str)]
         if texts:
             done = tokenize_pairs(self.tokenizer, [records[k]["prompt"] for k in texts],
                                   [records[k]["completion"] for k in texts], add_eos=True)
@@ -83,7 +91,30 @@ class KTORecipe(DataRecipe):
     def scalars(self, record: dict) -> dict:
         return {"label": record["label"], "record_json": json.dumps(
             {"prompt": record["prompt"], "completion": record["completion"],
-             "tools": record.get("tools")}, ensure_ascii=False)}
+             "tools": record.get("tools"), "tokens": record.get("tokens", False)},
+            ensure_ascii=False)}
+
+    def kl_records(self, prompts: list[dict], completions: list[dict]) -> list[dict]:
+        """The records of KL pairs: prompt i with completion i. Both sides of one form pair as
+        records of that form (text pairs are tokenised as one text, like the examples); a pair
+        of two forms (sources of a mixture) joins the prompt's tokens to the completion's."""
+        out, mixed = [], []
+        for k, (p, c) in enumerate(zip(prompts, completions)):
+            out.append({"prompt": p["prompt"], "completion": c["completion"],
+                        "tools": p.get("tools"), "tokens": bool(p.get("tokens"))})
+            if bool(p.get("tokens")) != bool(c.get("tokens")):
+                mixed.append(k)
+        if mixed:
+            sides = self.tokenize([prompts[k] for k in mixed] + [completions[k] for k in mixed],
+                                  list(range(2 * len(mixed))))
+            for j, k in enumerate(mixed):
+                prompt, completion = sides[j], sides[len(mixed) + j]
+                for side in (prompt, completion):
+                    if isinstance(side, DataError):
+                        raise side
+                out[k] = {"prompt": _prompt_part(prompt)[0],
+                          "completion": _prompt_part(completion)[1], "tokens": True}
+        return out
 
     def empty_message(self, what: str) -> str:
         return f"no KTO samples were given ({what} is empty)"
@@ -97,6 +128,14 @@ def tokenize_kto_pair(tokenizer, template: RunTemplate, prompt, completion, tool
     return tokenize_prompt_completion_messages(
         tokenizer, as_messages(prompt, "user"), as_messages(completion, "assistant"), tools,
         template.for_messages(), index=index)
+
+
+def _prompt_part(example: dict) -> tuple[list, list]:
+    """(prompt ids, completion ids) of a tokenised example: its ids before the first one that
+    carries loss, and the rest."""
+    labels = example["labels"]
+    start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return example["input_ids"][:start], example["input_ids"][start:]
 
 
 # ---------------------------------------------------------------------- micro-batches
@@ -202,8 +241,7 @@ def _tokenize_kl_pairs(folder: Path, data: PreparedData, recipe: KTORecipe, flat
 def _kl_batch(batch: pa.Table, recipe: KTORecipe) -> pa.Table:
     prompts = [json.loads(t) for t in batch.column("prompt").to_pylist()]
     completions = [json.loads(t) for t in batch.column("completion").to_pylist()]
-    records = [{"prompt": p["prompt"], "completion": c["completion"], "tools": p["tools"]}
-               for p, c in zip(prompts, completions)]
+    records = recipe.kl_records(prompts, completions)
     # as the examples themselves are tokenised (text pairs in one batch), then truncated
     examples = recipe.tokenize(records, list(range(len(records))))
     tokens, lengths = TokenColumns(), []

@@ -1,5 +1,5 @@
-"""KTO samples (labelled examples, tuples, labelled conversations, preference pairs) ->
-records {"prompt", "completion", "label"}, with errors that name the sample and the field.
+"""KTO samples (labelled examples, tuples, labelled conversations, preference pairs, token ids)
+-> records {"prompt", "completion", "label"}, with errors that name the sample and the field.
 A pair becomes two records; transcripts sharing their start (HH-RLHF) are split at it.
 """
 
@@ -14,6 +14,7 @@ from trainer_lib.data.conversations import (
 )
 from trainer_lib.data.conversations import from_sharegpt as _convert_sharegpt
 from trainer_lib.data.conversations import normalize_message
+from trainer_lib.data.tokens import check_unpadded, token_ids
 from trainer_lib.errors import ChatError, KTODataError
 
 KIND_NAMES = {
@@ -23,7 +24,9 @@ KIND_NAMES = {
     "conversations": "a labelled ShareGPT conversation (conversations/label)",
     "pair": "a preference pair (prompt/chosen/rejected)",
     "sharegpt_pair": "a ShareGPT preference pair (conversations/chosen/rejected)",
+    "tokens": "a pre-tokenised example (prompt_input_ids/completion_input_ids/label)",
 }
+TOKEN_FIELDS = ("prompt_input_ids", "completion_input_ids")
 
 
 def _fail(index: int, field: str, problem: str) -> KTODataError:
@@ -42,6 +45,8 @@ def kto_sample_form(sample: Any, index: int, input_key: str, output_key: str, la
             f"sample {index}: expected a dict or a (prompt, completion, label) tuple, "
             f"got {type(sample).__name__}"
         )
+    if any(field in sample for field in TOKEN_FIELDS):
+        return "tokens"
     if "chosen" in sample or "rejected" in sample:
         return "sharegpt_pair" if "conversations" in sample and input_key not in sample else "pair"
     if output_key in sample or input_key in sample:
@@ -53,7 +58,8 @@ def kto_sample_form(sample: Any, index: int, input_key: str, output_key: str, la
     raise KTODataError(
         f"sample {index}: unrecognised keys {sorted(sample)}; expected '{input_key}', "
         f"'{output_key}' and '{label_key}', or 'messages' and '{label_key}', or 'prompt', "
-        "'chosen' and 'rejected'"
+        f"'chosen' and 'rejected', or token ids 'prompt_input_ids', 'completion_input_ids' and "
+        f"'{label_key}'"
     )
 
 
@@ -216,11 +222,24 @@ def _record(prompt: Any, completion: Any, label: bool, sample: Any) -> dict:
     return record
 
 
+def _token_record(sample: dict, index: int, label_key: str, vocab_size: int) -> dict:
+    """Pre-tokenised ids, used as given (nothing added): loss on the completion's tokens."""
+    ids = {f: token_ids(_required(sample, f, index), index, f, vocab_size, KTODataError)
+           for f in TOKEN_FIELDS}
+    check_unpadded(sample, index, KTODataError)
+    return {"prompt": ids["prompt_input_ids"], "completion": ids["completion_input_ids"],
+            "label": _label(_required(sample, label_key, index), index, label_key),
+            "tokens": True}
+
+
 def normalize_kto_sample(
-    sample: Any, kind: str, index: int, input_key: str, output_key: str, label_key: str
+    sample: Any, kind: str, index: int, input_key: str, output_key: str, label_key: str,
+    vocab_size: int = 2 ** 31,
 ) -> list[dict]:
     """One KTO sample of format `kind` (as `kto_sample_form` found it) -> its records (a pair gives two);
-    errors name the sample by `index`."""
+    errors name the sample by `index`. `vocab_size` bounds the ids of a pre-tokenised sample."""
+    if kind == "tokens":
+        return [_token_record(sample, index, label_key, vocab_size)]
     if kind == "tuple":
         prompt, completion, label = sample
         return [_record(

@@ -6,6 +6,7 @@ from trainer_lib.data import chat_template
 from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.recipe import DataRecipe
 from trainer_lib.data.tokenize import tokenize_pairs, tokenize_texts
+from trainer_lib.data.tokens import vocabulary_size
 from trainer_lib.errors import DataError
 from trainer_lib.methods.sft.config import SFTConfig
 from trainer_lib.methods.sft.samples import (
@@ -24,6 +25,7 @@ class SFTRecipe(DataRecipe):
         super().__init__(tokenizer, seq_length, method.overlong)
         self.keys = (method.text_key, method.input_key, method.output_key)
         self.loss_on, self.add_eos, self.template = method.loss_on, method.add_eos, template
+        self.vocab_size = vocabulary_size(tokenizer)
 
     def settings(self) -> dict:
         return {**super().settings(), "keys": self.keys, "loss_on": self.loss_on,
@@ -37,7 +39,8 @@ class SFTRecipe(DataRecipe):
         return mixed_forms_message(index, form, first)
 
     def normalize(self, sample, index: int, form: str) -> list[dict]:
-        return [normalize_sft_sample(sample, index, form, *self.keys)]
+        return [normalize_sft_sample(sample, index, form, *self.keys,
+                                     vocab_size=self.vocab_size)]
 
     def tokenize(self, records: list[dict], indices: list[int]) -> list:
         out: list = [None] * len(records)
@@ -53,7 +56,9 @@ class SFTRecipe(DataRecipe):
             for k, example in zip(pairs, done):
                 out[k] = example
         for k, (record, index) in enumerate(zip(records, indices)):
-            if out[k] is None:
+            if record["kind"] == "tokens":  # used as given
+                out[k] = {"input_ids": record["input_ids"], "labels": record["labels"]}
+            elif out[k] is None:
                 try:
                     out[k] = tokenize_chat_record(self.tokenizer, record, self.template,
                                                   self.loss_on, index)
@@ -62,6 +67,8 @@ class SFTRecipe(DataRecipe):
         return out
 
     def fit_kind(self, record: dict) -> str:
+        if record["kind"] == "tokens":  # ids with a mask are cut at the end, as conversations
+            return "chat" if record["masked"] else "text"
         return record["kind"] if record["kind"] in ("text", "pair") else "chat"
 
     def report_kind(self, record: dict) -> str:

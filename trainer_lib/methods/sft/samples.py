@@ -1,5 +1,5 @@
-"""SFT samples as users bring them (texts, prompt/completion pairs, Alpaca rows, conversations)
--> normalised records, with errors that name the sample and the field.
+"""SFT samples as users bring them (texts, prompt/completion pairs, Alpaca rows, conversations,
+token ids) -> normalised records, with errors that name the sample and the field.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer_lib.data.conversations import normalize_conversation
+from trainer_lib.data.tokens import check_unpadded, loss_labels, mask_given, token_ids
 from trainer_lib.errors import DataError
 
 
@@ -18,6 +19,8 @@ def sample_kind(sample: Any, text_key: str = "text", input_key: str = "prompt",
     if isinstance(sample, (list, tuple)):
         return "pair" if len(sample) == 2 else "unknown"
     if isinstance(sample, dict):
+        if "input_ids" in sample:  # already tokenised: the ids win over any text beside them
+            return "tokens"
         if "messages" in sample or "conversations" in sample:
             return "conversation"
         if input_key in sample or output_key in sample:
@@ -33,7 +36,8 @@ def _describe_expected(text_key: str, input_key: str, output_key: str) -> str:
     return (
         f"a string, a {{'{text_key}': ...}} dict, a [prompt, completion] pair, a "
         f"{{'{input_key}': ..., '{output_key}': ...}} dict, an Alpaca "
-        "{'instruction', 'input', 'output'} dict, or a {'messages': [...]} conversation"
+        "{'instruction', 'input', 'output'} dict, a {'messages': [...]} conversation, or token "
+        "ids {'input_ids': [...]}"
     )
 
 
@@ -54,8 +58,12 @@ def mixed_forms_message(index: int, kind: str, first: str) -> str:
 
 
 def normalize_sft_sample(sample: Any, i: int, kind: str, text_key: str = "text",
-                         input_key: str = "prompt", output_key: str = "completion") -> dict:
-    """One checked sample of `kind` -> its record."""
+                         input_key: str = "prompt", output_key: str = "completion",
+                         vocab_size: int | None = None) -> dict:
+    """One checked sample of `kind` -> its record. `vocab_size` bounds the ids of a "tokens"
+    sample (the tokenizer's length)."""
+    if kind == "tokens":
+        return normalize_token_sample(sample, i, vocab_size)
     if kind == "text":
         text = sample if isinstance(sample, str) else sample[text_key]
         _require_string(text, i, text_key if isinstance(sample, dict) else "text")
@@ -93,6 +101,17 @@ def normalize_sft_sample(sample: Any, i: int, kind: str, text_key: str = "text",
     _require_string(prompt, i, pname, allow_empty=True)
     _require_string(completion, i, cname)
     return {"kind": "pair", "prompt": prompt, "completion": completion}
+
+
+def normalize_token_sample(sample: dict, i: int, vocab_size: int | None) -> dict:
+    """`{"input_ids": [...]}`, with `completion_mask` or `assistant_masks` (1 = loss) or
+    `labels` (-100 = no loss), or none of them (loss on every token) -> a "tokens" record, used
+    as given: nothing is added."""
+    ids = token_ids(sample["input_ids"], i, "input_ids",
+                    vocab_size if vocab_size is not None else 2 ** 31)
+    check_unpadded(sample, i)
+    return {"kind": "tokens", "input_ids": ids, "labels": loss_labels(sample, ids, i),
+            "masked": mask_given(sample)}
 
 
 def alpaca_prompt(instruction: str, extra: str | None = None) -> str:
