@@ -13,7 +13,14 @@ from typing import Callable
 
 import pytest
 
-from trainer_lib import ConfigError, DataError, default_kto_config, default_sft_config, train
+from trainer_lib import (
+    ConfigError,
+    DataError,
+    Mixture,
+    default_kto_config,
+    default_sft_config,
+    train,
+)
 from trainer_lib.checkpointing.layout import list_checkpoints
 from trainer_lib.errors import ChatError, CheckpointError, EvalPromptError, KTODataError
 
@@ -308,6 +315,27 @@ CASES = [
     Case("a KTO sample of ids without its completion",
          lambda c: c.train(samples=[{"prompt_input_ids": [1, 2], "label": True}], kind="kto"),
          KTODataError, [r"^sample 0: field 'completion_input_ids' is missing"]),
+    # ---------------------------------------------------------------- mixtures
+    Case("a bad sample in a source of a mixture",
+         lambda c: c.train(samples=Mixture({"pairs": (PAIRS, 3), "chats": (
+             [GOOD_CHAT, chat(user(), {"role": "robot", "content": "x"})], 1)})),
+         ChatError, [r"^mixture source 'chats': sample 1: messages\[1\]\.role is 'robot'"]),
+    Case("a bad line in a file of a mixture",
+         lambda c: c.train(samples=Mixture({"pairs": (PAIRS, 1), "file": (c.file(
+             "mix.jsonl", json.dumps(PAIRS[0]) + "\n{oops\n"), 1)})),
+         DataError, [r"^mixture source 'file': .*mix\.jsonl:2: not valid JSON"]),
+    Case("a missing file in a mixture",
+         lambda c: c.train(samples=Mixture({"gone": (str(c.tmp / "gone.jsonl"), 1)})), DataError,
+         [r"mixture source 'gone' file .*gone\.jsonl does not exist"]),
+    Case("a mixture weight of 0",
+         lambda c: c.train(samples=Mixture({"pairs": (PAIRS, 0)})), DataError,
+         [r"Mixture: source 'pairs': the weight must be a number > 0, got 0"]),
+    Case("samples and data.mixture both given",
+         lambda c: c.train(data=dict(mixture=[{"name": "a", "path": "a.jsonl"}])), ConfigError,
+         ["both samples and data.mixture are given"]),
+    Case("a mixture streamed",
+         lambda c: c.train(samples=Mixture({"pairs": (PAIRS, 1)}), data=dict(streaming=True)),
+         ConfigError, [r"data\.streaming=True with a mixture", r"set data\.streaming=False"]),
     # ---------------------------------------------------------------- conversations
     Case("an unknown role",
          lambda c: c.train(samples=[GOOD_CHAT, chat(user(), {"role": "robot", "content": "x"})]),
@@ -408,6 +436,18 @@ CLI_CASES = {
         lambda c: ["--data", c.file("ids.jsonl", json.dumps({"input_ids": [1, 999]}) + "\n")],
         "sample 0: field 'input_ids' holds 999 at position 1, outside the tokenizer's "
         "vocabulary"),
+    "a mixture with a weight that is not a number": (
+        lambda c: ["--mix", "a", c.file("a.jsonl", json.dumps(PAIRS[0]) + "\n"), "heavy"],
+        "--mix a .*a.jsonl heavy: the weight must be a number"),
+    "a bad sample in a mixture": (
+        lambda c: ["--mix", "a", c.file("a.jsonl", json.dumps(PAIRS[0]) + "\n"), "1",
+                   "--mix", "b", c.file("b.jsonl", json.dumps({"input_ids": [1], "labels": []})
+                                        + "\n"), "1"],
+        "mixture source 'b': sample 0: field 'labels' has 0 values"),
+    "--data and a mixture": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"), "--mix", "a",
+                   c.file("a.jsonl", json.dumps(PAIRS[0]) + "\n"), "1"],
+        "--data and a mixture .* are both given"),
     "a checkpoint folder that cannot be written": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
                    "train.checkpoint_dir=/sys/trainer_lib_ckpts"], "is not writable"),

@@ -143,3 +143,15 @@ def test_two_processes_share_one_preparation_and_see_disjoint_complete_shards(ti
     streamed = [r["streamed"] for r in ranks]
     assert not set(streamed[0]) & set(streamed[1])
     assert sorted(streamed[0] + streamed[1]) == list(range(40))
+    # a mixture: each source prepared once, by one process; both draw the same rows every epoch
+    # (a new draw each epoch), and their loaders share each epoch out between them
+    assert [r["mixture_tokenised"] for r in ranks] == [40, 0]
+    assert len(ranks[0]["entries_mixed"]) == 4  # one more per source
+    assert ranks[1]["entries_mixed"] == ranks[0]["entries_mixed"]
+    assert ranks[0]["mixture_drawn"] == ranks[1]["mixture_drawn"]
+    assert ranks[0]["mixture_report"]["sources/a/examples"] == 12
+    assert ranks[0]["mixture_drawn"][0] != ranks[0]["mixture_drawn"][1]
+    for epoch, drawn in enumerate(ranks[0]["mixture_drawn"]):
+        given = [r["mixture_given"][epoch] for r in ranks]
+        assert not set(given[0]) & set(given[1]) and given[0] and given[1]
+        assert sorted(given[0] + given[1]) == sorted(drawn)

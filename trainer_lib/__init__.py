@@ -11,6 +11,7 @@ from trainer_lib.config import (  # noqa: E402
     default_kto_config,
     default_sft_config,
 )
+from trainer_lib.data.mixture import Mixture  # noqa: E402
 from trainer_lib.errors import (  # noqa: E402
     ChatError,
     CheckpointError,
@@ -36,6 +37,7 @@ __all__ = [
     "KTOConfig",
     "KTODataError",
     "KTOTrainer",
+    "Mixture",
     "NonFiniteLossError",
     "SFTConfig",
     "SFTTrainer",

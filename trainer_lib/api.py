@@ -17,7 +17,8 @@ def train(samples: Any = None, eval_prompts: Optional[list] = None,
     """Trains a model and returns the trainer (its `.model`, `.tokenizer`, `.log_history`,
     `.save_pretrained(path)`).
 
-    `samples`: a list, a `datasets.Dataset`, or a path to a .json/.jsonl file.
+    `samples`: a list, a `datasets.Dataset`, a path to a .json/.jsonl file, or a `Mixture` of
+    such sources (or None, with `data.mixture` set in the config).
     `eval_samples`: validation samples for `eval/loss` (or set `train.eval_split`).
     `eval_prompts` and `metric_fn(samples, prompts, outputs, **metadata)`: generation-based
     evaluation every `train.eval_interval` steps.

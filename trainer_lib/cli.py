@@ -120,8 +120,23 @@ def _say(message: str) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def mixture_entries(mix: Sequence[Sequence[str]]) -> list[dict]:
+    """`--mix NAME PATH WEIGHT` (repeated) -> `data.mixture` entries."""
+    entries = []
+    for name, path, weight in mix:
+        try:
+            value = float(weight)
+        except ValueError:
+            raise CLIError(f"--mix {name} {path} {weight}: the weight must be a number, e.g. "
+                           f"--mix {name} {path} 1") from None
+        entries.append({"name": name, "path": path, "weight": value})
+    return entries
+
+
 def run_training(args: argparse.Namespace) -> int:
     config = load_config(args.command, args.config, args.overrides)
+    if args.mix:
+        config = config.evolve(data=dict(mixture=mixture_entries(args.mix)))
     try:
         trainer_cls = get_trainer_class(config.method)
     except ValueError as e:  # no trainer registered for this method
@@ -129,7 +144,15 @@ def run_training(args: argparse.Namespace) -> int:
     output = args.output or str(Path(config.train.checkpoint_dir) / "final")
     _check_output(output)
 
-    if args.data is None:
+    if config.data.mixture:
+        if args.data is not None:
+            raise CLIError("--data and a mixture (--mix or data.mixture) are both given; train "
+                           "on one of them")
+        samples = None  # train() reads data.mixture
+        _say("data: a mixture of " + ", ".join(
+            f"{e['name']} ({e['path']}, weight {e.get('weight', 1):g})"
+            for e in config.data.mixture))
+    elif args.data is None:
         if not issubclass(trainer_cls, SFTTrainer):
             raise CLIError(f"`trainer-lib {args.command}` needs --data (a .json/.jsonl file or a "
                            "datasets hub name)")
@@ -213,6 +236,10 @@ def _method_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--data", help="training samples: a .json/.jsonl file or a datasets hub name"
                    + (" (default: the shipped instruction set)" if method == "sft" else ""))
     p.add_argument("--split", default="train", help="split of a hub --data (default: train)")
+    p.add_argument("--mix", action="append", nargs=3, metavar=("NAME", "PATH", "WEIGHT"),
+                   help="a source of a weighted mixture, instead of --data (repeat it: --mix "
+                        "chats chats.jsonl 3 --mix tools tools.jsonl 1); the same as "
+                        "data.mixture in a config")
     p.add_argument("--eval-data", help="evaluation samples for eval/loss, like --data")
     p.add_argument("--eval-split", default="test", help="split of a hub --eval-data (default: test)")
     p.add_argument("--output", help="where the final model folder goes "

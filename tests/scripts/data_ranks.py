@@ -6,7 +6,8 @@ under `accelerate launch --num_processes 2`.
 Each process writes out/rank<N>.json: whether it tokenised anything itself, the cache entries it
 found, a hash of every packed row of the whole dataset as it sees it, the rows its loader gave it
 in one epoch, and the samples its share of a stream held; then the same for a Dataset whose
-fingerprint is random in each process.
+fingerprint is random in each process; then, for a mixture of two sources, each epoch's rows as
+the process drew them and the rows its loader gave it in each epoch.
 """
 
 import argparse
@@ -39,7 +40,7 @@ def main():
 
     import datasets
 
-    from trainer_lib import default_sft_config
+    from trainer_lib import Mixture, default_sft_config
     from trainer_lib.data.streaming import StreamItems
     from trainer_lib.methods.sft.recipe import SFTRecipe
     from trainer_lib.methods.sft.trainer import SFTTrainer
@@ -80,12 +81,29 @@ def main():
     calls.clear()
     SFTTrainer(config, samples=dataset)
     acc.wait_for_everyone()
+    unhashable_tokenised = sum(calls)
+    entries_after = sorted(p.name for p in cache.iterdir() if (p / "done.json").exists())
+
+    calls.clear()
+    mixture = Mixture({"a": (samples()[:30], 3), "b": (samples()[30:], 1)}, examples_per_epoch=16)
+    mixed = SFTTrainer(config.evolve(train=dict(epochs=2, total_steps=100)), samples=mixture)
+    starts = mixed.epoch_ranges.starts
+    drawn, given = [], []
+    for epoch in range(2):
+        drawn.append([row_hash(row) for row in mixed.train_items[starts[epoch]:starts[epoch + 1]]])
+        mixed.train_loader.set_epoch(epoch)
+        given.append([row_hash(row) for batch in mixed.train_loader
+                      for row in _rows(mixed, batch)])
+    acc.wait_for_everyone()
+    mixture_tokenised = sum(calls)
     out = {"rank": acc.process_index, "num_processes": acc.num_processes,
-           "tokenised": tokenised, "entries": entries, "unhashable_tokenised": sum(calls),
-           "entries_after": sorted(p.name for p in cache.iterdir()
-                                   if (p / "done.json").exists()),
+           "tokenised": tokenised, "entries": entries, "unhashable_tokenised": unhashable_tokenised,
+           "entries_after": entries_after,
+           "entries_mixed": sorted(p.name for p in cache.iterdir() if (p / "done.json").exists()),
            "all_rows": [row_hash(row) for row in trainer.train_items],
-           "loader_rows": mine, "streamed": streamed}
+           "loader_rows": mine, "streamed": streamed,
+           "mixture_tokenised": mixture_tokenised, "mixture_drawn": drawn, "mixture_given": given,
+           "mixture_report": mixed.data_report.as_dict()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{acc.process_index}.json").write_text(json.dumps(out))
 

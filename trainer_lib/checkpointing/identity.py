@@ -93,9 +93,13 @@ def run_identity(trainer, model_config: Any) -> dict:
     }
     if hasattr(cfg.method, "packing"):
         settings["method.packing"] = cfg.method.packing
+    items = trainer.train_items
+    epochs = getattr(trainer, "epoch_ranges", None)
+    if epochs is not None:  # a mixture's first epoch: the later ones planned depend on total_steps
+        items = epochs.first(items)
     return {"model_path": str(cfg.model.model_path),
             "model": model_fingerprint(model_config),
-            "data": data_fingerprint(trainer.train_items),
+            "data": data_fingerprint(items),
             "settings": settings}
 
 

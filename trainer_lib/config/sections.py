@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from trainer_lib.config.optimizer import check_optimizer, check_scheduler
 from trainer_lib.config.trackers import TRACKER_NAMES, tracker_names
-from trainer_lib.errors import ConfigError
+from trainer_lib.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -137,12 +139,60 @@ class DataConfig:
     cache: bool = True  # False: prepare afresh in a temporary folder, removed once opened
     streaming: bool = False  # stream a path or hub name instead of preparing it whole
     stream_buffer: int = 1000  # examples packed together (and shuffled) at a time when streaming
+    # a weighted mixture to train on instead of `samples`: [{name, path, weight}, ...], each
+    # epoch drawing weight / (sum of weights) of its examples from each source
+    mixture: Optional[list] = None
+    mixture_seed: Optional[int] = None  # the draws' seed; None: train.seed
+    # examples in an epoch of the mixture; None: as many as its sources hold together
+    examples_per_epoch: Optional[int] = None
 
     def validate(self) -> None:
         if self.num_proc is not None and self.num_proc < 1:
             raise ConfigError("data.num_proc must be at least 1, or None for the CPU cores available")
         if self.stream_buffer < 1:
             raise ConfigError("data.stream_buffer must be at least 1")
+        if self.mixture is not None:
+            check_mixture(self.mixture)
+            if self.streaming:
+                raise ConfigError("data.mixture draws its share from every whole source, which a "
+                                  "stream does not have; set data.streaming=false")
+        if self.examples_per_epoch is not None and self.examples_per_epoch < 1:
+            raise ConfigError("data.examples_per_epoch must be at least 1, or null for as many "
+                              "as the mixture's sources hold together")
+
+
+MIXTURE_KEYS = ("name", "path", "weight")
+
+
+def check_mixture(entries: list) -> None:
+    """`data.mixture`: a list of {name, path, weight} (weight optional: 1), names unique."""
+    if not entries:
+        raise ConfigError("data.mixture is empty: list its sources, each {name: ..., path: ..., "
+                          "weight: ...}, or set it to null")
+    seen = set()
+    for i, entry in enumerate(entries):
+        where = f"data.mixture[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be {{name: ..., path: ..., weight: ...}}, got "
+                              f"{entry!r}")
+        for key in entry:
+            if key not in MIXTURE_KEYS:
+                hint = did_you_mean(key, MIXTURE_KEYS) or f"; its keys are {', '.join(MIXTURE_KEYS)}"
+                raise ConfigError(f"unknown key '{where}.{key}'{hint}")
+        for key in ("name", "path"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                what = " (a .json/.jsonl/.parquet file or a hub name)" if key == "path" else ""
+                raise ConfigError(f"{where}.{key} must be a non-empty string{what}, got "
+                                  f"{entry.get(key)!r}")
+        if entry["name"] in seen:
+            raise ConfigError(f"{where}.name '{entry['name']}' is used twice; give every source "
+                              "its own name")
+        seen.add(entry["name"])
+        weight = entry.get("weight", 1.0)
+        if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+                or not math.isfinite(weight) or weight <= 0):
+            raise ConfigError(f"{where}.weight must be a number > 0, got {weight!r} (leave a "
+                              "source out to not use it)")
 
 
 @dataclass

@@ -27,11 +27,12 @@ from trainer_lib.data.cache import (
     tokenizer_fingerprint,
 )
 from trainer_lib.data.checks import check_errors, held_out, kept_rows, make_report
+from trainer_lib.data.mixture import Mixture, MixtureDraw, source_counts
 from trainer_lib.data.recipe import DataRecipe, table_features, tokenize_batch
 from trainer_lib.data.report import DataReport
 from trainer_lib.data.sources import Source, open_source
 from trainer_lib.data.store import Examples, ExampleStore, column
-from trainer_lib.errors import DataError
+from trainer_lib.errors import ConfigError, DataError
 from trainer_lib.runtime.processes import main_first, shared_token, shared_value
 
 SMALL_DATASET = 1000  # samples per worker below which starting a worker costs more than it saves
@@ -50,6 +51,7 @@ class PreparedData:
     context: "_Context"
     stream: Optional[Source] = None  # the training samples, when they are a stream
     key: str = ""
+    mixture: Optional[MixtureDraw] = None  # the training samples, when they are a Mixture
 
     def derived(self, name: str, key_parts: Any, build: Callable[[Path], None]) -> Path:
         """A folder that `build(folder)` fills once per key (on each node's main process first,
@@ -113,6 +115,9 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
     if not d.cache:
         context.root = context.temporary = temporary_root(root, shared_token(accelerator))
         context.hf_cache = str(context.temporary / "hf")
+    mixture = as_mixture(samples, d)
+    if mixture is not None:
+        return _build_mixture(context, recipe, mixture, eval_samples, config)
     sources = open_source(samples, "samples", d.streaming, context.hf_cache,
                           dict_eval=eval_samples is None and t.eval_split == 0)
     if sources.note and main:
@@ -151,6 +156,97 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
     key = digest(entry.key, eval_entry.key if eval_entry else None, t.eval_split, t.seed)
     return PreparedData(store, Examples(store, train_rows), Examples(store, eval_rows), report,
                         entry.path, context, key=key)
+
+
+def as_mixture(samples: Any, data_config) -> Optional[Mixture]:
+    """The Mixture to train on: `samples` itself, or `data.mixture` of the config."""
+    if not data_config.mixture:
+        return samples if isinstance(samples, Mixture) else None
+    if samples is not None:
+        raise ConfigError("both samples and data.mixture are given; train on one: pass "
+                          "samples=None (or no --data) to use data.mixture, or unset it")
+    return Mixture.from_config(data_config.mixture, data_config.mixture_seed,
+                               data_config.examples_per_epoch)
+
+
+def _build_mixture(context: _Context, recipe: DataRecipe, mixture: Mixture, eval_samples: Any,
+                   config) -> PreparedData:
+    """Every source prepared on its own (one cached table each), held out from as a dataset
+    would be, and put in one store; the draws come later, one epoch at a time."""
+    t = config.train
+    if config.data.streaming:
+        raise ConfigError("data.streaming=True with a mixture: a mixture draws its share from "
+                          "every whole source, which a stream does not have; set "
+                          "data.streaming=False")
+    main = context.accelerator is None or context.accelerator.is_main_process
+    tables, in_train, eval_tables, keys = [], [], [], []
+    for name, (samples, weight) in mixture.sources.items():
+        what = f"mixture source '{name}'"
+        sources = open_source(samples, what, False, context.hf_cache,
+                              dict_eval=eval_samples is None and t.eval_split == 0)
+        if sources.note and main:
+            print(sources.note, flush=True)
+        if sources.train.stream is not None:
+            raise DataError(f"{what} is a stream: a mixture draws its share from every whole "
+                            "source; pass a datasets.Dataset or a file instead")
+        table, entry = _named(what, lambda: _prepared_table(context, recipe, sources.train))
+        tables.append(table)
+        keys.append([name, weight, entry.key])
+        if sources.eval is not None:
+            eval_table, eval_entry = _named(what, lambda: _prepared_table(context, recipe,
+                                                                          sources.eval))
+            eval_tables.append(eval_table)
+            keys[-1].append(eval_entry.key)
+        held = (held_out(table, t.eval_split, t.seed) if eval_samples is None
+                else np.zeros(table.num_rows, dtype=bool))
+        in_train.append(~held)
+    if eval_samples is not None:
+        eval_table, eval_entry = _prepared_table(context, recipe, open_source(
+            eval_samples, "eval_samples", False, context.hf_cache, dict_eval=False).train)
+        eval_tables.append(eval_table)
+        keys.append(["eval_samples", eval_entry.key])
+
+    all_tables = tables + eval_tables
+    store = ExampleStore(pa.concat_tables(all_tables) if len(all_tables) > 1 else tables[0],
+                         recipe.carried)
+    starts = np.cumsum([0] + [tb.num_rows for tb in all_tables])
+    pools, eval_rows, reports = [], [], []
+    for (name, _), table, train_mask, base in zip(mixture.sources.items(), tables, in_train,
+                                                   starts):
+        kept = column(table, "length") > 0
+        pool = np.nonzero(train_mask & kept)[0] + base
+        report = make_report(table, train_mask)
+        if not len(pool):
+            raise DataError(f"mixture source '{name}' leaves no example to train on: "
+                            f"{report.summary()}")
+        pools.append(pool)
+        eval_rows.append(np.nonzero(~train_mask & kept)[0] + base)
+        reports.append(report)
+    for table, base in zip(eval_tables, starts[len(tables):]):
+        eval_rows.append(kept_rows(table) + base)
+
+    names = list(mixture.sources)
+    total = mixture.examples_per_epoch or int(sum(len(p) for p in pools))
+    counts = source_counts([w for _, w in mixture.sources.values()], total)
+    seed = t.seed if mixture.seed is None else mixture.seed
+    report = DataReport.combined(reports)
+    report.sources = {n: {"examples": c, "available": len(p)}
+                      for n, c, p in zip(names, counts, pools)}
+    key = digest("mixture", keys, t.eval_split, t.seed, seed, total)
+    draw = MixtureDraw(names, pools, counts, seed)
+    return PreparedData(store, Examples(store, np.concatenate(pools)),
+                        Examples(store, np.concatenate(eval_rows)), report,
+                        context.root / f"mixture-{key}", context, key=key, mixture=draw)
+
+
+def _named(what: str, prepare: Callable[[], Any]) -> Any:
+    """`prepare()`, its data errors saying which source of a mixture they are about."""
+    try:
+        return prepare()
+    except DataError as e:
+        if what in str(e):
+            raise
+        raise type(e)(f"{what}: {e}") from None
 
 
 def _prepared_table(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:

@@ -19,6 +19,20 @@ class DataReport:
     num_tokens: int = 0
     num_loss_tokens: int = 0
     stream_checked: int = 0  # a stream: the report covers only its first samples, checked up front
+    # a mixture: source name -> {"examples": drawn per epoch, "available": examples it holds}
+    sources: dict = field(default_factory=dict)
+
+    @classmethod
+    def combined(cls, reports: list["DataReport"]) -> "DataReport":
+        """One report of several prepared sources (a mixture's), their counts added."""
+        out = cls()
+        for r in reports:
+            out.kinds.update(r.kinds)
+            out.dropped.update(r.dropped)
+            for name in ("num_samples", "num_examples", "truncated", "split", "num_tokens",
+                         "num_loss_tokens"):
+                setattr(out, name, getattr(out, name) + getattr(r, name))
+        return out
 
     def as_dict(self) -> dict:
         return {
@@ -31,6 +45,8 @@ class DataReport:
             "tokens": self.num_tokens,
             "loss_tokens": self.num_loss_tokens,
             "loss_token_share": round(self.num_loss_tokens / max(self.num_tokens, 1), 4),
+            **{f"sources/{name}/{k}": v for name, counts in self.sources.items()
+               for k, v in counts.items()},
         }
 
     def summary(self) -> str:
@@ -44,5 +60,17 @@ class DataReport:
             f"data{scope}: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
             f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
             f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
-            + (f" ({reasons})" if dropped else "")
+            + (f" ({reasons})" if dropped else "") + self._mixture_summary()
         )
+
+    def _mixture_summary(self) -> str:
+        if not self.sources:
+            return ""
+        parts = []
+        for name, c in self.sources.items():
+            n, held = c["examples"], c["available"]
+            how = ("all" if n == held else "subsampled" if n < held
+                   else f"each {n / held:.3g} times")
+            parts.append(f"{name} {n:,} of {held:,} ({how})")
+        total = sum(c["examples"] for c in self.sources.values())
+        return f"\nmixture: {total:,} examples per epoch: " + ", ".join(parts)

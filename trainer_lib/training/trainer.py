@@ -25,6 +25,7 @@ from trainer_lib.checkpointing.checkpointer import BestFigureWatch, Checkpointer
 from trainer_lib.checkpointing.identity import run_identity
 from trainer_lib.checkpointing.resume import skip_batches
 from trainer_lib.config import Config
+from trainer_lib.data.mixture import loader_epochs
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.errors import MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
@@ -64,9 +65,9 @@ class Trainer:
         self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
         loader = self.make_loader(self.train_items, shuffle=True)
         k = config.train.gradient_accumulation_steps
-        self.total_steps = min(config.train.total_steps,
-                               config.train.epochs * math.ceil(
-                                   batches_per_process(self.accelerator, len(loader)) / k))
+        self.total_steps = min(config.train.total_steps, sum(
+            math.ceil(batches_per_process(self.accelerator, n) / k)
+            for n in loader_epochs(loader, config.train.epochs)))
         self.checkpoints = Checkpointer(config)
         self.checkpoints.choose_start(self, run_identity(self, model_config))
         self.nonfinite_steps = NonFiniteSteps(config.train.skip_nonfinite_steps)
@@ -142,9 +143,14 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def make_loader(self, items: list, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        batch_size = batch_size or self.config.train.batch_size
+        epochs = getattr(self, "epoch_ranges", None)  # a mixture: each epoch has its own items
+        if shuffle and epochs is not None:
+            return DataLoader(items, batch_size=batch_size, sampler=epochs.sampler(),
+                              collate_fn=self.collate)
         generator = torch.Generator().manual_seed(self.config.train.seed)
-        return DataLoader(items, batch_size=batch_size or self.config.train.batch_size,
-                          shuffle=shuffle, collate_fn=self.collate, generator=generator)
+        return DataLoader(items, batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=self.collate, generator=generator)
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -154,27 +154,44 @@ def micro_batches(data: PreparedData, recipe: KTORecipe, train_size: int, eval_s
                   seed: int, with_kl: bool, num_proc: Optional[int]) -> tuple[Groups, Groups]:
     """Fixed micro-batches of the train and eval examples (train groups first in one layout) and,
     `with_kl`, every example's mismatched partner tokenised."""
+    return epoch_micro_batches(data, recipe, train_size, eval_size, seed, with_kl, num_proc)[:2]
+
+
+def epoch_micro_batches(data: PreparedData, recipe: KTORecipe, train_size: int, eval_size: int,
+                        seed: int, with_kl: bool, num_proc: Optional[int],
+                        epochs: Optional[Callable[[], list[np.ndarray]]] = None,
+                        epochs_key: Any = None) -> tuple[Groups, Groups, np.ndarray]:
+    """`micro_batches`, where `epochs()` (for a mixture) gives the train rows of each epoch, each
+    drawn into micro-batches of its own (`epochs_key` names them). Returns (train groups, eval
+    groups, the bounds of each epoch's groups among the train groups)."""
     def compute() -> dict:
-        parts, offsets, partner, n_groups = [], [np.zeros(1, np.int64)], [], []
+        if epochs is None:
+            parts = [(data.train.rows, train_size, seed)]
+        else:
+            parts = [(rows, train_size, [seed, e]) for e, rows in enumerate(epochs())]
+        parts.append((data.eval.rows, eval_size, seed))
+        pieces, offsets, partner, n_groups = [], [np.zeros(1, np.int64)], [], []
         base = 0
-        for rows, size in ((data.train.rows, train_size), (data.eval.rows, eval_size)):
+        for rows, size, part_seed in parts:
             if not len(rows):
                 n_groups.append(0)
                 continue
-            order = np.random.default_rng(seed).permutation(len(rows))
+            order = np.random.default_rng(part_seed).permutation(len(rows))
             bounds = micro_batch_offsets(len(rows), size)
-            parts.append(rows[order])
+            pieces.append(rows[order])
             offsets.append(bounds[1:] + base)
             for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
                 if with_kl:
                     partner.extend(base + start + j for j in mismatched_pairing(stop - start))
             base += len(rows)
             n_groups.append(len(bounds) - 1)
-        return {"flat": np.concatenate(parts), "offsets": np.concatenate(offsets),
+        return {"flat": np.concatenate(pieces), "offsets": np.concatenate(offsets),
                 "partner": np.asarray(partner, dtype=np.int64),
                 "n_groups": np.asarray(n_groups, dtype=np.int64)}
 
     key = ["fixed_micro_batches", train_size, eval_size, seed, with_kl]
+    if epochs is not None:
+        key.append(epochs_key)
     arrays = data.derived_arrays("micro_batches", key, compute)
     partners = None
     if with_kl:
@@ -182,9 +199,11 @@ def micro_batches(data: PreparedData, recipe: KTORecipe, train_size: int, eval_s
             f, data, recipe, arrays["flat"], arrays["partner"], num_proc))
         partners = ExampleStore(_open(folder))
     layout = GroupLayout(data.store, arrays["flat"], arrays["offsets"], partners)
-    n_train = int(arrays["n_groups"][0])
+    starts = np.cumsum(np.concatenate([[0], arrays["n_groups"][:-1]]))
+    n_train = int(starts[-1])
     total = len(arrays["offsets"]) - 1
-    return (Groups(layout, np.arange(n_train)), Groups(layout, np.arange(n_train, total)))
+    return (Groups(layout, np.arange(n_train)), Groups(layout, np.arange(n_train, total)),
+            starts)
 
 
 def _open(folder: Path) -> pa.Table:

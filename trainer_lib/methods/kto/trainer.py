@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from trainer_lib.data.chat_template import RunTemplate
+from trainer_lib.data.mixture import EpochRanges, epoch_steps, plan_epochs
 from trainer_lib.data.pipeline import PreparedData
 from trainer_lib.data.store import Groups, materialize
 from trainer_lib.errors import ConfigError, DataError, KTODataError
@@ -27,7 +28,12 @@ from trainer_lib.methods.kto.loss import (
     reference_point,
     sft_scale,
 )
-from trainer_lib.methods.kto.recipe import KTORecipe, micro_batches
+from trainer_lib.methods.kto.recipe import (
+    KTORecipe,
+    epoch_micro_batches,
+    micro_batch_offsets,
+    micro_batches,
+)
 from trainer_lib.methods.kto.reference import (
     KTOReference,
     check_reference_settings,
@@ -72,15 +78,42 @@ class KTOTrainer(Trainer):
         if len(data.train) < (2 if m.loss_type == "kto" else 1):
             raise DataError(f"too few examples to train on ({len(data.train)}): "
                             f"{data.report.summary()}")
+        if data.mixture is not None:
+            return self.arrange_mixture(data, recipe)
         self._set_weights(data.store.column("label")[data.train.rows])
+        self._check_eval(data)
+        return micro_batches(data, recipe, t.batch_size, t.eval_batch_size or t.batch_size, t.seed,
+                             with_kl=m.loss_type == "kto", num_proc=self.config.data.num_proc)
+
+    def arrange_mixture(self, data: PreparedData, recipe: KTORecipe) -> tuple[Groups, Groups]:
+        """Micro-batches of each planned epoch's draw, one epoch after the other (each with its
+        KL pairs, within its micro-batches)."""
+        m, t, mixture = self.method, self.config.train, data.mixture
+        n = mixture.examples_per_epoch
+        if n < (2 if m.loss_type == "kto" else 1):
+            raise DataError(f"a mixture of {n} example per epoch: KTO needs at least 2 (set the "
+                            "Mixture's examples_per_epoch higher)")
+        groups = len(micro_batch_offsets(n, t.batch_size)) - 1
+        n_epochs = len(plan_epochs(t, lambda e: groups, lambda g: epoch_steps(
+            self.accelerator, g, 1, t.gradient_accumulation_steps)))
+        train, evaluation, starts = epoch_micro_batches(
+            data, recipe, t.batch_size, t.eval_batch_size or t.batch_size, t.seed,
+            with_kl=m.loss_type == "kto", num_proc=self.config.data.num_proc,
+            epochs=lambda: [mixture.rows(e) for e in range(n_epochs)], epochs_key=n_epochs)
+        self.epoch_ranges = EpochRanges(starts, t.seed)
+        layout = train.layout  # the class counts of an epoch: the first one's
+        self._set_weights(data.store.column("label")[layout.flat[:layout.offsets[starts[1]]]])
+        self._check_eval(data)
+        return train, evaluation
+
+    def _check_eval(self, data: PreparedData) -> None:
+        m = self.method
         eval_labels = data.store.column("label")[data.eval.rows]
         self._eval_sft_scale = sft_scale(len(eval_labels), int(np.count_nonzero(eval_labels)))
         if m.loss_type == "kto" and len(data.eval) == 1:
             raise DataError("only 1 evaluation example: the KL estimate pairs each example with "
                             "another one's completion, so evaluation needs at least 2; give more "
                             "eval_samples, or raise train.eval_split")
-        return micro_batches(data, recipe, t.batch_size, t.eval_batch_size or t.batch_size, t.seed,
-                             with_kl=m.loss_type == "kto", num_proc=self.config.data.num_proc)
 
     def _set_weights(self, labels) -> None:
         """Resolves desirable_weight="auto", reports the class counts and checks their balance."""

@@ -4,15 +4,17 @@ length-grouped padded batches.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainer_lib.data.chat_template import RunTemplate
+from trainer_lib.data.mixture import EpochRanges, epoch_steps, plan_epochs
 from trainer_lib.data.packing import PackedCollator, pack_lengths
 from trainer_lib.data.padding import LengthGroupedSampler, padded_collate
 from trainer_lib.data.pipeline import PreparedData
-from trainer_lib.data.store import GroupLayout, Groups, materialize
+from trainer_lib.data.store import Examples, GroupLayout, Groups, materialize
 from trainer_lib.data.streaming import StreamItems, StreamLoader
 from trainer_lib.errors import DataError
 from trainer_lib.methods.sft.config import SFTConfig
@@ -51,6 +53,8 @@ class SFTTrainer(Trainer):
         if not len(data.train):
             raise DataError(f"no sample is left to train on: {data.report.summary()}")
         self.train_examples = data.train
+        if data.mixture is not None:
+            return self.arrange_mixture(data), data.eval
         if not self.method.packing:
             return data.train, data.eval
         train = data.train
@@ -65,13 +69,51 @@ class SFTTrainer(Trainer):
         packed = data.derived_arrays("packed", ["best_fit_decreasing", t.seq_length], pack)
         return Groups(GroupLayout(data.store, packed["rows"], packed["offsets"])), data.eval
 
+    def arrange_mixture(self, data: PreparedData):
+        """Each planned epoch's draw as items, one epoch after the other: its examples, or the
+        packed rows of them (packed epoch by epoch, so an epoch's rows hold its examples)."""
+        t, mixture = self.config.train, data.mixture
+        lengths = data.store.lengths()
+
+        def steps(n_items: int) -> int:
+            return epoch_steps(self.accelerator, n_items, t.batch_size,
+                               t.gradient_accumulation_steps)
+
+        def plan() -> dict:
+            if not self.method.packing:
+                epochs = plan_epochs(t, mixture.rows, lambda rows: steps(len(rows)))
+                return {"rows": np.concatenate(epochs),
+                        "starts": np.cumsum([0] + [len(e) for e in epochs])}
+
+            def pack(epoch: int):
+                rows = mixture.rows(epoch)
+                flat, offsets = pack_lengths(lengths[rows], t.seq_length)
+                return rows[flat], offsets
+
+            epochs = plan_epochs(t, pack, lambda packed: steps(len(packed[1]) - 1))
+            bases = np.cumsum([0] + [len(rows) for rows, _ in epochs])
+            return {"rows": np.concatenate([rows for rows, _ in epochs]),
+                    "offsets": np.concatenate([[0]] + [offsets[1:] + base for (_, offsets), base
+                                                       in zip(epochs, bases)]),
+                    "starts": np.cumsum([0] + [len(offsets) - 1 for _, offsets in epochs])}
+
+        key = ["mixture_epochs", self.method.packing, t.seq_length, t.epochs, t.total_steps,
+               t.batch_size, t.gradient_accumulation_steps, self.accelerator.num_processes]
+        arrays = data.derived_arrays("mixture_epochs", key, plan)
+        self.epoch_ranges = EpochRanges(arrays["starts"], t.seed)
+        if not self.method.packing:
+            return Examples(data.store, arrays["rows"])
+        return Groups(GroupLayout(data.store, arrays["rows"], arrays["offsets"]))
+
     def make_loader(self, items, shuffle: bool, batch_size: int | None = None):
         batch_size = batch_size or self.config.train.batch_size
         if isinstance(items, StreamItems):
             return StreamLoader(items, batch_size, self.config.train.seq_length, self.collate)
         if shuffle and not self.method.packing and self.method.group_by_length:
-            sampler = LengthGroupedSampler(items.lengths(), self.config.train.batch_size,
-                                           self.config.train.seed)
+            epochs = getattr(self, "epoch_ranges", None)
+            sampler = (epochs.sampler(items.lengths(), self.config.train.batch_size) if epochs
+                       else LengthGroupedSampler(items.lengths(), self.config.train.batch_size,
+                                                 self.config.train.seed))
             return DataLoader(items, batch_size=batch_size, sampler=sampler,
                               collate_fn=self.collate)
         return super().make_loader(items, shuffle, batch_size)
