@@ -303,7 +303,7 @@ CASES = [
                      "give the ids without padding"]),
     Case("ids and text samples in one dataset",
          lambda c: c.train(samples=[{"input_ids": [1, 2, 3]}, "plain text"]), DataError,
-         ["sample 1 is a text sample but sample 0 is a tokens sample",
+         ["sample 1 is a text sample but sample 0 is a pretokenised sample",
           "one dataset must hold one kind of sample"]),
     Case("a KTO completion id outside the vocabulary",
          lambda c: c.train(samples=[{"prompt_input_ids": [1, 2], "completion_input_ids": [3],

@@ -162,7 +162,7 @@ def test_sources_of_different_forms_train_together(tiny_config, tmp_path):
     assert [report[f"sources/{n}/examples"] for n in ("pairs", "texts", "chats", "ids")] == \
         [8, 4, 4, 4]
     assert {k: v for k, v in report.items() if k.startswith("kind/")} == {
-        "kind/conversation": 5, "kind/pair": 12, "kind/text": 8, "kind/tokens": 6}
+        "kind/conversation": 5, "kind/pair": 12, "kind/text": 8, "kind/pretokenised": 6}
     assert len([h for h in trainer.log_history if "loss" in h]) == 3
 
 
@@ -185,6 +185,34 @@ def test_a_kto_mixture_of_text_and_ids_trains(tiny_model_dir, tmp_path):
                  for ex in group]
         assert Counter(ex["input_ids"][0] == 11 for ex in drawn) == {True: 6, False: 6}
     assert all(np.isfinite(h["loss"]) for h in trainer.log_history if "loss" in h)
+
+
+def test_evaluation_samples_come_from_every_source_and_are_never_drawn(tiny_config):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from trainer_lib.data.chat_template import RunTemplate
+    from trainer_lib.data.pipeline import build_data
+    from trainer_lib.methods.sft.recipe import SFTRecipe
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_config.model.model_path)
+    recipe = SFTRecipe(tokenizer, RunTemplate(tokenizer, "default"), tiny_config.method, 64)
+    config = tiny_config.evolve(train=dict(eval_split=0.25))
+    data = build_data(None, config, recipe, Mixture({"a": (A, 3), "b": (B[:4], 1)}))
+    held = [source_of(ex["input_ids"]) for ex in data.eval]
+    assert Counter(s for s, _ in held) == {"a": 10, "b": 1}
+    drawn = {source_of(ex["input_ids"]) for e in range(3) for ex in data.store.fetch(
+        data.mixture.rows(e))}
+    assert not drawn & set(held)
+    # 33 examples left to draw from, 3:1
+    assert data.report.sources == {"a": {"examples": 25, "available": 30},
+                                   "b": {"examples": 8, "available": 3}}
+
+    # a DatasetDict source: its validation split is evaluated on, its train split drawn from
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(B[:4]),
+                                   "validation": datasets.Dataset.from_list(B[4:])})
+    data = build_data(None, tiny_config, recipe, Mixture({"a": (A, 1), "b": (splits, 1)}))
+    assert sorted(source_of(ex["input_ids"]) for ex in data.eval) == [("b", 4), ("b", 5)]
 
 
 # ---------------------------------------------------------------- YAML and the command line

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from trainer_lib import default_kto_config, default_sft_config, train
+from trainer_lib import default_kto_config, train
 from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.methods.kto.loss import mismatched_pairing
-from trainer_lib.methods.kto.recipe import micro_batches
 from trainer_lib.methods.sft.recipe import SFTRecipe
 from trainer_lib.methods.sft.trainer import SFTTrainer
 
@@ -82,7 +81,7 @@ def test_the_loss_is_plain_torchs_on_the_given_tokens(form, packing, tiny_config
         assert ex["input_ids"] == sample["input_ids"]
         carries = {t for t, label in enumerate(ex["labels"]) if label != -100 and t > 0}
         assert carries == positions
-    assert trainer.data_report.kinds == {"tokens": len(samples)}
+    assert trainer.data_report.kinds == {"pretokenised": len(samples)}
     assert trainer.data_report.num_loss_tokens == sum(map(len, loss_at))
 
     model = AutoModelForCausalLM.from_pretrained(config.model.model_path)
@@ -93,7 +92,8 @@ def test_the_loss_is_plain_torchs_on_the_given_tokens(form, packing, tiny_config
 
 def test_masks_given_together_keep_the_loss_where_all_of_them_do(tiny_config):
     sample = {"input_ids": [5, 6, 7, 8, 9, 10], "completion_mask": [0, 0, 1, 1, 1, 1],
-              "assistant_masks": [1, 1, 1, 1, 0, 1], "labels": [5, 6, 7, -100, 9, 10]}
+              "assistant_masks": [True, True, True, True, False, True],  # true/false work too
+              "labels": [5, 6, 7, -100, 9, 10]}
     data = build_data(None, tiny_config, recipe(tiny_config), [sample])
     assert list(data.train)[0]["labels"] == [-100, -100, 7, -100, -100, 10]
 
@@ -140,6 +140,18 @@ def test_examples_tokenised_once_train_again_as_they_are(tiny_config):
                        [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in first])
     assert [(ex["input_ids"], ex["labels"]) for ex in again.train] == \
         [(ex["input_ids"], ex["labels"]) for ex in first]
+
+
+def test_a_dataset_of_ids_as_trl_leaves_it_gives_the_examples_of_the_list(tiny_config):
+    import datasets
+
+    samples, _ = token_samples("completion_mask")
+    rows = [{**s, "attention_mask": [1] * len(s["input_ids"])} for s in samples]
+    from_list = list(build_data(None, tiny_config, recipe(tiny_config), samples).train)
+    from_dataset = build_data(None, tiny_config, recipe(tiny_config),
+                              datasets.Dataset.from_list(rows)).train
+    assert [(e["input_ids"], e["labels"]) for e in from_dataset] == \
+        [(e["input_ids"], e["labels"]) for e in from_list]
 
 
 def test_a_sample_of_ids_wins_over_its_text_and_its_all_ones_attention_mask_is_accepted(

@@ -177,7 +177,8 @@ def check_mixture(entries: list) -> None:
                               f"{entry!r}")
         for key in entry:
             if key not in MIXTURE_KEYS:
-                hint = did_you_mean(key, MIXTURE_KEYS) or f"; its keys are {', '.join(MIXTURE_KEYS)}"
+                hint = (did_you_mean(key, MIXTURE_KEYS)
+                        or f"; its keys are {', '.join(MIXTURE_KEYS)}")
                 raise ConfigError(f"unknown key '{where}.{key}'{hint}")
         for key in ("name", "path"):
             if not isinstance(entry.get(key), str) or not entry[key].strip():

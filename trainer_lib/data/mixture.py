@@ -23,6 +23,7 @@ import torch
 from trainer_lib.data.padding import length_grouped_order
 from trainer_lib.errors import DataError
 
+
 class Mixture:
     """`Mixture({"name": (source, weight), ...}, seed=None, examples_per_epoch=None)`, accepted
     wherever `samples` is. A source is anything `samples` accepts (a list, a .json/.jsonl/
@@ -69,7 +70,8 @@ class Mixture:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n!r}: weight {w:g}" for n, (_, w) in self.sources.items())
-        return f"Mixture({{{parts}}}, seed={self.seed}, examples_per_epoch={self.examples_per_epoch})"
+        return (f"Mixture({{{parts}}}, seed={self.seed}, "
+                f"examples_per_epoch={self.examples_per_epoch})")
 
 
 def _preview(value: Any, limit: int = 60) -> str:
@@ -80,8 +82,8 @@ def _preview(value: Any, limit: int = 60) -> str:
 def _weight(value: Any, where: str) -> float:
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or not math.isfinite(value) or value <= 0):
-        raise DataError(f"{where}: the weight must be a number > 0, got {value!r} (leave a source out "
-                    "to not use it)")
+        raise DataError(f"{where}: the weight must be a number > 0, got {value!r} (leave a "
+                        "source out to not use it)")
     return float(value)
 
 

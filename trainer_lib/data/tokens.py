@@ -25,8 +25,10 @@ def _preview(value: Any, limit: int = 50) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _integers(value: Any, index: int, field: str, error: type, what: str) -> list[int]:
-    """`value` as a list of Python ints; booleans and floats are refused."""
+def _integers(value: Any, index: int, field: str, error: type, what: str,
+              booleans: bool = False) -> list[int]:
+    """`value` as a list of Python ints; floats are refused, and booleans unless `booleans`
+    (a mask may be written true/false)."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
@@ -34,7 +36,7 @@ def _integers(value: Any, index: int, field: str, error: type, what: str) -> lis
                     f"({_preview(value)}); expected a list of {what}")
     out = []
     for position, item in enumerate(value):
-        if isinstance(item, np.integer):
+        if isinstance(item, np.integer) or (booleans and isinstance(item, (bool, np.bool_))):
             item = int(item)
         if isinstance(item, bool) or not isinstance(item, int):
             raise error(f"sample {index}: field '{field}' holds {_preview(item)} at position "
@@ -67,7 +69,7 @@ def loss_labels(sample: dict, ids: list[int], index: int, error: type = DataErro
     for field in LOSS_MASKS:
         if sample.get(field) is None:
             continue
-        mask = _integers(sample[field], index, field, error, "0 and 1, one per token")
+        mask = _integers(sample[field], index, field, error, "0 and 1, one per token", True)
         _same_length(mask, ids, index, field, error, "one value per token (1 = loss, 0 = none)")
         for position, value in enumerate(mask):
             if value not in (0, 1):
@@ -107,7 +109,7 @@ def check_unpadded(sample: dict, index: int, error: type = DataError) -> None:
     mask = sample.get("attention_mask")
     if mask is None:
         return
-    values = _integers(mask, index, "attention_mask", error, "0 and 1, one per token")
+    values = _integers(mask, index, "attention_mask", error, "0 and 1, one per token", True)
     if 0 in values:
         raise error(f"sample {index}: field 'attention_mask' is 0 at position {values.index(0)}: "
                     "the sample holds padding, which would be trained on as tokens; give the ids "

@@ -26,9 +26,9 @@ from trainer_lib.data.store import ExampleStore, GroupLayout, Groups, TokenColum
 from trainer_lib.data.tokenize import fit_to_length, tokenize_pair, tokenize_pairs
 from trainer_lib.data.tokens import vocabulary_size
 from trainer_lib.errors import DataError, KTODataError
-from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 from trainer_lib.methods.kto.loss import mismatched_pairing
 from trainer_lib.methods.kto.samples import KIND_NAMES, kto_sample_form, normalize_kto_sample
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 
 
 class KTORecipe(DataRecipe):

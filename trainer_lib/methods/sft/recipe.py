@@ -56,7 +56,7 @@ class SFTRecipe(DataRecipe):
             for k, example in zip(pairs, done):
                 out[k] = example
         for k, (record, index) in enumerate(zip(records, indices)):
-            if record["kind"] == "tokens":  # used as given
+            if record["kind"] == "pretokenised":  # used as given
                 out[k] = {"input_ids": record["input_ids"], "labels": record["labels"]}
             elif out[k] is None:
                 try:
@@ -67,7 +67,7 @@ class SFTRecipe(DataRecipe):
         return out
 
     def fit_kind(self, record: dict) -> str:
-        if record["kind"] == "tokens":  # ids with a mask are cut at the end, as conversations
+        if record["kind"] == "pretokenised":  # ids with a mask are cut at the end, as conversations
             return "chat" if record["masked"] else "text"
         return record["kind"] if record["kind"] in ("text", "pair") else "chat"
 

@@ -20,7 +20,7 @@ def sample_kind(sample: Any, text_key: str = "text", input_key: str = "prompt",
         return "pair" if len(sample) == 2 else "unknown"
     if isinstance(sample, dict):
         if "input_ids" in sample:  # already tokenised: the ids win over any text beside them
-            return "tokens"
+            return "pretokenised"
         if "messages" in sample or "conversations" in sample:
             return "conversation"
         if input_key in sample or output_key in sample:
@@ -60,9 +60,9 @@ def mixed_forms_message(index: int, kind: str, first: str) -> str:
 def normalize_sft_sample(sample: Any, i: int, kind: str, text_key: str = "text",
                          input_key: str = "prompt", output_key: str = "completion",
                          vocab_size: int | None = None) -> dict:
-    """One checked sample of `kind` -> its record. `vocab_size` bounds the ids of a "tokens"
+    """One checked sample of `kind` -> its record. `vocab_size` bounds the ids of a "pretokenised"
     sample (the tokenizer's length)."""
-    if kind == "tokens":
+    if kind == "pretokenised":
         return normalize_token_sample(sample, i, vocab_size)
     if kind == "text":
         text = sample if isinstance(sample, str) else sample[text_key]
@@ -105,12 +105,12 @@ def normalize_sft_sample(sample: Any, i: int, kind: str, text_key: str = "text",
 
 def normalize_token_sample(sample: dict, i: int, vocab_size: int | None) -> dict:
     """`{"input_ids": [...]}`, with `completion_mask` or `assistant_masks` (1 = loss) or
-    `labels` (-100 = no loss), or none of them (loss on every token) -> a "tokens" record, used
-    as given: nothing is added."""
+    `labels` (-100 = no loss), or none of them (loss on every token) -> a "pretokenised"
+    record, used as given: nothing is added."""
     ids = token_ids(sample["input_ids"], i, "input_ids",
                     vocab_size if vocab_size is not None else 2 ** 31)
     check_unpadded(sample, i)
-    return {"kind": "tokens", "input_ids": ids, "labels": loss_labels(sample, ids, i),
+    return {"kind": "pretokenised", "input_ids": ids, "labels": loss_labels(sample, ids, i),
             "masked": mask_given(sample)}
 
 
