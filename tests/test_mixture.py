@@ -215,6 +215,30 @@ def test_evaluation_samples_come_from_every_source_and_are_never_drawn(tiny_conf
     assert sorted(source_of(ex["input_ids"]) for ex in data.eval) == [("b", 4), ("b", 5)]
 
 
+def test_a_method_draws_a_mixture_with_the_default_arrange_or_refuses_it(tiny_config):
+    """A method of one's own that keeps Trainer.arrange trains on each epoch's draw; one whose
+    own arrange() knows nothing of mixtures is refused one, rather than ignoring the weights."""
+    from trainer_lib.training.trainer import Trainer
+
+    class Default(SFTTrainer):
+        arrange = Trainer.arrange
+
+    class Own(SFTTrainer):
+        def arrange(self, data, recipe):
+            return data.train, data.eval
+
+    config = tiny_config.evolve(train=dict(epochs=2, batch_size=8, total_steps=100))
+    mixture = Mixture({"a": (A, 3), "b": (B, 1)}, examples_per_epoch=16)
+    trainer = Default(config, samples=mixture)
+    starts = trainer.epoch_ranges.starts
+    assert starts == [0, 16, 32] and trainer.total_steps == 4
+    for e in range(2):
+        drawn = trainer.train_items[starts[e]:starts[e + 1]]
+        assert Counter(source_of(ex["input_ids"])[0] for ex in drawn) == {"a": 12, "b": 4}
+    with pytest.raises(DataError, match=r"Own\.arrange\(\) does not draw a Mixture's epochs"):
+        Own(config, samples=mixture)
+
+
 # ---------------------------------------------------------------- YAML and the command line
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer_lib.data.padding import length_grouped_order
+from trainer_lib.data.store import Examples
 from trainer_lib.errors import DataError
 
 
@@ -152,6 +153,24 @@ def epoch_steps(accelerator, num_items: int, items_per_batch: int, accumulation:
     batches = -(-num_items // items_per_batch)
     processes = accelerator.num_processes if accelerator is not None else 1
     return -(-(-(-batches // processes)) // accumulation)
+
+
+def mixture_examples(data, train, accelerator) -> tuple[Examples, "EpochRanges"]:
+    """A mixture's epochs as single examples (batches of `train.batch_size` of them), the planned
+    epochs one after the other; computed once, memory-mapped by every process."""
+    mixture = data.mixture
+
+    def plan() -> dict:
+        epochs = plan_epochs(train, mixture.rows, lambda rows: epoch_steps(
+            accelerator, len(rows), train.batch_size, train.gradient_accumulation_steps))
+        return {"rows": np.concatenate(epochs),
+                "starts": np.cumsum([0] + [len(rows) for rows in epochs])}
+
+    processes = accelerator.num_processes if accelerator is not None else 1
+    key = ["examples", train.epochs, train.total_steps, train.batch_size,
+           train.gradient_accumulation_steps, processes]
+    arrays = data.derived_arrays("mixture_epochs", key, plan)
+    return Examples(data.store, arrays["rows"]), EpochRanges(arrays["starts"], train.seed)
 
 
 class EpochRanges:

@@ -25,9 +25,9 @@ from trainer_lib.checkpointing.checkpointer import BestFigureWatch, Checkpointer
 from trainer_lib.checkpointing.identity import run_identity
 from trainer_lib.checkpointing.resume import skip_batches
 from trainer_lib.config import Config
-from trainer_lib.data.mixture import loader_epochs
+from trainer_lib.data.mixture import loader_epochs, mixture_examples
 from trainer_lib.data.pipeline import build_data
-from trainer_lib.errors import MetricFnError
+from trainer_lib.errors import DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
@@ -92,7 +92,11 @@ class Trainer:
         raise NotImplementedError
 
     def arrange(self, data, recipe) -> tuple[Any, Any]:
-        """(train items, eval items) from the prepared data; by default single examples."""
+        """(train items, eval items) from the prepared data; by default single examples (of a
+        mixture: each epoch's draw, with `self.epoch_ranges` saying where each epoch is)."""
+        if data.mixture is not None:
+            items, self.epoch_ranges = mixture_examples(data, self.config.train, self.accelerator)
+            return items, data.eval
         return data.train, data.eval
 
     def collate(self, items: list) -> dict:
@@ -135,6 +139,10 @@ class Trainer:
         data = build_data(self.accelerator, self.config, recipe, samples, eval_samples)
         self.data_report = data.report
         items = self.arrange(data, recipe)
+        if data.mixture is not None and getattr(self, "epoch_ranges", None) is None:
+            raise DataError(f"{type(self).__name__}.arrange() does not draw a Mixture's epochs "
+                            "(it sets no epoch_ranges), so the weights would be ignored; pass "
+                            "one dataset, or draw them as Trainer.arrange does")
         data.release()
         if self.accelerator.is_main_process:
             print(self.data_report.summary(), flush=True)

@@ -10,11 +10,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainer_lib.data.chat_template import RunTemplate
-from trainer_lib.data.mixture import EpochRanges, epoch_steps, plan_epochs
+from trainer_lib.data.mixture import EpochRanges, epoch_steps, mixture_examples, plan_epochs
 from trainer_lib.data.packing import PackedCollator, pack_lengths
 from trainer_lib.data.padding import LengthGroupedSampler, padded_collate
 from trainer_lib.data.pipeline import PreparedData
-from trainer_lib.data.store import Examples, GroupLayout, Groups, materialize
+from trainer_lib.data.store import GroupLayout, Groups, materialize
 from trainer_lib.data.streaming import StreamItems, StreamLoader
 from trainer_lib.errors import DataError
 from trainer_lib.methods.sft.config import SFTConfig
@@ -73,36 +73,29 @@ class SFTTrainer(Trainer):
         """Each planned epoch's draw as items, one epoch after the other: its examples, or the
         packed rows of them (packed epoch by epoch, so an epoch's rows hold its examples)."""
         t, mixture = self.config.train, data.mixture
+        if not self.method.packing:
+            items, self.epoch_ranges = mixture_examples(data, t, self.accelerator)
+            return items
         lengths = data.store.lengths()
 
-        def steps(n_items: int) -> int:
-            return epoch_steps(self.accelerator, n_items, t.batch_size,
-                               t.gradient_accumulation_steps)
+        def pack(epoch: int):
+            rows = mixture.rows(epoch)
+            flat, offsets = pack_lengths(lengths[rows], t.seq_length)
+            return rows[flat], offsets
 
         def plan() -> dict:
-            if not self.method.packing:
-                epochs = plan_epochs(t, mixture.rows, lambda rows: steps(len(rows)))
-                return {"rows": np.concatenate(epochs),
-                        "starts": np.cumsum([0] + [len(e) for e in epochs])}
-
-            def pack(epoch: int):
-                rows = mixture.rows(epoch)
-                flat, offsets = pack_lengths(lengths[rows], t.seq_length)
-                return rows[flat], offsets
-
-            epochs = plan_epochs(t, pack, lambda packed: steps(len(packed[1]) - 1))
+            epochs = plan_epochs(t, pack, lambda packed: epoch_steps(
+                self.accelerator, len(packed[1]) - 1, t.batch_size, t.gradient_accumulation_steps))
             bases = np.cumsum([0] + [len(rows) for rows, _ in epochs])
             return {"rows": np.concatenate([rows for rows, _ in epochs]),
                     "offsets": np.concatenate([[0]] + [offsets[1:] + base for (_, offsets), base
                                                        in zip(epochs, bases)]),
                     "starts": np.cumsum([0] + [len(offsets) - 1 for _, offsets in epochs])}
 
-        key = ["mixture_epochs", self.method.packing, t.seq_length, t.epochs, t.total_steps,
-               t.batch_size, t.gradient_accumulation_steps, self.accelerator.num_processes]
+        key = ["packed", t.seq_length, t.epochs, t.total_steps, t.batch_size,
+               t.gradient_accumulation_steps, self.accelerator.num_processes]
         arrays = data.derived_arrays("mixture_epochs", key, plan)
         self.epoch_ranges = EpochRanges(arrays["starts"], t.seed)
-        if not self.method.packing:
-            return Examples(data.store, arrays["rows"])
         return Groups(GroupLayout(data.store, arrays["rows"], arrays["offsets"]))
 
     def make_loader(self, items, shuffle: bool, batch_size: int | None = None):
