@@ -197,8 +197,8 @@ def _build_mixture(context: _Context, recipe: DataRecipe, mixture: Mixture, eval
                                                                           sources.eval))
             eval_tables.append(eval_table)
             keys[-1].append(eval_entry.key)
-        held = (held_out(table, t.eval_split, t.seed) if eval_samples is None
-                else np.zeros(table.num_rows, dtype=bool))
+        held = (_named(what, lambda: held_out(table, t.eval_split, t.seed))
+                if eval_samples is None else np.zeros(table.num_rows, dtype=bool))
         in_train.append(~held)
     if eval_samples is not None:
         eval_table, eval_entry = _prepared_table(context, recipe, open_source(
