@@ -54,6 +54,36 @@ def test_a_crash_mid_save_keeps_the_previous_folder(trained, tmp_path, monkeypat
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_a_full_disk_keeps_the_previous_folder_and_says_what_it_needs(trained, tmp_path,
+                                                                     monkeypatch):
+    import errno
+
+    import transformers.modeling_utils as modeling
+
+    from trainer_lib.errors import CheckpointWriteError
+
+    out = tmp_path / "model"
+    trained.save_pretrained(str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(modeling, "safe_save_file", full_disk)
+    with pytest.raises(CheckpointWriteError) as e:
+        trained.save_pretrained(str(out))
+    message = str(e.value)
+    assert message.startswith(f"could not write the model folder {out}: the disk is full: the "
+                              "model takes about ")
+    # the weights' size (what model.safetensors takes, less its small header)
+    said = float(message.split("the model takes about ")[1].split(" KB")[0]) * 1000
+    assert 0.95 * len(before["model.safetensors"]) < said <= len(before["model.safetensors"])
+    assert f"Nothing of it was kept: {out} is as it was" in message
+    assert e.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+
+
 def test_atomic_directory_replaces_only_when_complete(tmp_path):
     target = tmp_path / "folder"
     with atomic_directory(target) as tmp:

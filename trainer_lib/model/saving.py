@@ -1,44 +1,91 @@
 """Writing the trained model as an ordinary Hugging Face folder, atomically: full, as a LoRA
 adapter folder, or with the adapters merged. Every process calls it (a sharded model is gathered
-collectively); only the main process writes.
+collectively); only the main process writes, and a failed write is raised on every process.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable, Optional
 
 from trainer_lib.model.dropout import dropout_as_configured
 from trainer_lib.model.lora import is_peft_model
-from trainer_lib.runtime.files import atomic_directory
+from trainer_lib.runtime.files import atomic_directory, write_error
+from trainer_lib.runtime.processes import all_or_none
 from trainer_lib.runtime.quiet import no_progress_bars
 
 
 def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
-                    merge_adapters: bool = False) -> None:
+                    merge_adapters: bool = False,
+                    failure: Optional[Callable[[Exception], BaseException]] = None) -> None:
     """Every process must call this (a sharded model is gathered collectively); only the main
     process writes.
 
     A LoRA model is written as its adapter folder (adapter_config.json pointing at the base model,
     adapter weights only), or with `merge_adapters=True` as a full model with the adapters merged
     into the base weights, which loads with AutoModelForCausalLM alone.
+
+    A write that fails leaves `path` as it was and raises on every process: a full disk (or any
+    OSError) as CheckpointWriteError naming the folder and the space the model takes, or what
+    `failure(error)` returns (a checkpoint names itself).
     """
+    path = Path(path)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    is_peft = is_peft_model(unwrapped)
     # gathers ZeRO-3 shards (needs stage3_gather_16bit_weights_on_model_save, which
     # trainer_lib.distributed always sets); the unwrapped module alone would hold empty shards
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        # the folder keeps the dropout the user configured, even if training ran without it
-        with atomic_directory(path) as tmp, no_progress_bars(), \
-                dropout_as_configured(unwrapped):
-            if is_peft and merge_adapters:
-                merged = _merged_copy(unwrapped, state_dict)
-                merged.save_pretrained(tmp, safe_serialization=True)
-            else:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    with all_or_none(accelerator):  # the others wait here while the main process writes
+        if accelerator.is_main_process:
+            try:
+                _write_folder(unwrapped, state_dict, tokenizer, path, merge_adapters)
+            except Exception as e:  # noqa: BLE001 - a failed write, said in the user's terms
+                said = (failure or _model_write_error(unwrapped, state_dict, path,
+                                                      merge_adapters))(e)
+                if said is e:
+                    raise
+                raise said from e
+
+
+def _write_folder(unwrapped, state_dict, tokenizer, path: Path, merge_adapters: bool) -> None:
+    # the folder keeps the dropout the user configured, even if training ran without it
+    with atomic_directory(path) as tmp, no_progress_bars(), dropout_as_configured(unwrapped):
+        if is_peft_model(unwrapped) and merge_adapters:
+            merged = _merged_copy(unwrapped, state_dict)
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def _model_write_error(unwrapped, state_dict, path: Path, merge_adapters: bool):
+    existed = path.exists()  # atomic_directory leaves it as it was
+
+    def convert(error: Exception) -> BaseException:
+        adapters_only = is_peft_model(unwrapped) and not merge_adapters
+        return write_error(
+            error, f"the model folder {path}", path,
+            ("the model", _bytes_written(unwrapped, state_dict, adapters_only)),
+            "save it elsewhere (the command line's --output, or trainer.save_pretrained(path))",
+            f"Nothing of it was kept: {path} is as it was" if existed
+            else f"Nothing of it was kept ({path} was not created)")
+
+    return convert
+
+
+def _bytes_written(unwrapped, state_dict, adapters_only: bool) -> int:
+    """About what the folder's weights take: the adapters' alone, or the model's."""
+    if state_dict is None:
+        state_dict = unwrapped.state_dict()
+    if adapters_only:
+        from peft import get_peft_model_state_dict
+
+        state_dict = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
+    # tied weights share one storage and are written once
+    storages = {t.untyped_storage().data_ptr(): t.nbytes for t in state_dict.values()
+                if hasattr(t, "untyped_storage")}
+    return sum(storages.values())
 
 
 def _merged_copy(peft_model, state_dict):

@@ -1,4 +1,5 @@
-"""DeepSpeed: its config completed from the trainer's settings, and the ZeRO stage in use.
+"""DeepSpeed: its config completed from the trainer's settings, the ZeRO stage in use, and its
+checkpoint writes made safe to fail on one process.
 
 The DeepSpeed config's "auto" values are filled from the trainer's own settings and values that
 contradict them are refused, before anything is trained.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -117,6 +120,56 @@ def is_zero3(accelerator: Accelerator) -> bool:
     """True when parameters are sharded across processes (DeepSpeed ZeRO-3): every process must
     then take part in every forward pass, generation included."""
     return zero_stage(accelerator) == 3
+
+
+@contextmanager
+def save_failures_deferred(accelerator: Accelerator, engine) -> Iterator[None]:
+    """While the block runs, a DeepSpeed engine's `save_checkpoint` whose writes fail on this
+    process still takes part in every collective of the save before raising, so the processes
+    whose writes went well do not wait for this one forever. Its collectives surround the
+    writes: a barrier and the tag check before, ZeRO-3's gathering of persistent parameters and a
+    last barrier after. So a failed shard write (or copy of the recovery script) is recorded and
+    raised once `save_checkpoint` is done; a failure it raises itself (the `latest` file, written
+    after everything but the last barrier) joins that barrier first. The folder exists before
+    (it is made with the checkpoint's), so nothing can fail before the first collectives.
+    Without DeepSpeed, or in one process, nothing changes."""
+    if accelerator.num_processes == 1 or not hasattr(engine, "checkpoint_engine"):
+        yield
+        return
+    failures: list[Exception] = []
+
+    def deferred(write):
+        def run(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - raised after the save's collectives
+                failures.append(e)
+        return run
+
+    save = engine.save_checkpoint
+
+    def save_checkpoint(*args, **kwargs):
+        try:
+            done = save(*args, **kwargs)
+        except Exception:
+            torch.distributed.barrier()  # the one that ends save_checkpoint on the others
+            raise
+        if failures:
+            raise failures[0]
+        return done
+
+    writer = engine.checkpoint_engine
+    replaced = [(writer, "save", deferred(writer.save)),
+                (engine, "save_checkpoint", save_checkpoint)]
+    if hasattr(engine, "_copy_recovery_script"):
+        replaced.append((engine, "_copy_recovery_script", deferred(engine._copy_recovery_script)))
+    for owner, name, function in replaced:
+        setattr(owner, name, function)
+    try:
+        yield
+    finally:
+        for owner, name, _ in replaced:
+            delattr(owner, name)  # the class's method again
 
 
 def prepare_reference_model(accelerator: Accelerator, model: torch.nn.Module):

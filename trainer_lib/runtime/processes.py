@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import pickle
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -63,13 +64,45 @@ def on_main_process(accelerator, fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error  # the original, with its traceback, where it happened
     if status == "error":
-        kind, message = value
-        try:
-            error = kind(message)
-        except Exception:  # noqa: BLE001 - a type that does not take one message
-            error = RuntimeError(message)
-        raise error
+        raise rebuilt_error(*value)
     return value
+
+
+@contextmanager
+def all_or_none(accelerator) -> Iterator[None]:
+    """A block every process runs, then one collective (a summed failure flag): when the block
+    raised on any process, it raises on every one, so none is left waiting for the others at
+    their next collective. The process where it happened raises its own error; the others the
+    first failing process's type and message. The block must call the same collectives on every
+    process up to where it can fail."""
+    if accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - agreed on with the other processes below
+        error = e
+    if not int(reduce_sum(accelerator, [error is not None])[0]):
+        return
+    shared = (*portable_error(error), getattr(error, "errno", None)) if error else None
+    failures = [f for f in gather_object([shared]) if f]
+    if error is not None:
+        raise error
+    cls, message, code = failures[0]
+    rebuilt = rebuilt_error(cls, message)
+    if code is not None and isinstance(rebuilt, OSError):
+        rebuilt.errno = code
+    raise rebuilt
+
+
+def rebuilt_error(cls: type, message: str) -> Exception:
+    """An error of type `cls` with `message`, as another process raised it (a RuntimeError naming
+    the type when `cls` does not take one message)."""
+    try:
+        return cls(message)
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{cls.__name__}: {message}")
 
 
 def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
@@ -89,8 +122,7 @@ def main_first(accelerator, prepare: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     if failures:
-        cls, message = failures[0]
-        raise cls(message)
+        raise rebuilt_error(*failures[0])
     if not accelerator.is_local_main_process:
         value = prepare()
     return value

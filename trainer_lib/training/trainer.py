@@ -10,6 +10,7 @@ sharding give the gradient of one big batch.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 import time
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 
 from trainer_lib.checkpointing.checkpointer import BestFigureWatch, Checkpointer
 from trainer_lib.checkpointing.identity import run_identity
+from trainer_lib.checkpointing.layout import STATE_FILE
 from trainer_lib.checkpointing.resume import skip_batches
 from trainer_lib.config import Config
 from trainer_lib.data.mixture import loader_epochs, mixture_examples
 from trainer_lib.data.pipeline import build_data
-from trainer_lib.errors import DataError, MetricFnError
+from trainer_lib.errors import CheckpointWriteError, DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
@@ -384,8 +386,21 @@ class Trainer:
             print(format_log_line(entry, self.step, self.total_steps), flush=True)
 
     def save_pretrained(self, path: str, merge_adapters: bool = False) -> None:
-        save_pretrained(self.accelerator, self.model, self.tokenizer, path,
-                        merge_adapters=merge_adapters)
+        """Writes the model as an ordinary Hugging Face folder (every process calls this). A write
+        that fails (a full disk) leaves `path` as it was and raises CheckpointWriteError on every
+        process, naming the folder, the space needed and the last checkpoint's copy."""
+        try:
+            save_pretrained(self.accelerator, self.model, self.tokenizer, path,
+                            merge_adapters=merge_adapters)
+        except CheckpointWriteError as e:
+            last = self.checkpoints.last_saved
+            if last is None or not (last / "hf_model").is_dir():
+                raise
+            step = json.loads((last / STATE_FILE).read_text())["step"]
+            error = CheckpointWriteError(f"{e}; the last checkpoint holds the model as of step "
+                                         f"{step}, as a Hugging Face folder: {last / 'hf_model'}")
+            error.errno = e.errno
+            raise error from e.__cause__
 
 
 class _Window:
