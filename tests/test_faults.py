@@ -1,7 +1,8 @@
 """What a run guarantees when things go wrong: non-finite steps are never applied or saved, every
 file a resume reads loads without running code, damaged and foreign checkpoints are refused (or
-passed over for "latest"), Ctrl-C saves and stops on every process at the same step, and a full
-disk loses nothing that was saved."""
+passed over for "latest", which continues the run that wrote last), Ctrl-C saves and stops on
+every process at the same step, a full disk loses nothing that was saved, and a write that fails
+on one process stops every process."""
 
 import errno
 import json
@@ -20,7 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from trainer_lib import default_sft_config, train
 from trainer_lib.checkpointing.layout import list_checkpoints
-from trainer_lib.checkpointing.manifest import damage, read_manifest, write_manifest
+from trainer_lib.checkpointing.manifest import damage, read_manifest, write_manifest, writer_of
+from trainer_lib.checkpointing.resume import plan_start
 from trainer_lib.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -72,6 +74,21 @@ def ckpts(run_ckpts, tmp_path) -> Path:
 def _env():
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "OMP_NUM_THREADS": "1"}
+
+
+def _launch_two(spec: dict, setup: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """tests/scripts/fault_run.py on 2 processes under `accelerate launch`, with the accelerate
+    config `configs/accelerate/<setup>.yaml`; a hang fails the test at `timeout`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+           "--main_process_port", str(port), "--config_file",
+           str(REPO / "configs" / "accelerate" / f"{setup}.yaml"), str(SCRIPT), json.dumps(spec)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _snapshot(folder: Path) -> dict:
@@ -258,6 +275,7 @@ DAMAGE = {
     "random bytes in the weights": ("accelerate/model.safetensors", _scribble),
     "a missing RNG state": ("accelerate/random_states_0.pkl", Path.unlink),
     "no manifest": ("manifest.json", Path.unlink),
+    "an emptied manifest": ("manifest.json", lambda p: p.write_text("")),
 }
 
 
@@ -270,24 +288,30 @@ def test_a_damaged_checkpoint_given_by_path_is_refused_naming_the_file(
         train(samples=SAMPLES, config=_config(
             tiny_model_dir, ckpts, resume_from_checkpoint=str(ckpts / "step_4")))
     message = str(e.value)
-    assert "step_4" in message and name in message
-    if kind != "no manifest":
-        assert "is damaged" in message or "is missing" in message
-        assert '"latest", which falls back to the newest intact one' in message
+    assert f"cannot be resumed: {ckpts / 'step_4' / name} is " in message
+    assert "is damaged" in message or "is missing" in message
+    assert '"latest", which falls back to the newest intact one' in message
 
 
-@pytest.mark.parametrize("kind", ["random bytes in the weights", "truncated optimizer state"])
+@pytest.mark.parametrize("kind", ["random bytes in the weights", "truncated optimizer state",
+                                  "no manifest", "an emptied manifest"])
 def test_latest_falls_back_to_the_newest_intact_checkpoint_and_says_so(kind, ckpts,
                                                                        tiny_model_dir, capsys):
     name, spoil = DAMAGE[kind]
+    run = read_manifest(ckpts / "step_2")["run_id"]
     spoil(ckpts / "step_4" / name)
     trainer = train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts,
                                                     resume_from_checkpoint="latest"))
     out = capsys.readouterr().out
-    assert f"step_4 is unusable: {ckpts / 'step_4' / name} is damaged" in out
+    said = "is missing" if kind == "no manifest" else "is damaged"
+    assert f"step_4 is unusable: {ckpts / 'step_4' / name} {said}" in out
     assert "resuming from step_2, the newest intact checkpoint, instead" in out
     assert f"resumed from {ckpts / 'step_2'} at step 2" in out
+    assert "another run" not in out  # it is this run's own checkpoint, damaged
     assert trainer.step == 4 and damage(ckpts / "step_4") is None  # written again, whole
+    # by the same run, in place: the folder names are the user's as they were
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_2", "step_4"]
+    assert read_manifest(ckpts / "step_4")["run_id"] == run
 
 
 def test_leftovers_of_interrupted_saves_and_deletions_are_cleaned_up_at_start(
@@ -406,6 +430,39 @@ def test_keep_last_n_after_resuming_an_earlier_step_keeps_what_the_run_just_wrot
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_3", "step_4"]
     assert read_manifest(ckpts / "step_3")["run_id"] == run_a
     assert damage(ckpts / "step_3") is None
+    # "latest" is where the run stopped: step_3, written after step_4 by the resumed run
+    config = _config(tiny_model_dir, ckpts, resume_from_checkpoint="latest")
+    assert plan_start(config, read_manifest(ckpts / "step_3")["identity"]) == (
+        str(ckpts / "step_3"), run_a)
+
+
+def test_latest_continues_the_run_that_wrote_last_not_another_with_the_same_settings(
+        ckpts, tiny_model_dir, capsys):
+    # run A wrote step_2 and step_4; run B, with the same settings, starts afresh in the same
+    # folder and stops after writing step_3
+    run_a = read_manifest(ckpts / "step_4")["run_id"]
+    train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts, total_steps=3,
+                                          checkpoint_interval=3))
+    run_b = read_manifest(ckpts / "step_3")["run_id"]
+    assert run_b != run_a
+    state = json.loads((ckpts / "step_3" / "trainer_state.json").read_text())
+    assert state["run_id"] == run_b
+    assert state["written_at"] == read_manifest(ckpts / "step_3")["written_at"]
+    capsys.readouterr()
+
+    # B, restarted with "latest", continues from its own step_3, not from A's step_4
+    trainer = train(samples=SAMPLES, config=_config(tiny_model_dir, ckpts,
+                                                    resume_from_checkpoint="latest"))
+    out = capsys.readouterr().out
+    assert (f"holds checkpoints of 2 runs with these settings; continuing run {run_b}, which "
+            "wrote the newest (step_3, written ") in out
+    assert "leaving the other run's (step_2, step_4) alone" in out
+    assert f"resumed from {ckpts / 'step_3'} at step 3" in out
+    assert trainer.step == 4
+    # it wrote step_4 as run B; A's step_4 was kept aside, whole
+    assert read_manifest(ckpts / "step_4")["run_id"] == run_b
+    assert f"held a checkpoint of another run: kept as step_4.run-{run_a}" in out
+    assert damage(ckpts / f"step_4.run-{run_a}") is None
 
 
 # --------------------------------------------------------------------------- a full disk
@@ -442,6 +499,86 @@ def test_a_save_that_fails_for_lack_of_space_says_so_and_keeps_the_previous_chec
     assert e.value.errno == errno.ENOSPC
     assert sorted(p.name for p in folder.iterdir()) == ["step_1"]  # nothing half-written
     assert damage(folder / "step_1") is None
+
+
+def _cli_args(model_dir, data: Path, ckpts: Path, output: Path) -> list[str]:
+    return ["sft", "--data", str(data), "--output", str(output),
+            f"model.model_path={model_dir}", f"train.checkpoint_dir={ckpts}",
+            "train.total_steps=2", "train.epochs=10", "train.checkpoint_interval=2",
+            "train.seq_length=32", "train.batch_size=4", "train.progress_bar=false"]
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_naming_the_folder_and_the_space(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import transformers.modeling_utils as modeling
+    from safetensors import SafetensorError
+
+    from trainer_lib.cli import main
+
+    save_file = modeling.safe_save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if ".final.tmp-" in str(filename):  # what safetensors raises when the disk fills
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        return save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(modeling, "safe_save_file", full_disk)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
+    out, ckpts = tmp_path / "out" / "final", tmp_path / "ckpts"
+    assert main(_cli_args(tiny_model_dir, data, ckpts, out)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error" in line.lower()]
+    assert line.startswith(f"trainer-lib: error: could not write the model folder {out}: the disk "
+                           "is full: the model takes about ")
+    assert "are free there. Free some space, or save it elsewhere (the command line's --output" \
+        in line
+    assert line.endswith(f"Nothing of it was kept ({out} was not created); the last checkpoint "
+                         "holds the model as of step 2, as a Hugging Face folder: "
+                         f"{ckpts / 'step_2' / 'hf_model'}")
+    # the size said is the weights' (what model.safetensors takes, less its small header)
+    said = float(line.split("the model takes about ")[1].split(" KB")[0]) * 1000
+    weights = (ckpts / "step_2" / "hf_model" / "model.safetensors").stat().st_size
+    assert 0.95 * weights < said <= weights
+    assert list(out.parent.iterdir()) == []  # nothing half-written
+    AutoModelForCausalLM.from_pretrained(ckpts / "step_2" / "hf_model")
+
+
+def _tmpfs_works(folder: Path) -> bool:
+    try:
+        probe = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k",
+                                "tmpfs", str(folder)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def test_the_final_save_on_a_really_full_disk(tiny_model_dir, tmp_path):
+    """The command line writes its output to a 64 KB tmpfs (in a mount namespace of its own):
+    the model does not fit. Where such a mount is not allowed, the test above, with the writer
+    failing as it does here, covers the same."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if not _tmpfs_works(mount):
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
+    out = mount / "final"
+    script = ('mount -t tmpfs -o size=64k tmpfs "$MOUNT" || exit 99; "$@"; code=$?; '
+              'echo "left on the disk: [$(ls -A "$MOUNT")]"; exit $code')
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, "sh", sys.executable, "-m", "trainer_lib",
+         *_cli_args(tiny_model_dir, data, tmp_path / "ckpts", out)],
+        env={**_env(), "MOUNT": str(mount)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert line.startswith(f"trainer-lib: error: could not write the model folder {out}: the disk "
+                           "is full: the model takes about ")
+    assert " are free there" in line and f"({out} was not created)" in line
+    assert "left on the disk: []" in proc.stdout
 
 
 # --------------------------------------------------------------------------- Ctrl-C
@@ -501,18 +638,9 @@ def test_ctrl_c_on_one_of_two_zero3_processes_stops_both_after_the_same_step(tin
     """Rank 1 alone gets the signal; both stop after step 2 and save it; the ZeRO-3 checkpoint
     resumes on both; a NaN step is skipped by both; and a planted pickle in any of the
     checkpoint's files is refused on both."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     spec = {"model_dir": tiny_model_dir, "checkpoint_dir": str(tmp_path / "ckpts"),
             "out": str(tmp_path), "at_step": 2, "rank": 1}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-           "--main_process_port", str(port), "--config_file",
-           str(REPO / "configs" / "accelerate" / "zero3.yaml"), str(SCRIPT), json.dumps(spec)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = _launch_two(spec, "zero3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:
@@ -532,3 +660,48 @@ def test_ctrl_c_on_one_of_two_zero3_processes_stops_both_after_the_same_step(tin
                 result["outcome"], result
             assert not result["code_ran"]
     assert reports[0]["nan_step"]["finite"] is True
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.parametrize("setup", ["zero3", "ddp"])
+def test_a_write_that_fails_on_one_of_two_processes_raises_on_both_and_none_waits(
+        setup, tiny_model_dir, tmp_path):
+    """Each process hashes the files it wrote, and the manifest assembled from both verifies
+    when the run resumes; a final save that fails on the main process alone, and a checkpoint
+    write that fails on process 1 alone (a full disk), raise CheckpointWriteError on both, naming
+    the folder, instead of leaving one waiting for the other (the timeout would fail the test)."""
+    folder = tmp_path / "ckpts"
+    spec = {"model_dir": tiny_model_dir, "checkpoint_dir": str(folder), "out": str(tmp_path),
+            "fail_rank": 1}
+    proc = _launch_two(spec, setup, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {folder / 'step_2'} at step 2" in proc.stdout
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    final, step_2, step_3 = tmp_path / "final", folder / "step_2", folder / "step_3"
+    for report in reports:
+        assert report["final_save"].startswith(
+            f"CheckpointWriteError: could not write the model folder {final}: the disk is full: "
+            "the model takes about ")
+        assert report["final_save"].endswith(
+            f"({final} was not created); the last checkpoint holds the model as of step 2, as a "
+            f"Hugging Face folder: {step_2 / 'hf_model'}")
+        assert report["checkpoint"].startswith(
+            f"CheckpointWriteError: could not write the checkpoint {step_3} at step 3 on "
+            "process 1: the disk is full: a checkpoint of this run takes about ")
+        assert report["checkpoint"].endswith(
+            f"Nothing of it was kept; the previous checkpoint {step_2} is intact; resume from "
+            f"it with train.resume_from_checkpoint={step_2}")
+        # nothing half-written, on either side
+        assert report["left"] == ["step_1", "step_2"] and report["out"] == []
+
+    # each process hashed what it wrote and nothing else; the manifest holds both
+    hashed = [set(report["hashed"]) for report in reports]
+    files = set(read_manifest(folder / "step_1")["files"])
+    assert hashed[0] | hashed[1] == files and not hashed[0] & hashed[1]
+    assert hashed[1] == {name for name in files if writer_of(name) == 1}
+    assert "accelerate/random_states_1.pkl" in hashed[1]
+    if setup == "zero3":  # its model and optimiser shards
+        assert len([name for name in hashed[1] if "zero_pp_rank_1_" in name]) == 2
+    assert damage(folder / "step_1") is None

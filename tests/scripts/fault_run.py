@@ -12,8 +12,11 @@ trains one more step; a run with a NaN loss at one step skips that step; then, f
 file of that checkpoint, a copy with a planted pickle (one that would create a marker folder when
 loaded) is resumed, which must be refused. Each process writes what happened to rank<N>.json in
 `out`.
+
+With `fail_rank`, the checkpoint writes of two processes are watched instead (write_failures).
 """
 
+import errno
 import json
 import os
 import shutil
@@ -159,5 +162,66 @@ def plant_and_resume(spec: dict, step: Path, rank: int, accelerator) -> dict:
     return results
 
 
+def write_failures(spec: dict) -> None:
+    """Checkpoints at steps 1 and 2, noting the files each process hashes for the first; a final
+    save that fails on the main process alone; then a run that resumes from "latest" (verifying
+    the manifest assembled from both processes' checksums) and whose checkpoint write at step 3
+    fails on process `fail_rank` alone, as on a full disk. Each process reports what it raised."""
+    import transformers.modeling_utils as modeling
+    from safetensors import SafetensorError
+
+    import trainer_lib.checkpointing.manifest as manifest
+    from trainer_lib import train
+
+    rank = int(os.environ.get("RANK", "0"))
+    out, folder = Path(spec["out"]), Path(spec["checkpoint_dir"])
+    hashed = []
+    checksum = manifest.file_checksum
+
+    def file_checksum(path):
+        if ".step_1.tmp-" in str(path):  # while step_1 is written (not when it is verified)
+            hashed.append(str(path).split(".step_1.tmp-", 1)[1].split("/", 1)[1])
+        return checksum(path)
+
+    manifest.file_checksum = file_checksum
+    trainer = train(samples=samples(), config=make_config(spec, total_steps=2,
+                                                           checkpoint_interval=1))
+    save_file = modeling.safe_save_file
+
+    def full_disk_on_main(tensors, filename, metadata=None):
+        if rank == 0 and "final" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        return save_file(tensors, filename, metadata=metadata)
+
+    modeling.safe_save_file = full_disk_on_main
+    final_save = outcome(lambda: trainer.save_pretrained(str(out / "final")))
+
+    save = torch.save
+
+    def full_disk_on_one(obj, f, *args, **kwargs):
+        if rank == spec["fail_rank"] and ".step_3.tmp-" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = full_disk_on_one
+    checkpoint = outcome(lambda: train(samples=samples(), config=make_config(
+        spec, total_steps=3, checkpoint_interval=1, resume_from_checkpoint="latest")))
+    torch.save = save
+    report = {"hashed": hashed, "final_save": final_save, "checkpoint": checkpoint,
+              "left": sorted(p.name for p in folder.iterdir()),
+              "out": sorted(p.name for p in out.iterdir() if "final" in p.name)}
+    (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+def outcome(fn) -> str:
+    try:
+        fn()
+        return "done"
+    except Exception as e:  # noqa: BLE001 - what the test looks at
+        return f"{type(e).__name__}: {e}"
+
+
 if __name__ == "__main__":
-    run(json.loads(sys.argv[1]))
+    spec = json.loads(sys.argv[1])
+    write_failures(spec) if spec.get("fail_rank") is not None else run(spec)

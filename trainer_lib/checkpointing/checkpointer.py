@@ -1,57 +1,90 @@
 """Writing checkpoints a run can be resumed from exactly, keeping the last N and the best one.
 
 Each folder is written under a temporary name and renamed when complete, and never over another
-run's checkpoint, so a crash or a second run in the same folder loses nothing already saved.
+run's checkpoint, so a crash or a second run in the same folder loses nothing already saved. With
+several processes, each writing phase ends with one collective where they agree on its outcome:
+a write that fails on one process raises CheckpointWriteError on every process, and none waits.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import shutil
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import yaml
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import gather_object
 
-from trainer_lib.checkpointing.layout import STATE_FILE, list_checkpoints, manifest_or_none
-from trainer_lib.checkpointing.manifest import load_plain, read_manifest, write_manifest
+from trainer_lib.checkpointing.layout import STATE_FILE, find_checkpoints, owner
+from trainer_lib.checkpointing.manifest import (
+    load_plain,
+    own_checksums,
+    read_manifest,
+    write_manifest,
+)
 from trainer_lib.checkpointing.resume import follow_configured_lr, plan_start
-from trainer_lib.errors import CheckpointError, CheckpointWriteError
+from trainer_lib.errors import CheckpointError
 from trainer_lib.model.saving import save_pretrained
-from trainer_lib.runtime.files import atomic_directory, discard_directory, held_interrupts
-from trainer_lib.runtime.processes import on_main_process
+from trainer_lib.runtime.deepspeed import save_failures_deferred
+from trainer_lib.runtime.files import (
+    atomic_directory,
+    discard_directory,
+    held_interrupts,
+    write_error,
+)
+from trainer_lib.runtime.processes import all_or_none, on_main_process
 
 # --------------------------------------------------------------------------- writing
 
 
 @contextmanager
-def _shared_atomic_directory(accelerator, path: Path) -> Iterator[Path]:
+def _said(failed: Callable[[Exception], BaseException]) -> Iterator[None]:
+    """An error raised in the block, as `failed` says it (a CheckpointWriteError naming the
+    checkpoint, for a failed write)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - said in the user's terms, or raised as it is
+        said = failed(e)
+        if said is e:
+            raise
+        raise said from e
+
+
+@contextmanager
+def _agreed(accelerator, failed: Callable[[Exception], BaseException]) -> Iterator[None]:
+    """A writing phase every process runs; when it fails on any process, every process raises
+    (`all_or_none`), the error said by `failed` where it happened."""
+    with all_or_none(accelerator), _said(failed):
+        yield
+
+
+@contextmanager
+def _shared_atomic_directory(accelerator, path: Path,
+                             failed: Callable[[Exception], BaseException]) -> Iterator[Path]:
     """`atomic_directory` that every process writes into: the main process makes the temporary
-    folder and renames it once all processes are done."""
-    if accelerator.num_processes == 1:
-        with atomic_directory(path) as tmp:
-            yield tmp
-        return
-    if accelerator.is_main_process:
-        with atomic_directory(path) as tmp:
-            broadcast_object_list([str(tmp)])
-            yield tmp
-            accelerator.wait_for_everyone()
-    else:
-        name = [None]
-        broadcast_object_list(name)
-        yield Path(name[0])
-        accelerator.wait_for_everyone()
-    accelerator.wait_for_everyone()
+    folder and renames it once every process is done; a failure anywhere, the rename included,
+    is raised on every process."""
+    with _agreed(accelerator, failed), ExitStack() as stack:
+        def make() -> Path:
+            with _said(failed):
+                tmp = stack.enter_context(atomic_directory(path))
+                (tmp / "accelerate").mkdir()  # made here, where a failure is shared at once
+                return tmp
+
+        yield Path(on_main_process(accelerator, make))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 class Checkpointer:
@@ -69,17 +102,22 @@ class Checkpointer:
         self.identity: Optional[dict] = None
         self._noted_step: Optional[int] = None
         self._improved = False
+        self._written_at: Optional[str] = None
 
     # ------------------------------------------------------------------ before the model loads
 
     def choose_start(self, trainer, identity: dict) -> None:
         """Before the model loads: cleans up after interrupted saves and picks the checkpoint to
-        resume, checked (`trainer_lib.resume`). Main process; the outcome is shared."""
+        resume, checked (`trainer_lib.resume`). Main process; the outcome is shared. A resumed
+        run continues the run of the checkpoint it resumes (its run id)."""
         self.identity = identity
-        path, run_id = on_main_process(trainer.accelerator,
-                                       lambda: plan_start(self.config, identity))
+
+        def start() -> tuple[Optional[str], str]:
+            path, run_id = plan_start(self.config, identity)
+            return path, run_id or self.run_id
+
+        path, self.run_id = on_main_process(trainer.accelerator, start)
         self.resume_path = Path(path) if path else None
-        self.run_id = run_id or self.run_id
 
     # ------------------------------------------------------------------ saving
 
@@ -89,85 +127,97 @@ class Checkpointer:
         self._note_best(trainer)
         if self.last_saved == path and path.exists():
             return path
-        if trainer.accelerator.is_main_process:
-            self._move_aside(path)
+        acc = trainer.accelerator
+        with _agreed(acc, self._failure(path, trainer)):
+            if acc.is_main_process:
+                self._move_aside(path)
         self._write(trainer, path, position)
         self.last_saved = path
-        if trainer.accelerator.is_main_process and self.config.train.keep_last_n:
-            # this run's checkpoints up to this step: one above it (left from before a resume
-            # of an earlier step) is not newer than what was just written
-            own = [p for p in list_checkpoints(self.dir)
-                   if int(p.name[len("step_"):]) <= trainer.step
-                   and (manifest_or_none(p) or {}).get("run_id") == self.run_id]
-            for old in own[:-self.config.train.keep_last_n]:
-                discard_directory(old)
+        if self.config.train.keep_last_n:
+            with all_or_none(acc):  # a deletion that fails stops every process
+                if acc.is_main_process:
+                    # this run's checkpoints up to this step: one above it (left from before a
+                    # resume of an earlier step) is not newer than what was just written
+                    own = [f.path for f in find_checkpoints(self.dir)
+                           if f.step <= trainer.step and f.run_id == self.run_id]
+                    for old in own[:-self.config.train.keep_last_n]:
+                        discard_directory(old)
         return path
 
     def _move_aside(self, path: Path) -> None:
         """Never writes over another run's checkpoint: it is renamed `<name>.run-<its run id>`
-        first (main process), and the run says so."""
+        first (main process), and the run says so. This run's own (written again after falling
+        back past it, damaged or not) is replaced."""
         if not path.exists():
             return
-        manifest = manifest_or_none(path) or {}
-        owner = manifest.get("run_id")
-        if owner == self.run_id:
-            return  # this run's own (written again, e.g. after falling back past a damaged one)
-        aside = path.parent / f"{path.name}.run-{owner or 'unknown'}"
+        run = owner(path)
+        if run == self.run_id:
+            return
+        aside = path.parent / f"{path.name}.run-{run or 'unknown'}"
         n = 1
         while aside.exists():
             n += 1
-            aside = path.parent / f"{path.name}.run-{owner or 'unknown'}-{n}"
+            aside = path.parent / f"{path.name}.run-{run or 'unknown'}-{n}"
         with held_interrupts():
             os.rename(path, aside)
         print(f"{path} held a checkpoint of another run: kept as {aside.name}", flush=True)
 
     def _write(self, trainer, path: Path, position: tuple[int, int]) -> None:
+        """Writes the checkpoint in three phases, each agreed on by every process: the
+        accelerate state (every process writes its own files and hashes them), the Hugging Face
+        folder (gathered, written by the main process), then the rest and the manifest,
+        assembled from every process's checksums."""
         acc = trainer.accelerator
-        try:
-            with _shared_atomic_directory(acc, path) as tmp:
-                acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
-                save_pretrained(acc, trainer.model, trainer.tokenizer, tmp / "hf_model")
+        failed = self._failure(path, trainer)
+        with _shared_atomic_directory(acc, path, failed) as tmp:
+            with _agreed(acc, failed):
+                with save_failures_deferred(acc, trainer.model):
+                    acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+                own = own_checksums(tmp, acc.process_index)
+            save_pretrained(acc, trainer.model, trainer.tokenizer, tmp / "hf_model",
+                            failure=failed)
+            hashed = gather_object([own]) if acc.num_processes > 1 else [own]
+            with _agreed(acc, failed):
                 if acc.is_main_process:
+                    self._written_at = _now()
                     torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
                     (tmp / "config.yaml").write_text(_config_yaml(trainer.config),
                                                      encoding="utf-8")
                     (tmp / STATE_FILE).write_text(json.dumps(
                         self._state(trainer, position), indent=1, default=_json_default))
                     # written last: its presence marks a complete checkpoint
-                    self.last_size = write_manifest(tmp, self._header(trainer.step))
-        except Exception as e:  # noqa: BLE001 - a failed write, said in the user's terms
-            raise self._write_error(e, path, trainer) from e
+                    known = {name: entry for entries in hashed for name, entry in entries.items()}
+                    self.last_size = write_manifest(tmp, self._header(trainer.step),
+                                                    known=known)
 
     def _header(self, step: int) -> dict:
-        return {"run_id": self.run_id, "step": step, "identity": self.identity}
+        return {"run_id": self.run_id, "step": step, "written_at": self._written_at,
+                "identity": self.identity}
 
-    def _write_error(self, error: Exception, path: Path, trainer) -> Exception:
-        if isinstance(error, CheckpointError):
-            return error
-        where = next((p for p in [self.dir, *self.dir.parents] if p.exists()), Path("."))
-        free = shutil.disk_usage(where).free
-        needed = self.last_size or _estimated_size(trainer)
-        code = getattr(error, "errno", None)
-        no_space = (code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-                    or "No space left" in str(error) or free < needed)
-        if not no_space and not isinstance(error, OSError):
-            return error
-        previous = (f"the previous checkpoint {self.last_saved} is intact; resume from it with "
-                    f"train.resume_from_checkpoint={self.last_saved}" if self.last_saved
-                    else "no earlier checkpoint of this run exists")
-        if no_space:
-            why = (f"the disk is full: a checkpoint of this run takes about {_size(needed)} and "
-                   f"{_size(free)} are free there. Free some space, or use another "
-                   "train.checkpoint_dir (train.keep_last_n keeps fewer checkpoints)")
-        else:
-            why = f"{type(error).__name__}: {error}"
-        result = CheckpointWriteError(f"could not write the checkpoint {path} at step "
-                                      f"{trainer.step}: {why}. Nothing of it was kept; {previous}")
-        result.errno = errno.ENOSPC if no_space else code
-        return result
+    def _failure(self, path: Path, trainer) -> Callable[[Exception], BaseException]:
+        """How a failed write of `path` is said: a CheckpointWriteError naming it, the space it
+        needs and the checkpoint that is intact."""
+        acc = trainer.accelerator
+        where = f" on process {acc.process_index}" if acc.num_processes > 1 else ""
+
+        def failed(error: Exception) -> BaseException:
+            if isinstance(error, CheckpointError):
+                return error
+            previous = (f"the previous checkpoint {self.last_saved} is intact; resume from it "
+                        f"with train.resume_from_checkpoint={self.last_saved}" if self.last_saved
+                        else "no earlier checkpoint of this run exists")
+            return write_error(
+                error, f"the checkpoint {path} at step {trainer.step}{where}", self.dir,
+                ("a checkpoint of this run", self.last_size or _estimated_size(trainer)),
+                "use another train.checkpoint_dir (train.keep_last_n keeps fewer checkpoints)",
+                f"Nothing of it was kept; {previous}")
+
+        return failed
 
     def _state(self, trainer, position: tuple[int, int]) -> dict:
-        return {"step": trainer.step, "epoch": position[0], "steps_in_epoch": position[1],
+        # the run and the time again, so a checkpoint that loses its manifest is still known
+        return {"run_id": self.run_id, "written_at": self._written_at, "step": trainer.step,
+                "epoch": position[0], "steps_in_epoch": position[1],
                 "num_tokens": getattr(trainer, "num_tokens", 0),
                 "total_steps": trainer.total_steps,
                 "skipped_steps": trainer.nonfinite_steps.skipped,
@@ -200,12 +250,12 @@ class Checkpointer:
         best = self.dir / "best"
         step_dir = self.dir / f"step_{trainer.step}"
         acc = trainer.accelerator
-        if acc.is_main_process:
-            self._move_aside(best)
         if self.last_saved == step_dir and step_dir.exists():
             # this step's checkpoint is already on disk: copy it rather than gather again
-            if acc.is_main_process:
-                try:
+            with _agreed(acc, self._failure(best, trainer)):
+                if acc.is_main_process:
+                    self._move_aside(best)
+                    self._written_at = _now()
                     with atomic_directory(best) as tmp:
                         shutil.copytree(step_dir, tmp, dirs_exist_ok=True)
                         (tmp / STATE_FILE).write_text(json.dumps(
@@ -215,10 +265,10 @@ class Checkpointer:
                                   in read_manifest(step_dir)["files"].items()
                                   if name != STATE_FILE}
                         write_manifest(tmp, self._header(trainer.step), known=copied)
-                except Exception as e:  # noqa: BLE001
-                    raise self._write_error(e, best, trainer) from e
-            acc.wait_for_everyone()
         else:
+            with _agreed(acc, self._failure(best, trainer)):
+                if acc.is_main_process:
+                    self._move_aside(best)
             self._write(trainer, best, position)
         return best
 
@@ -276,14 +326,6 @@ def _estimated_size(trainer) -> int:
         total += n
         trainable += n if p.requires_grad else 0
     return 2 * total + 2 * trainable
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n} bytes"
 
 
 def _config_yaml(config) -> str:

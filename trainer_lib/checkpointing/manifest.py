@@ -23,6 +23,10 @@ from trainer_lib.errors import CheckpointError, UnsafeCheckpointError
 MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 _CHUNK = 8 << 20
+# the files one process writes for itself, numbered by process: accelerate's RNG states and
+# DeepSpeed's ZeRO shards (data parallel only, so DeepSpeed's rank is the process's)
+_PER_PROCESS = re.compile(r"(?:^|/)(?:random_states_(\d+)\.pkl"
+                          r"|(?:bf16_)?zero_pp_rank_(\d+)_[^/]*)$")
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -42,11 +46,31 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def writer_of(name: str) -> int:
+    """The process that writes a checkpoint file (a path relative to the checkpoint): the one its
+    name numbers, else the main process."""
+    found = _PER_PROCESS.search(name)
+    return int(found.group(1) or found.group(2)) if found else 0
+
+
+def own_checksums(folder: Path, process_index: int) -> dict:
+    """Size and checksum of the files in `folder` that this process wrote, read while they are
+    fresh in its memory: no process reads another's shards (the main process hashes the rest
+    when it writes the manifest)."""
+    entries = {}
+    for path in _files(folder):
+        name = path.relative_to(folder).as_posix()
+        if writer_of(name) == process_index:
+            entries[name] = {"size": path.stat().st_size, "xxh3_128": file_checksum(path)}
+    return entries
+
+
 def write_manifest(folder: Path, header: Optional[dict] = None,
                    known: Optional[dict] = None) -> int:
     """Writes `folder/manifest.json` (`header`, e.g. the run it belongs to, then the files);
-    returns the checkpoint's size in bytes. `known`: entries of another manifest for files copied
-    unchanged from its folder, taken as they are where the size agrees instead of read again."""
+    returns the checkpoint's size in bytes. `known`: entries already computed (by the process that
+    wrote the file, or in another manifest for a file copied unchanged from its folder), taken as
+    they are where the size agrees instead of read again."""
     files = {}
     for path in _files(folder):
         name, size = path.relative_to(folder).as_posix(), path.stat().st_size

@@ -1,8 +1,9 @@
 """Where a run starts, decided and checked before the model loads, and how it gets back there.
 
-Leftovers of interrupted saves are cleaned up, "latest" passes over damaged checkpoints and other
-runs', and resuming skips the batches the checkpointed epoch had used and puts the RNG states
-back, so a resumed run ends where an uninterrupted one does.
+Leftovers of interrupted saves are cleaned up; "latest" continues the run that wrote last among
+those with this run's identity, from its newest intact checkpoint, passing over damaged ones and
+naming other runs'; resuming skips the batches the checkpointed epoch had used and puts the RNG
+states back, so a resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 import math
 import random
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -23,8 +25,11 @@ from trainer_lib.checkpointing.layout import (
     LEFTOVER,
     PREVIOUS,
     STATE_FILE,
+    Found,
+    find_checkpoints,
     list_checkpoints,
     manifest_or_none,
+    state_or_none,
 )
 from trainer_lib.checkpointing.manifest import MANIFEST, check_safe_to_load, damage, read_manifest
 from trainer_lib.errors import CheckpointError
@@ -38,11 +43,10 @@ def plan_start(config, identity: dict) -> tuple[Optional[str], Optional[str]]:
         print(f"removed {len(removed)} leftover folder(s) of interrupted saves in "
               f"{folder}: {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}",
               flush=True)
-    found = [(p, manifest_or_none(p)) for p in list_checkpoints(folder)]
     spec = config.train.resume_from_checkpoint
     if not spec:
-        if found:
-            names = [p.name for p, _ in found]
+        names = [p.name for p in list_checkpoints(folder)]
+        if names:
             print(f"train.checkpoint_dir {folder} already holds {len(names)} checkpoint(s) of "
                   f"earlier runs ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); "
                   "this run starts from scratch and leaves them alone (one it would overwrite "
@@ -50,53 +54,94 @@ def plan_start(config, identity: dict) -> tuple[Optional[str], Optional[str]]:
                   "train.resume_from_checkpoint=latest", flush=True)
         return None, None
     if spec == "latest":
-        path = _pick_latest(folder, found, identity)
-    else:
-        path = _check_explicit(spec, identity)
-    if path is None:
-        return None, None
+        return _pick_latest(folder, identity)
+    path = _check_explicit(spec, identity)
     return str(path), read_manifest(path).get("run_id")
 
 
-def _pick_latest(folder: Path, found: list, identity: dict) -> Optional[Path]:
-    own = [(p, m) for p, m in found if m and not identity_differences(m.get("identity"),
-                                                                       identity)]
-    if not own:
-        if found:
-            newest, manifest = found[-1]
-            diffs = identity_differences(manifest and manifest.get("identity"),
-                                         identity) if manifest else ["unreadable"]
-            raise CheckpointError(
-                f"train.resume_from_checkpoint='latest': the checkpoints in {folder} are "
-                f"from another run ({newest.name}: {'; '.join(diffs[:3])}); resume with that "
-                f"run's settings, or give this run its own train.checkpoint_dir")
-        legacy = _legacy_checkpoints(folder)
-        if legacy:
-            raise CheckpointError(
-                f"train.resume_from_checkpoint='latest': {folder} holds checkpoints written by "
-                f"an earlier trainer_lib ({', '.join(p.name for p in legacy[-4:])}), which "
-                "recorded no checksums or run identity and cannot be resumed; start a new run "
-                f"from the weights of one with model.model_path={legacy[-1] / 'hf_model'}, or "
-                "give this run its own train.checkpoint_dir")
-        print(f"resume_from_checkpoint='latest': no checkpoint under {folder}; "
-              "starting from scratch", flush=True)
-        return None
-    others = [p.name for p, m in found if (p, m) not in own]
+def _pick_latest(folder: Path, identity: dict) -> tuple[Optional[str], Optional[str]]:
+    """The newest intact checkpoint of the run that wrote last among those with this run's
+    identity (the run a restarted process continues); other runs' are left alone, and named."""
+    found = find_checkpoints(folder)
+    runs: dict[str, list[Found]] = {}
+    for f in found:
+        if f.run_id:
+            runs.setdefault(f.run_id, []).append(f)
+    recorded = {run: next((f.manifest.get("identity") for f in fs if f.manifest), None)
+                for run, fs in runs.items()}
+    matching = [run for run in runs
+                if recorded[run] and not identity_differences(recorded[run], identity)]
+    if not matching:
+        _nothing_to_resume(folder, found, runs, recorded, identity)
+        return None, None
+    chosen = max(matching, key=lambda run: max(f.written_at for f in runs[run]))
+    mine = sorted(runs[chosen], key=lambda f: (f.written_at, f.step), reverse=True)
+    left = [f.name for f in found if f.run_id not in matching]
+    if left:
+        print(f"resume_from_checkpoint='latest': leaving aside {len(left)} checkpoint(s) of "
+              f"another run in {folder} ({', '.join(left[:4])})", flush=True)
+    others = [run for run in matching if run != chosen]
     if others:
-        print(f"resume_from_checkpoint='latest': leaving aside {len(others)} checkpoint(s) of "
-              f"another run in {folder} ({', '.join(others[:4])})", flush=True)
+        names = [f.name for run in others for f in runs[run]]
+        print(f"resume_from_checkpoint='latest': {folder} holds checkpoints of {len(others) + 1} "
+              f"runs with these settings; continuing run {chosen}, which wrote the newest "
+              f"({mine[0].name}, {_when(mine[0])}), and leaving the other run's "
+              f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}) alone; to continue "
+              "another run, give its checkpoint's path", flush=True)
     damaged = []
-    for path, _ in reversed(own):
-        problem = damage(path)
+    for f in mine:
+        problem = _problem(f.path)
         if problem is None:
-            check_safe_to_load(path)
+            check_safe_to_load(f.path)
             if damaged:
                 print(f"resume_from_checkpoint='latest': {'; '.join(damaged)}; resuming from "
-                      f"{path.name}, the newest intact checkpoint, instead", flush=True)
-            return path
-        damaged.append(f"{path.name} is unusable: {problem}")
+                      f"{f.name}, the newest intact checkpoint, instead", flush=True)
+            return str(f.path), chosen
+        damaged.append(f"{f.name} is unusable: {problem}")
     raise CheckpointError(f"train.resume_from_checkpoint='latest': no intact checkpoint of "
                           f"this run in {folder} ({'; '.join(damaged)})")
+
+
+def _nothing_to_resume(folder: Path, found: list[Found], runs: dict, recorded: dict,
+                       identity: dict) -> None:
+    """No run in the folder has this run's identity: says why, or that the run starts from
+    scratch when the folder holds no checkpoint at all."""
+    unverifiable = [f for f in found if f.run_id and recorded[f.run_id] is None]
+    if unverifiable:  # every checkpoint of that run lost its manifest: its own, damaged
+        raise CheckpointError(
+            f"train.resume_from_checkpoint='latest': no intact checkpoint in {folder} ("
+            + "; ".join(f"{f.name} is unusable: {_problem(f.path)}" for f in unverifiable[-4:])
+            + ")")
+    complete = [f for f in found if f.manifest]
+    if complete:
+        newest = complete[-1]
+        diffs = identity_differences(newest.manifest.get("identity"), identity)
+        raise CheckpointError(
+            f"train.resume_from_checkpoint='latest': the checkpoints in {folder} are "
+            f"from another run ({newest.name}: {'; '.join(diffs[:3])}); resume with that "
+            f"run's settings, or give this run its own train.checkpoint_dir")
+    legacy = [f.path for f in found if f.run_id is None and (f.path / STATE_FILE).is_file()]
+    if legacy:
+        raise CheckpointError(
+            f"train.resume_from_checkpoint='latest': {folder} holds checkpoints written by "
+            f"an earlier trainer_lib ({', '.join(p.name for p in legacy[-4:])}), which "
+            "recorded no checksums or run identity and cannot be resumed; start a new run "
+            f"from the weights of one with model.model_path={legacy[-1] / 'hf_model'}, or "
+            "give this run its own train.checkpoint_dir")
+    print(f"resume_from_checkpoint='latest': no checkpoint under {folder}; "
+          "starting from scratch", flush=True)
+
+
+def _problem(path: Path) -> Optional[str]:
+    """What makes a checkpoint of a known run unusable, naming the file; None when intact."""
+    if not (path / MANIFEST).is_file():
+        return (f"{path / MANIFEST} is missing (it lists every file with its checksum; without "
+                "it the checkpoint cannot be verified)")
+    return damage(path)
+
+
+def _when(f: Found) -> str:
+    return datetime.fromtimestamp(f.written_at).strftime("written %Y-%m-%d %H:%M:%S")
 
 
 def _not_a_checkpoint(spec: str) -> str:
@@ -105,15 +150,10 @@ def _not_a_checkpoint(spec: str) -> str:
             "give a step_<N> folder under train.checkpoint_dir, or \"latest\"")
 
 
-def _legacy_checkpoints(folder: Path) -> list[Path]:
-    """`step_<N>` folders with a state file and no manifest (an earlier trainer_lib's), oldest
-    first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(p.name[len("step_"):]), p) for p in folder.glob("step_*")
-             if p.name[len("step_"):].isdigit() and (p / STATE_FILE).is_file()
-             and not (p / MANIFEST).is_file()]
-    return [p for _, p in sorted(found)]
+def _cannot_resume(spec: str, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"train.resume_from_checkpoint={spec!r} cannot be resumed: {problem}. Resume from an "
+        "earlier checkpoint, or with \"latest\", which falls back to the newest intact one")
 
 
 def _check_explicit(spec: str, identity: dict) -> Path:
@@ -121,14 +161,16 @@ def _check_explicit(spec: str, identity: dict) -> Path:
     if not path.exists():
         raise CheckpointError(f"train.resume_from_checkpoint={spec!r} does not exist; give a "
                               "step_<N> folder under train.checkpoint_dir, or \"latest\"")
-    if not (path / MANIFEST).is_file() and (path / STATE_FILE).is_file():
-        raise CheckpointError(
-            f"train.resume_from_checkpoint={spec!r} has no {MANIFEST}: it was written by an "
-            "earlier trainer_lib, which recorded no checksums or run identity, or its save "
-            f"did not finish; start a new run from its weights with "
-            f"model.model_path={path / 'hf_model'}")
-    manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
+    manifest = manifest_or_none(path)
     if manifest is None:
+        if (state_or_none(path) or {}).get("run_id") or (path / MANIFEST).is_file():
+            raise _cannot_resume(spec, _problem(path))  # a checkpoint of this library, damaged
+        if (path / STATE_FILE).is_file():
+            raise CheckpointError(
+                f"train.resume_from_checkpoint={spec!r} has no {MANIFEST}: it was written by an "
+                "earlier trainer_lib, which recorded no checksums or run identity, or its save "
+                f"did not finish; start a new run from its weights with "
+                f"model.model_path={path / 'hf_model'}")
         raise CheckpointError(_not_a_checkpoint(spec))
     diffs = identity_differences(manifest.get("identity"), identity)
     if diffs:
@@ -138,10 +180,7 @@ def _check_explicit(spec: str, identity: dict) -> Path:
             f"run from its weights with model.model_path={path / 'hf_model'}")
     problem = damage(path)
     if problem:
-        raise CheckpointError(
-            f"train.resume_from_checkpoint={spec!r} cannot be resumed: {problem}. Resume "
-            "from an earlier checkpoint, or with \"latest\", which falls back to the newest "
-            "intact one")
+        raise _cannot_resume(spec, problem)
     check_safe_to_load(path)
     return path
 
