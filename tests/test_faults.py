@@ -457,7 +457,7 @@ def test_latest_continues_the_run_that_wrote_last_not_another_with_the_same_sett
     assert (f"holds checkpoints of 2 runs with these settings; continuing run {run_b}, which "
             "wrote the newest (step_3, written ") in out
     assert "leaving the other run's (step_2, step_4) alone" in out
-    assert f"resumed from {ckpts / 'step_3'} at step 3" in out
+    assert f"resumed from {ckpts / 'step_3'} at step 3 (run {run_b})" in out
     assert trainer.step == 4
     # it wrote step_4 as run B; A's step_4 was kept aside, whole
     assert read_manifest(ckpts / "step_4")["run_id"] == run_b

@@ -292,7 +292,7 @@ class Checkpointer:
             self.best_value, self.best_step = state["best_value"], state["best_step"]
         self.last_saved = path
         if acc.is_main_process:
-            print(f"resumed from {path} at step {trainer.step}", flush=True)
+            print(f"resumed from {path} at step {trainer.step} (run {self.run_id})", flush=True)
 
         follow_configured_lr(trainer, acc.is_main_process)
         return state["epoch"], state["steps_in_epoch"]
