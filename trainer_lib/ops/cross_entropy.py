@@ -4,7 +4,8 @@ The head runs on chunks of tokens, so only one chunk's logits exist at a time an
 memory does not grow with the vocabulary. With a plain linear head, forward also computes the
 gradients of a uniform upstream gradient while each chunk's logits are at hand (SFT's mean), so
 the backward pass costs no second matmul over the vocabulary; a head whose weight exists only
-inside its forward (ZeRO-3, a PEFT wrapper) is recomputed chunk by chunk instead.
+inside its forward (ZeRO-3, a PEFT wrapper) is recomputed chunk by chunk instead. Under FSDP2
+the head is whole from the model's forward to its backward and the plain path reads its weight.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 # the label of a position that carries no loss (the ignore_index of torch's cross-entropy)
@@ -149,6 +152,15 @@ def _accumulate(g: Tensor, h: Tensor, w: Tensor, sl: slice, grad_h, grad_w, grad
 
 def _uses_recompute(lm_head: nn.Module) -> bool:
     weight = getattr(lm_head, "weight", None)
+    if isinstance(lm_head, FSDPModule):
+        # FSDP2 holds the head whole from the model's forward to its backward (accelerate does
+        # not reshard the final norm and head after forward): its weight is used directly, as
+        # calling the head module again here would free weights the backward still needs
+        if isinstance(weight, DTensor) or not isinstance(lm_head, nn.Linear):
+            raise RuntimeError(
+                "under FSDP2 the chunked loss needs the output head to be a plain linear layer "
+                "kept whole after the forward (accelerate's FSDP2 preparation does so)")
+        return False
     return type(lm_head) is not nn.Linear or weight is None or hasattr(weight, "ds_id")
 
 

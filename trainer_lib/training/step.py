@@ -14,17 +14,20 @@ from typing import Optional
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 
 from trainer_lib.errors import NonFiniteLossError
 
 
 def grad_norm_of(parameters) -> torch.Tensor:
     """The global L2 norm of the gradients (without clipping): under DDP every process holds the
-    same reduced gradients, so every process gets the same value."""
+    same reduced gradients, under FSDP2 its shard of them; every process gets the same value."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    # FSDP2: each process holds a shard of every gradient; the norm of the whole is reduced
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def apply_update(trainer, loss: float) -> dict:

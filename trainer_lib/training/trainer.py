@@ -33,6 +33,7 @@ from trainer_lib.errors import CheckpointWriteError, DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
+from trainer_lib.runtime.fsdp import check_sharded_model, is_fsdp
 from trainer_lib.runtime.processes import align_micro_batches, batches_per_process, reduce_sum
 from trainer_lib.training import preflight
 from trainer_lib.training.evaluation import GenerationEval, format_table
@@ -80,6 +81,8 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
         )
+        if is_fsdp(self.accelerator):
+            check_sharded_model(self.model)
         self.setup_prepared_model()
         # stepped by hand once per optimiser step (accelerate would step it once per process)
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)

@@ -20,6 +20,7 @@ from trainer_lib.model.lora import is_peft_model
 from trainer_lib.ops.attention import DOCUMENT_ATTENTION
 from trainer_lib.ops.attention import register as register_document_attention
 from trainer_lib.runtime.deepspeed import is_zero3, prepare_reference_model
+from trainer_lib.runtime.fsdp import reshard
 
 REFERENCE_ADAPTER = "reference"
 
@@ -138,7 +139,10 @@ class KTOReference:
         if self.mode == "precompute":
             return batch["ref_logps"], batch.get("kl_ref_logps")
         with self._reference() as model:
-            return self._pass(model, batch)
+            result = self._pass(model, batch)
+            if self.mode == "copy":
+                reshard(model)  # FSDP2 keeps the head gathered until a backward that never comes
+            return result
 
     def _pass(self, model, batch: dict):
         ref = self.trainer.completion_logps(model, batch)[0]
@@ -202,7 +206,10 @@ class KTOReference:
     def sync(self) -> None:
         """ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter."""
         acc, alpha = self.trainer.accelerator, self.trainer.method.ref_model_mixup_alpha
-        policy = list(acc.unwrap_model(self.trainer.model).parameters())
+        policy_model = acc.unwrap_model(self.trainer.model)
+        for model in (policy_model, self.model):
+            reshard(model)  # FSDP2: both as shards, the same slice of each parameter here
+        policy = list(policy_model.parameters())
         ref = list(getattr(self.model, "module", self.model).parameters())
 
         def mix():
