@@ -74,6 +74,8 @@ def build_fsdp_plugin(t) -> FullyShardedDataParallelPlugin | None:
                     f"the accelerate config sets fsdp_{name}={value}, an FSDP1 setting that "
                     f"FSDP2 does not have; use {FSDP1_OPTIONS[name]} instead, or remove it")
     options["fsdp_version"] = 2
+    if not launched:  # train.fsdp alone: each transformer block its own unit, as the config has
+        options.setdefault("auto_wrap_policy", "transformer_based_wrap")
     try:
         return FullyShardedDataParallelPlugin(**options)
     except (ValueError, TypeError, KeyError) as e:
