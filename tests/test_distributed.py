@@ -254,15 +254,17 @@ def test_two_machines_end_at_one_process_weights(engine, caches, tiny_model_dir,
 # ------------------------------------------------------------------ in one process
 
 
-def test_generation_and_metric_fn_under_zero3_match_one_process(tiny_model_dir, tmp_path):
-    # every process takes part in each generation under ZeRO-3; the metric is scored once and
-    # logged alike everywhere, with the figures one process gives
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_generation_and_metric_fn_under_sharding_match_one_process(name, tiny_model_dir,
+                                                                    tmp_path):
+    # every process takes part in each generation under ZeRO-3 and FSDP2; the metric is scored
+    # once and logged alike everywhere, with the figures one process gives
     extra = ["--metric", "--override", "train.eval_interval=2",
              "--override", "method.gen_kwargs.max_new_tokens=6"]
     _script_module().main(["--model", tiny_model_dir, "--out", str(tmp_path / "one"),
                            "--batch_size", "4", "--num_samples", str(NUM_SAMPLES), *extra])
     out = launch("accelerate", tiny_model_dir, tmp_path / "two",
-                 config_file=REPO / "configs" / "accelerate" / "zero3.yaml", extra=extra)
+                 config_file=REPO / "configs" / "accelerate" / f"{name}.yaml", extra=extra)
 
     def metrics(history):
         return [{k: v for k, v in h.items() if k.startswith("metrics/")} for h in history
