@@ -25,10 +25,11 @@ MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 DCP_METADATA = ".metadata"  # the index of a torch distributed checkpoint (a folder of .distcp)
 _CHUNK = 8 << 20
-# the files one process writes for itself, numbered by process: accelerate's RNG states and
-# DeepSpeed's ZeRO shards (data parallel only, so DeepSpeed's rank is the process's)
+# the files one process writes for itself, numbered by process: accelerate's RNG states,
+# DeepSpeed's ZeRO shards (data parallel only, so DeepSpeed's rank is the process's) and the
+# shards of torch's distributed checkpoint (FSDP2's sharded states: __<rank>_<n>.distcp)
 _PER_PROCESS = re.compile(r"(?:^|/)(?:random_states_(\d+)\.pkl"
-                          r"|(?:bf16_)?zero_pp_rank_(\d+)_[^/]*)$")
+                          r"|(?:bf16_)?zero_pp_rank_(\d+)_[^/]*|__(\d+)_\d+\.distcp)$")
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -52,7 +53,7 @@ def writer_of(name: str) -> int:
     """The process that writes a checkpoint file (a path relative to the checkpoint): the one its
     name numbers, else the main process."""
     found = _PER_PROCESS.search(name)
-    return int(found.group(1) or found.group(2)) if found else 0
+    return int(next(g for g in found.groups() if g is not None)) if found else 0
 
 
 def own_checksums(folder: Path, process_index: int) -> dict:
