@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 from trainer_lib.config.optimizer import check_optimizer, check_scheduler
 from trainer_lib.config.trackers import TRACKER_NAMES, tracker_names
 from trainer_lib.errors import ConfigError, did_you_mean
+from trainer_lib.model.lora import build_lora_config
 
 
 @dataclass
@@ -28,6 +29,11 @@ class ModelConfig:
     def validate(self) -> None:
         if self.num_layers_unfrozen < -1:
             raise ConfigError("model.num_layers_unfrozen must be -1 (train all layers) or >= 0")
+        # the adapter's settings are peft's to judge, here rather than once the model is loaded
+        lora = build_lora_config(self.peft_config) if self.peft_config is not None else None
+        if lora is not None and self.num_layers_unfrozen != -1:
+            raise ConfigError("model.peft_config and model.num_layers_unfrozen both limit what "
+                              "trains; set one (num_layers_unfrozen=-1 with LoRA)")
 
 
 @dataclass
@@ -124,7 +130,7 @@ class TrainConfig:
             if name not in TRACKER_NAMES or not isinstance(kwargs, dict):
                 raise ConfigError(f"train.tracker_kwargs maps a tracker name "
                                   f"({', '.join(TRACKER_NAMES)}) to its keyword arguments; got "
-                                  f"{name!r}: {kwargs!r}")
+                                  f"{name!r}: {kwargs!r}{did_you_mean(name, TRACKER_NAMES)}")
 
 
 @dataclass
@@ -211,6 +217,10 @@ class MethodConfig:
     def validate(self) -> None:
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ConfigError("method.loss_chunk_size must be at least 1")
+        bad = [s for s in self.stop_sequences if not isinstance(s, str) or not s]
+        if bad:
+            raise ConfigError(f"method.stop_sequences must be a list of non-empty strings, got "
+                              f"{bad[0]!r} in {self.stop_sequences!r}")
 
     @classmethod
     def defaults(cls) -> dict:

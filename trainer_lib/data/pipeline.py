@@ -277,7 +277,10 @@ def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEn
     with entry.building(meta) as folder, _datasets_progress(context.show_progress):
         raw = source.load(folder, context.show_progress)
         if len(raw) == 0:
-            raise DataError(recipe.empty_message(source.name))
+            if source.what == "samples":
+                raise DataError(recipe.empty_message(source.name))
+            name = f"{source.what} ({source.path})" if source.path else source.what
+            raise DataError(f"{name} is empty: give at least one evaluation sample, or none")
         num_proc = resolve_num_proc(context.num_proc, len(raw))
         prepared = raw.with_format("arrow").map(
             tokenize_batch, batched=True, batch_size=500, with_indices=True,

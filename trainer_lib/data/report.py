@@ -74,3 +74,24 @@ class DataReport:
             parts.append(f"{name} {n:,} of {held:,} ({how})")
         total = sum(c["examples"] for c in self.sources.values())
         return f"\nmixture: {total:,} examples per epoch: " + ", ".join(parts)
+
+    def too_few(self, needed: int, seq_length: int) -> str:
+        """The error of a run left with fewer than `needed` examples: what happened to the
+        samples, and what to change."""
+        head = ("no sample is left to train on" if self.num_examples == 0 else
+                f"too few examples to train on ({self.num_examples}; at least {needed} are "
+                "needed)")
+        fixes = []
+        if self.dropped.get("too_long"):
+            fixes.append(f"raise train.seq_length (now {seq_length}), or set "
+                         'method.overlong="truncate" to keep the samples longer than it')
+        if self.dropped.get("no_loss_tokens_after_truncation"):
+            fixes.append(f"raise train.seq_length (now {seq_length}): truncating to it left no "
+                         "token that carries loss")
+        if self.dropped.get("no_loss_tokens"):
+            fixes.append("give samples with something to learn: a non-empty completion, or an "
+                         "assistant turn with text (method.loss_on decides which turns train)")
+        if not fixes:
+            fixes.append(f"give at least {needed} samples")
+        summary = self.summary().replace("\n", "; ")  # one line
+        return f"{head}: {summary}; {'; '.join(fixes)}"

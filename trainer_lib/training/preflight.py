@@ -10,9 +10,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from trainer_lib.config import Config, ConfigError
+from trainer_lib.model.loading import check_attn_implementation, check_num_layers_unfrozen
 from trainer_lib.runtime.processes import on_main_process
 from trainer_lib.training.evaluation import check_eval_inputs, check_gen_kwargs
+from trainer_lib.training.optim import build_scheduler
 
 
 def check_run(config: Config, accelerator, has_eval_data: bool, eval_prompts: Any,
@@ -24,11 +28,14 @@ def check_run(config: Config, accelerator, has_eval_data: bool, eval_prompts: An
         check_gen_kwargs(config.method.gen_kwargs)
         check_save_best(config, has_eval_data, metric_fn)
         check_learning_rate(config)
+        check_schedule(config)
+        check_attn_implementation(config.model.attn_implementation)
         check_writable(config.train.checkpoint_dir, "train.checkpoint_dir")
         if config.train.tracker is not None:
             check_writable(config.train.logging_dir, "train.logging_dir")
         model_config = read_model_config(config)
         check_seq_length(config, model_config)
+        check_layers(config, model_config)
         return model_config
 
     return on_main_process(accelerator, checks)
@@ -54,6 +61,32 @@ def check_learning_rate(config: Config) -> None:
     if config.optimizer.kwargs.get("lr", 1) == 0:
         warnings.warn("optimizer.kwargs.lr is 0: the weights will not change; set a positive "
                       "learning rate to train", stacklevel=3)
+
+
+# the steps a schedule is tried for: enough for what fails at a step, in a fraction of a second
+_SCHEDULE_TRIAL_STEPS = 10_000
+
+
+def check_schedule(config: Config) -> None:
+    """Builds the schedule on a stand-in optimiser and steps it through the run, so that settings
+    that fail only when used (a StepLR step_size of 0, cosine_with_min_lr without its floor) are
+    found before the model loads."""
+    lr = config.optimizer.kwargs.get("lr") or 1e-3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    total = config.train.total_steps
+    where = f"scheduler.name={config.scheduler.name!r} with scheduler.kwargs={config.scheduler.kwargs}"
+    step = 0
+    try:
+        scheduler = build_scheduler(optimizer, config.scheduler, total)
+        for step in range(1, min(total, _SCHEDULE_TRIAL_STEPS) + 1):
+            optimizer.step()
+            scheduler.step()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - said in one line, with the setting
+        when = f"fails at step {step}" if step else "cannot be built"
+        raise ConfigError(f"{where} {when}: {type(e).__name__}: {e}; change the schedule's "
+                          "arguments") from None
 
 
 def check_writable(folder: str | Path, setting: str) -> None:
@@ -87,6 +120,16 @@ def read_model_config(config: Config) -> Optional[Any]:
         return AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
     except Exception:  # noqa: BLE001
         return None
+
+
+def check_layers(config: Config, model_config: Any) -> None:
+    """`model.num_layers_unfrozen` against the layers the model's config declares."""
+    if model_config is None or config.model.num_layers_unfrozen < 0:
+        return
+    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    layers = getattr(text, "num_hidden_layers", None)
+    if isinstance(layers, int):
+        check_num_layers_unfrozen(config.model.num_layers_unfrozen, layers)
 
 
 def check_seq_length(config: Config, model_config: Any) -> None:

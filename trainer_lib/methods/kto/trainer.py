@@ -76,8 +76,7 @@ class KTOTrainer(Trainer):
                             "and reference log-probs they fix) are drawn from the whole dataset; "
                             "pass a datasets.Dataset or a file, with data.streaming=False")
         if len(data.train) < (2 if m.loss_type == "kto" else 1):
-            raise DataError(f"too few examples to train on ({len(data.train)}): "
-                            f"{data.report.summary()}")
+            raise DataError(data.report.too_few(2 if m.loss_type == "kto" else 1, t.seq_length))
         if data.mixture is not None:
             return self.arrange_mixture(data, recipe)
         self._set_weights(data.store.column("label")[data.train.rows])

@@ -51,7 +51,7 @@ class SFTTrainer(Trainer):
             self.train_examples = items.first
             return items, data.eval
         if not len(data.train):
-            raise DataError(f"no sample is left to train on: {data.report.summary()}")
+            raise DataError(data.report.too_few(1, t.seq_length))
         self.train_examples = data.train
         if data.mixture is not None:
             return self.arrange_mixture(data), data.eval
