@@ -46,6 +46,27 @@ def _register_exit_hook() -> None:
         _exit_hook_registered = True
 
 
+def become_single_process_group() -> list[str]:
+    """For DeepSpeed in one process that no launcher started: the variables a launcher sets
+    (rank 0 of 1, an address and a free local port) where they are missing, since DeepSpeed
+    would otherwise look for MPI (mpi4py). Returns the names it set."""
+    if launched_world_size() > 1 or any(n in os.environ for n in _MPI_VARIABLES):
+        return []
+    wanted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            wanted["MASTER_PORT"] = str(s.getsockname()[1])
+    set_here = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in set_here})
+    return set_here
+
+
+_MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def build_accelerator(config, log_with=None, project_dir=None) -> Accelerator:
     """`log_with` and `project_dir`: the trackers (`training/tracking.py`)."""
     t = config.train
@@ -65,12 +86,13 @@ def build_accelerator(config, log_with=None, project_dir=None) -> Accelerator:
         # the process group below must be created the DeepSpeed way (deepspeed.init_distributed)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         _deepspeed_flag_set_here = True
+    set_here = become_single_process_group() if plugin is not None else []
     several_cpu_processes = launched_world_size() > 1 and not torch.cuda.is_available()
-    if several_cpu_processes and plugin is not None:
+    if plugin is not None and not torch.cuda.is_available():
         # Without a GPU, accelerate does not create a process group by itself under DeepSpeed
         # (every rank then thinks it is alone and trains on all the data): create it on gloo.
         PartialState(backend="gloo")
-    return Accelerator(
+    accelerator = Accelerator(
         # trackers named by train.tracker (a missing package fails here, before any loading)
         log_with=log_with, project_dir=project_dir,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -88,4 +110,11 @@ def build_accelerator(config, log_with=None, project_dir=None) -> Accelerator:
             even_batches=False,
         ),
     )
+    if torch.distributed.is_initialized():
+        # the group exists: a process this one starts must not find its address and port (it
+        # would try to open the same port); DeepSpeed still reads the rank variables
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name in set_here:
+                os.environ.pop(name)
+    return accelerator
 
