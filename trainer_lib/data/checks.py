@@ -94,6 +94,9 @@ def make_report(table: pa.Table, rows: np.ndarray) -> DataReport:
     first_mask = pa.array(first)
     for item in pc.value_counts(pc.filter(table.column("kind"), first_mask)).to_pylist():
         report.kinds[item["values"]] = item["counts"]
+    for item in pc.value_counts(pc.filter(table.column("note"), first_mask)).to_pylist():
+        if item["values"]:
+            report.notes[item["values"]] = item["counts"]
     outcomes = pc.filter(table.column("outcome"), first_mask)
     report.truncated = int(pc.sum(pc.equal(outcomes, "truncated")).as_py() or 0)
     report.split = int(pc.sum(pc.equal(outcomes, "split")).as_py() or 0)

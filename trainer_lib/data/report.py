@@ -21,6 +21,12 @@ class DataReport:
     stream_checked: int = 0  # a stream: the report covers only its first samples, checked up front
     # a mixture: source name -> {"examples": drawn per epoch, "available": examples it holds}
     sources: dict = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)  # remark (DataRecipe.note) -> records
+
+    # what each remark means, as the summary says it
+    NOTES = {"last_turn_not_assistant": "conversations end with a turn after the assistant's last, "
+                                        "which trains nothing (method.require_assistant_last=true "
+                                        "refuses them)"}
 
     @classmethod
     def combined(cls, reports: list["DataReport"]) -> "DataReport":
@@ -29,6 +35,7 @@ class DataReport:
         for r in reports:
             out.kinds.update(r.kinds)
             out.dropped.update(r.dropped)
+            out.notes.update(r.notes)
             for name in ("num_samples", "num_examples", "truncated", "split", "num_tokens",
                          "num_loss_tokens"):
                 setattr(out, name, getattr(out, name) + getattr(r, name))
@@ -42,6 +49,7 @@ class DataReport:
             "truncated": self.truncated,
             "split": self.split,
             **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())},
+            **{f"notes/{k}": v for k, v in sorted(self.notes.items())},
             "tokens": self.num_tokens,
             "loss_tokens": self.num_loss_tokens,
             "loss_token_share": round(self.num_loss_tokens / max(self.num_tokens, 1), 4),
@@ -60,7 +68,10 @@ class DataReport:
             f"data{scope}: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
             f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
             f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
-            + (f" ({reasons})" if dropped else "") + self._mixture_summary()
+            + (f" ({reasons})" if dropped else "")
+            + "".join(f"; {n} {self.NOTES.get(k, k.replace('_', ' '))}"
+                      for k, n in sorted(self.notes.items()))
+            + self._mixture_summary()
         )
 
     def _mixture_summary(self) -> str:

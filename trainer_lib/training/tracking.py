@@ -10,7 +10,6 @@ import inspect
 import json
 import math
 import numbers
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,16 +187,14 @@ def _constructor(name: str) -> tuple[Any, str, int]:
 
 
 def check_tracker_kwargs(config: Config) -> None:
-    """`train.tracker_kwargs` against what each tracker takes, before anything loads: a misspelt
-    argument would otherwise fail when the trackers start, once the model is loaded, and
-    arguments for a tracker that is not used would be dropped in silence."""
+    """`train.tracker_kwargs` of the trackers in use against what each takes, before anything
+    loads: a misspelt argument would otherwise fail when the trackers start, once the model is
+    loaded. (Arguments of a tracker not in use are left alone: a config may keep them while
+    tracking is turned off.)"""
     t = config.train
     names = tracker_names(t.tracker)
     for name, kwargs in t.tracker_kwargs.items():
         if name not in names:
-            warnings.warn(f"train.tracker_kwargs gives arguments for {name!r}, which "
-                          f"train.tracker={t.tracker!r} does not name: they are not used",
-                          stacklevel=3)
             continue
         if kwargs and name == "jsonl":
             raise ConfigError("train.tracker_kwargs.jsonl: the jsonl tracker takes no arguments "
