@@ -23,10 +23,10 @@ class DataReport:
     sources: dict = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)  # remark (DataRecipe.note) -> records
 
-    # what each remark means, as the summary says it
-    NOTES = {"last_turn_not_assistant": "conversations end with a turn after the assistant's last, "
-                                        "which trains nothing (method.require_assistant_last=true "
-                                        "refuses them)"}
+    # what each remark means, as the summary says it (one record, several)
+    NOTES = {"last_turn_not_assistant": (
+        "conversation ends with a turn after the assistant's last, which trains nothing",
+        "conversations end with a turn after the assistant's last, which trains nothing")}
 
     @classmethod
     def combined(cls, reports: list["DataReport"]) -> "DataReport":
@@ -69,8 +69,7 @@ class DataReport:
             f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
             f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
             + (f" ({reasons})" if dropped else "")
-            + "".join(f"; {n} {self.NOTES.get(k, k.replace('_', ' '))}"
-                      for k, n in sorted(self.notes.items()))
+            + "".join(f"; {n} {self._note(k, n)}" for k, n in sorted(self.notes.items()))
             + self._mixture_summary()
         )
 
@@ -85,6 +84,10 @@ class DataReport:
             parts.append(f"{name} {n:,} of {held:,} ({how})")
         total = sum(c["examples"] for c in self.sources.values())
         return f"\nmixture: {total:,} examples per epoch: " + ", ".join(parts)
+
+    def _note(self, name: str, count: int) -> str:
+        one, several = self.NOTES.get(name, (name.replace("_", " "),) * 2)
+        return one if count == 1 else several
 
     def too_few(self, needed: int, seq_length: int) -> str:
         """The error of a run left with fewer than `needed` examples: what happened to the
