@@ -365,7 +365,8 @@ CASES = [
          DataError, ["no sample is left to train on: data: 3 samples", r"3 dropped \(3 too_long\)",
                      r"raise train\.seq_length \(now 32\), or set method\.overlong=\"truncate\""]),
     Case("a string left open on a line of a .jsonl file",
-         lambda c: c.train(samples=c.file("open.jsonl", json.dumps(PAIRS[0]) + '\n{"prompt": "a\n')),
+         lambda c: c.train(samples=c.file("open.jsonl",
+                                          json.dumps(PAIRS[0]) + '\n{"prompt": "a\n')),
          DataError, [r"open\.jsonl:2: not valid JSON \(Unterminated string starting at: column "
                      r"12\); fix the line or remove it"]),
     Case("a Parquet file with no rows",

@@ -42,7 +42,8 @@ class Source:
     load: Callable[[Path, bool], Any]
     path: Optional[str] = None  # the file, for messages naming its lines
     stream: Any = None  # a datasets.IterableDataset when streaming
-    what: str = "samples"  # the argument it came from: "samples" or "eval_samples"
+    # what the data is to the user, for messages: "samples", "eval_samples", "samples['test']"
+    what: str = "samples"
 
 
 @dataclass

@@ -71,10 +71,12 @@ def check_schedule(config: Config) -> None:
     """Builds the schedule on a stand-in optimiser and steps it through the run, so that settings
     that fail only when used (a StepLR step_size of 0, cosine_with_min_lr without its floor) are
     found before the model loads."""
-    lr = config.optimizer.kwargs.get("lr") or 1e-3
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    lr = config.optimizer.kwargs.get("lr")  # the run's: a schedule may be judged against it
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
+                                lr=1e-3 if lr is None else lr)
     total = config.train.total_steps
-    where = f"scheduler.name={config.scheduler.name!r} with scheduler.kwargs={config.scheduler.kwargs}"
+    where = (f"scheduler.name={config.scheduler.name!r} with "
+             f"scheduler.kwargs={config.scheduler.kwargs}")
     step = 0
     try:
         scheduler = build_scheduler(optimizer, config.scheduler, total)
