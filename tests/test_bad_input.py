@@ -21,8 +21,8 @@ from trainer_lib import (
     default_sft_config,
     train,
 )
-from trainer_lib.config import Config
 from trainer_lib.checkpointing.layout import list_checkpoints
+from trainer_lib.config import Config
 from trainer_lib.errors import ChatError, CheckpointError, EvalPromptError, KTODataError
 
 PAIRS = [{"prompt": f"word{i} ", "completion": f"token{i} word{i + 1}"} for i in range(8)]
@@ -663,7 +663,8 @@ def test_a_conversation_ending_with_the_users_turn_trains_and_the_report_says_so
     for loss_on, note in (("assistant", "last_turn_not_assistant"),
                           ("last_assistant", "last_turn_not_assistant"),
                           ("all", "")):  # with loss on every token, the last turn trains too
-        assert SFTRecipe(None, None, SFTConfig(loss_on=loss_on), 32).note(record) == note
+        recipe = SFTRecipe(trainer.tokenizer, None, SFTConfig(loss_on=loss_on), 32)
+        assert recipe.note(record) == note
 
 
 def test_save_best_naming_a_figure_that_is_not_logged_warns_at_the_first_log(tiny_model_dir,

@@ -158,8 +158,8 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
             raise DataError("eval_samples is a stream; evaluation samples are prepared whole: "
                             "pass a list, a datasets.Dataset or a file")
 
-    eval_table, eval_entry = (_prepared_table(context, recipe, eval_source) if eval_source is not None
-                              else (None, None))
+    eval_table, eval_entry = (_prepared_table(context, recipe, eval_source, evaluation=True)
+                              if eval_source is not None else (None, None))
     if sources.train.stream is not None:
         if t.eval_split > 0:
             raise DataError("train.eval_split holds out a fraction of the samples, which a stream "
@@ -221,8 +221,8 @@ def _build_mixture(context: _Context, recipe: DataRecipe, mixture: Mixture, eval
         tables.append(table)
         keys.append([name, weight, entry.key])
         if sources.eval is not None:
-            eval_table, eval_entry = _named(what, lambda: _prepared_table(context, recipe,
-                                                                          sources.eval))
+            eval_table, eval_entry = _named(what, lambda: _prepared_table(
+                context, recipe, sources.eval, evaluation=True))
             eval_tables.append(eval_table)
             keys[-1].append(eval_entry.key)
         held = (_named(what, lambda: held_out(table, t.eval_split, t.seed))
@@ -230,7 +230,8 @@ def _build_mixture(context: _Context, recipe: DataRecipe, mixture: Mixture, eval
         in_train.append(~held)
     if eval_samples is not None:
         eval_table, eval_entry = _prepared_table(context, recipe, open_source(
-            eval_samples, "eval_samples", False, context.hf_cache, dict_eval=False).train)
+            eval_samples, "eval_samples", False, context.hf_cache, dict_eval=False).train,
+            evaluation=True)
         eval_tables.append(eval_table)
         keys.append(["eval_samples", eval_entry.key])
 
@@ -277,15 +278,17 @@ def _named(what: str, prepare: Callable[[], Any]) -> Any:
         raise type(e)(f"{what}: {e}") from None
 
 
-def _prepared_table(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:
-    """The prepared table of one source: from the cache, or built (main process first)."""
+def _prepared_table(context: _Context, recipe: DataRecipe, source: Source,
+                    evaluation: bool = False) -> tuple[pa.Table, CacheEntry]:
+    """The prepared table of one source (`evaluation`: of evaluation samples): from the cache,
+    or built (main process first)."""
     # the main process's key: a Dataset that datasets could not hash has a random fingerprint,
     # different in every process, and each would otherwise prepare its own copy
     key = shared_value(context.accelerator, digest(PIPELINE_VERSION, recipe.name,
                                                    recipe.settings(), _tokenizer_key(recipe),
                                                    source.key))
     entry = CacheEntry(context.root, recipe.name, key)
-    main_first(context.accelerator, lambda: _build(context, recipe, source, entry))
+    main_first(context.accelerator, lambda: _build(context, recipe, source, entry, evaluation))
     try:  # checked on the main process already; damaged since then, it is said, not traced
         return _open_table(entry), entry
     except _UNREADABLE as e:
@@ -314,7 +317,8 @@ def _tokenizer_key(recipe: DataRecipe) -> str:
     return cached
 
 
-def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEntry) -> None:
+def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEntry,
+           evaluation: bool = False) -> None:
     if entry.ready():
         problem = entry.damage()
         if problem is None:
@@ -328,7 +332,7 @@ def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEn
     with entry.building(meta) as folder, _datasets_progress(context.show_progress):
         raw = source.load(folder, context.show_progress)
         if len(raw) == 0:
-            if source.what == "samples":
+            if not evaluation:
                 raise DataError(recipe.empty_message(source.name))
             name = f"{source.what} ({source.path})" if source.path else source.what
             raise DataError(f"{name} is empty: give at least one evaluation sample, or none")

@@ -76,6 +76,7 @@ _MISSING_FIX = {
     "prompt": "add it (or name the field that holds it with method.input_key)",
     "completion": "add it (or name the field that holds it with method.output_key)",
     "pair": "a preference pair needs both 'chosen' and 'rejected'",
+    "ids": "a pre-tokenised sample needs prompt_input_ids, completion_input_ids and a label",
 }
 _EMPTY = "is empty; fill it in or remove the sample"
 
@@ -241,11 +242,11 @@ def _record(prompt: Any, completion: Any, label: bool, sample: Any) -> dict:
 
 def _token_record(sample: dict, index: int, label_key: str, vocab_size: int) -> dict:
     """Pre-tokenised ids, used as given (nothing added): loss on the completion's tokens."""
-    ids = {f: token_ids(_required(sample, f, index), index, f, vocab_size, KTODataError)
+    ids = {f: token_ids(_required(sample, f, index, "ids"), index, f, vocab_size, KTODataError)
            for f in TOKEN_FIELDS}
     check_unpadded(sample, index, KTODataError)
     return {"prompt": ids["prompt_input_ids"], "completion": ids["completion_input_ids"],
-            "label": _label(_required(sample, label_key, index), index, label_key),
+            "label": _label(_required(sample, label_key, index, "label"), index, label_key),
             "tokens": True}
 
 
