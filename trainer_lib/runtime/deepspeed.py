@@ -11,10 +11,9 @@ import copy
 import json
 import logging
 import os
-import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, get_args
 
 import torch
 from accelerate import Accelerator
@@ -228,7 +227,7 @@ def _field_names(model_name: str, path: list[str]) -> list[str]:
         if model is None:
             return []
         field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
-        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,)
+        nested = [a for a in get_args(field.annotation) or (field.annotation,)
                   if isinstance(a, type) and issubclass(a, DeepSpeedConfigModel)] if field else []
         model = nested[0] if nested else None
     if model is None:
