@@ -175,7 +175,7 @@ class Checkpointer:
                     acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
                 own = own_checksums(tmp, acc.process_index)
             save_pretrained(acc, trainer.model, trainer.tokenizer, tmp / "hf_model",
-                            failure=failed)
+                            failure=failed, card=trainer.model_card(path / "hf_model"))
             hashed = gather_object([own]) if acc.num_processes > 1 else [own]
             with _agreed(acc, failed):
                 if acc.is_main_process:

@@ -32,6 +32,7 @@ from trainer_lib.data.mixture import loader_epochs, mixture_examples
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.errors import CheckpointWriteError, DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
+from trainer_lib.model.card import ModelCard, describe_run, hub_datasets
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
 from trainer_lib.runtime.processes import align_micro_batches, batches_per_process, reduce_sum
@@ -57,6 +58,7 @@ class Trainer:
         self.log_history: list[dict] = []
         self.step = 0
         self.callbacks = Callbacks(callbacks)
+        self.dataset_names = hub_datasets(samples, eval_samples)  # named in the model card
         if config.train.early_stopping is not None:
             self.callbacks.add(EarlyStopping.from_config(config.train.early_stopping))
         self.accelerator = build_accelerator(config, log_with=log_with(config),
@@ -463,12 +465,13 @@ class Trainer:
             self.callbacks.call("on_save", self, path)
 
     def save_pretrained(self, path: str, merge_adapters: bool = False) -> None:
-        """Writes the model as an ordinary Hugging Face folder (every process calls this). A write
-        that fails (a full disk) leaves `path` as it was and raises CheckpointWriteError on every
-        process, naming the folder, the space needed and the last checkpoint's copy."""
+        """Writes the model as an ordinary Hugging Face folder, with its tokenizer and a model
+        card (README.md); every process calls this. A write that fails (a full disk) leaves
+        `path` as it was and raises CheckpointWriteError on every process, naming the folder, the
+        space needed and the last checkpoint's copy."""
         try:
             save_pretrained(self.accelerator, self.model, self.tokenizer, path,
-                            merge_adapters=merge_adapters)
+                            merge_adapters=merge_adapters, card=self.model_card(path))
         except CheckpointWriteError as e:
             last = self.checkpoints.last_saved
             if last is None or not (last / "hf_model").is_dir():
@@ -478,6 +481,14 @@ class Trainer:
                                          f"{step}, as a Hugging Face folder: {last / 'hf_model'}")
             error.errno = e.errno
             raise error from e.__cause__
+
+    def model_card(self, folder: Any = None) -> ModelCard:
+        """The model card of the run as it stands (`folder`: where it is saved)."""
+        return describe_run(self.config, step=self.step, total_steps=self.total_steps,
+                            processes=self.accelerator.num_processes,
+                            log_history=self.log_history,
+                            data_report=getattr(self, "data_report", None),
+                            datasets=self.dataset_names, folder=folder)
 
 
 class _Window:
