@@ -155,10 +155,6 @@ class Callbacks:
     def __iter__(self):
         return iter(self.callbacks)
 
-    @property
-    def stop_requested(self) -> bool:
-        return self.stop_reason is not None or self.error is not None
-
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:  # the first reason given is the one recorded
             self.stop_reason = str(reason)
@@ -169,7 +165,7 @@ class Callbacks:
         for callback in self.callbacks:
             try:
                 getattr(callback, hook)(trainer, *args)
-            except Exception as e:  # noqa: BLE001 - raised on every process by `agree`
+            except Exception as e:  # noqa: BLE001 - raised on every process by agreed_error
                 if hasattr(e, "add_note"):  # Python 3.11+: said under the traceback
                     e.add_note(f"raised by {type(callback).__name__}.{hook} at step "
                                f"{trainer.step}")
