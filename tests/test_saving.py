@@ -167,7 +167,7 @@ def test_each_checkpoint_holds_the_card_of_the_run_at_its_step(trained):
 
 
 def test_base_model_and_datasets_are_named_as_the_hub_knows_them(tiny_model_dir, tmp_path):
-    from trainer_lib import default_kto_config
+    from trainer_lib import Mixture, default_kto_config
     from trainer_lib.model.card import base_model_of, describe_run, hub_datasets
 
     assert base_model_of("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
@@ -184,6 +184,10 @@ def test_base_model_and_datasets_are_named_as_the_hub_knows_them(tiny_model_dir,
     data.write_text("{}\n")
     assert hub_datasets("trl-lib/kto-mix-14k", str(data), "missing.jsonl", "./local",
                         [{"text": "a list"}], None, "trl-lib/kto-mix-14k") == ["trl-lib/kto-mix-14k"]
+    mixture = Mixture({"chat": ("HuggingFaceH4/ultrachat_200k", 3), "mine": (str(data), 1),
+                       "again": ("trl-lib/kto-mix-14k", 1)})
+    assert hub_datasets(mixture, "trl-lib/kto-mix-14k") == ["HuggingFaceH4/ultrachat_200k",
+                                                            "trl-lib/kto-mix-14k"]
 
     config = default_kto_config().evolve(model=dict(model_path="HuggingFaceTB/SmolLM2-135M"),
                                          method=dict(beta=0.2))

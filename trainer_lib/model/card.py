@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
+from trainer_lib.data.mixture import Mixture
 from trainer_lib.model.loading import adapter_base
 from trainer_lib.runtime.hub import looks_like_hub_id
 
@@ -167,11 +168,14 @@ def base_model_of(path: Optional[str]) -> Optional[str]:
 
 
 def hub_datasets(*sources: Any) -> list[str]:
-    """The sources given by hub name (a string that is not a local path): the card's
-    `datasets`."""
-    names = []
+    """The sources given by hub name (a string that is not a local path), a Mixture's among
+    them: the card's `datasets`."""
+    names: list[str] = []
     for source in sources:
-        if isinstance(source, str) and not os.path.exists(os.path.expanduser(source)) \
+        if isinstance(source, Mixture):
+            names += [n for n in hub_datasets(*(s for s, _ in source.sources.values()))
+                      if n not in names]
+        elif isinstance(source, str) and not os.path.exists(os.path.expanduser(source)) \
                 and not source.lower().endswith(_LOCAL_SUFFIXES) and looks_like_hub_id(source) \
                 and source not in names:
             names.append(source)

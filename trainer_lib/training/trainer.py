@@ -58,7 +58,9 @@ class Trainer:
         self.log_history: list[dict] = []
         self.step = 0
         self.callbacks = Callbacks(callbacks)
-        self.dataset_names = hub_datasets(samples, eval_samples)  # named in the model card
+        # named in the model card
+        self.dataset_names = hub_datasets(samples, eval_samples,
+                                          *(e["path"] for e in config.data.mixture or []))
         if config.train.early_stopping is not None:
             self.callbacks.add(EarlyStopping.from_config(config.train.early_stopping))
         self.accelerator = build_accelerator(config, log_with=log_with(config),
