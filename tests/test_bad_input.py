@@ -16,6 +16,7 @@ import pytest
 from trainer_lib import (
     ConfigError,
     DataError,
+    EarlyStopping,
     Mixture,
     default_kto_config,
     default_sft_config,
@@ -219,6 +220,21 @@ CASES = [
          ConfigError, [r"bad\.yaml:3:2: not valid YAML: expected <block end>, but found "
                        r"'<block mapping start>' \(while parsing a block mapping that starts at "
                        r"line 1\)"]),
+    Case("early stopping on eval/loss without evaluation data",
+         lambda c: c.train(train=dict(early_stopping=dict(patience=2))), ConfigError,
+         [r"train\.early_stopping\.metric='eval/loss'", "no evaluation data",
+          "would never stop early", r"eval_samples=", r"train\.eval_split"]),
+    Case("EarlyStopping on a metric without metric_fn",
+         lambda c: c.train(eval_samples=PAIRS[:2], callbacks=[EarlyStopping("metrics/exact")]),
+         ConfigError, [r"EarlyStopping\(metric='metrics/exact'\)", "no metric_fn",
+                       r"pass metric_fn="]),
+    Case("early stopping on a training figure",
+         lambda c: c.train(train=dict(early_stopping=dict(metric="loss"))), ConfigError,
+         [r"train\.early_stopping\.metric must name an evaluation figure", "'eval/loss'",
+          "got 'loss'"]),
+    Case("a callback that is a plain function",
+         lambda c: c.train(callbacks=[lambda trainer: None]), ConfigError,
+         [r"callbacks\[0\] is a function, not a trainer_lib\.Callback", "subclass Callback"]),
     # ---------------------------------------------------------------- generation settings
     Case("max_new_tokens 0", lambda c: c.train(method=dict(gen_kwargs=dict(max_new_tokens=0))),
          ConfigError, [r"method\.gen_kwargs\.max_new_tokens must be an integer >= 1, got 0"]),
@@ -569,6 +585,10 @@ CLI_CASES = {
     "save_best that is never logged": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
                    "train.save_best=eval/loss"], r"train\.save_best='eval/loss'.*--eval-data"),
+    "early stopping that is never logged": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "train.early_stopping.patience=2"],
+        r"train\.early_stopping\.metric='eval/loss'.*--eval-data"),
     "a NaN learning rate": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
                    "optimizer.kwargs.lr=.nan"], "optimizer.kwargs.lr .*must be finite"),

@@ -70,6 +70,35 @@ class SchedulerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """`train.early_stopping`: stop once `metric` has not improved for `patience` evaluations in a
+    row (an improvement beats the best so far by more than `min_delta`)."""
+
+    metric: str = "eval/loss"  # an evaluation figure: eval/<name> or metrics/<name>
+    patience: int = 3
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
+
+    def validate(self, where: str = "train.early_stopping") -> None:
+        if not isinstance(self.metric, str) or not self.metric.startswith(("eval/", "metrics/")):
+            raise ConfigError(
+                f"{where}.metric must name an evaluation figure, 'eval/<name>' (e.g. "
+                f"'eval/loss') or 'metrics/<name>' (from metric_fn), got {self.metric!r}: "
+                "early stopping counts evaluations without improvement")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) \
+                or self.patience < 1:
+            raise ConfigError(f"{where}.patience must be a whole number of evaluations, at "
+                              f"least 1, got {self.patience!r}")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"{where}.mode must be 'min' (lower is better, as for a loss) or "
+                              f"'max', got {self.mode!r}")
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) \
+                or not self.min_delta >= 0:
+            raise ConfigError(f"{where}.min_delta must be a number >= 0 (how much better than "
+                              f"the best a value must be to count), got {self.min_delta!r}")
+
+
+@dataclass
 class TrainConfig:
     seq_length: int = 512
     batch_size: int = 8  # sequences per process per micro-batch
@@ -87,6 +116,8 @@ class TrainConfig:
     keep_last_n: Optional[int] = None
     save_best: Optional[str] = None  # a logged name, e.g. "eval/loss" or "metrics/accuracy"
     save_best_mode: Literal["min", "max"] = "min"
+    # None, or {metric, patience, mode, min_delta}: stop when an evaluation figure stops improving
+    early_stopping: Optional[EarlyStoppingConfig] = None
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
     log_interval: int = 10
     # None, or one or a list of: "jsonl", and accelerate's trackers (wandb, tensorboard,
@@ -125,6 +156,8 @@ class TrainConfig:
             raise ConfigError("train.keep_last_n must be at least 1, or None to keep all")
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
             raise ConfigError("train.deepspeed_config must be a path to a JSON file or a dict")
+        if self.early_stopping is not None:
+            self.early_stopping.validate()
         tracker_names(self.tracker)
         for name, kwargs in self.tracker_kwargs.items():
             if name not in TRACKER_NAMES or not isinstance(kwargs, dict):

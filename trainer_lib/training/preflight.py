@@ -15,18 +15,20 @@ import torch
 from trainer_lib.config import Config, ConfigError
 from trainer_lib.model.loading import check_attn_implementation, check_num_layers_unfrozen
 from trainer_lib.runtime.processes import on_main_process
+from trainer_lib.training.callbacks import EarlyStopping
 from trainer_lib.training.evaluation import check_eval_inputs, check_gen_kwargs
 from trainer_lib.training.optim import build_scheduler
 
 
 def check_run(config: Config, accelerator, has_eval_data: bool, eval_prompts: Any,
-              metric_fn: Any) -> Any:
+              metric_fn: Any, callbacks: Any = ()) -> Any:
     """Everything that can be judged from the settings and the call alone; returns the model's
     config (read with transformers.AutoConfig, None when it cannot be read here)."""
     def checks():
         check_eval_inputs(eval_prompts, metric_fn)
         check_gen_kwargs(config.method.gen_kwargs)
         check_save_best(config, has_eval_data, metric_fn)
+        check_early_stopping(callbacks, has_eval_data, metric_fn)
         check_learning_rate(config)
         check_schedule(config)
         check_attn_implementation(config.model.attn_implementation)
@@ -43,18 +45,34 @@ def check_run(config: Config, accelerator, has_eval_data: bool, eval_prompts: An
 
 def check_save_best(config: Config, has_eval_data: bool, metric_fn: Any) -> None:
     name = config.train.save_best
-    if not name:
-        return
-    if name == "eval/loss" and not has_eval_data:
+    if name:
+        check_logged(f"train.save_best={name!r}", name, has_eval_data, metric_fn,
+                     "best/ would never be written", "e.g. 'loss'")
+
+
+def check_early_stopping(callbacks: Any, has_eval_data: bool, metric_fn: Any) -> None:
+    """The figure each EarlyStopping watches (from `callbacks=` or `train.early_stopping`) is
+    logged by this run's evaluations."""
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping):
+            check_logged(callback.setting, callback.metric, has_eval_data, metric_fn,
+                         "the run would never stop early", "an evaluation figure")
+
+
+def check_logged(setting: str, name: str, has_eval_data: bool, metric_fn: Any,
+                 consequence: str, alternative: str) -> None:
+    """A figure a setting watches can be logged in this run: `eval/*` needs evaluation data,
+    `metrics/*` a metric_fn."""
+    if name.startswith("eval/") and not has_eval_data:
         raise ConfigError(
-            "train.save_best='eval/loss' but the run has no evaluation data, so eval/loss is "
-            "never logged and best/ would never be written: pass eval_samples= to train() (or "
-            "--eval-data), set train.eval_split, or name a figure that is logged, e.g. 'loss'")
+            f"{setting} but the run has no evaluation data, so {name} is never logged and "
+            f"{consequence}: pass eval_samples= to train() (or --eval-data), set "
+            f"train.eval_split, or name a figure that is logged, {alternative}")
     if name.startswith("metrics/") and metric_fn is None:
         raise ConfigError(
-            f"train.save_best={name!r} but no metric_fn is given, so no metrics/* figure is ever "
-            "logged: pass metric_fn= (and eval_prompts=) to train(), or name a figure that is "
-            "logged, e.g. 'loss' or 'eval/loss'")
+            f"{setting} but no metric_fn is given, so no metrics/* figure is ever logged and "
+            f"{consequence}: pass metric_fn= (and eval_prompts=) to train(), or name a figure "
+            f"that is logged, {alternative}")
 
 
 def check_learning_rate(config: Config) -> None:

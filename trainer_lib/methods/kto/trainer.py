@@ -284,7 +284,7 @@ class KTOTrainer(Trainer):
             self.reference.sync()
         return out
 
-    def log(self, values: dict) -> None:
+    def log(self, values: dict) -> dict:
         # the margin of the window's means: mean chosen reward - mean rejected reward, when both
         # classes were measured
         for prefix in ("", "eval/"):
@@ -292,4 +292,4 @@ class KTOTrainer(Trainer):
             rejected = values.get(prefix + "rewards/rejected")
             if chosen is not None and rejected is not None:
                 values = {**values, prefix + "rewards/margins": chosen - rejected}
-        super().log(values)
+        return super().log(values)
