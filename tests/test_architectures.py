@@ -11,6 +11,7 @@ from `AutoTokenizer.from_pretrained` of the model folder (a Qwen2 folder tokenis
 from its tokenizer.json). A model whose packed rows would leak trains padded, saying so.
 """
 
+import os
 import warnings
 
 import pytest
@@ -30,8 +31,6 @@ ARCHITECTURES = {
     "llama": {},
     "qwen2": {},  # its tokenizer class re-splits digits: the expected tokens come from it
     "gemma": dict(head_dim=16),
-    "phi": {},
-    "gpt_neox": {},
     # mixture of experts (load-balancing loss added)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(MOE, moe_intermediate_size=32),
@@ -45,7 +44,6 @@ ARCHITECTURES = {
     "gemma2": dict(head_dim=16),
     "gemma3_text": dict(head_dim=16, sliding_window=4),
     "cohere": dict(logit_scale=0.5),
-    "cohere2": dict(logit_scale=0.5),
     "granite": dict(logits_scaling=4.0),
     "granitemoe": dict(logits_scaling=4.0, num_local_experts=4, num_experts_per_tok=2),
     "minicpm3": dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
@@ -59,10 +57,12 @@ ARCHITECTURES = {
     "mamba": dict(state_size=8),
     "jamba": dict(MOE, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1, mamba_d_state=8),
-    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8),
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
+                  mamba_chunk_size=16),
     "nemotron_h": dict(hybrid_override_pattern="M*", mamba_num_heads=8, mamba_head_dim=16,
-                       ssm_state_size=8, n_groups=1),
-    "falcon_h1": dict(lm_head_multiplier=0.5),
+                       ssm_state_size=8, n_groups=1, chunk_size=16),
+    "falcon_h1": dict(lm_head_multiplier=0.5, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16,
+                      mamba_d_state=8, mamba_chunk_size=16),
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "qwen3_next": dict(MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                        layer_types=["linear_attention", "full_attention"],
@@ -89,6 +89,18 @@ PAIRS = [
     ("Spell cat.\n", "C A T, 3 letters."),
     ("Say hello.\n", "Hello there, friend 99."),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_machine():
+    """One thread (these models are tiny: more threads only wait on each other) and no fsync of
+    the checkpoints each run writes (what is checked here is the loss, not the disk)."""
+    threads, fsync = torch.get_num_threads(), os.fsync
+    torch.set_num_threads(1)
+    os.fsync = lambda fd: None
+    yield
+    torch.set_num_threads(threads)
+    os.fsync = fsync
 
 
 @pytest.fixture(scope="module")

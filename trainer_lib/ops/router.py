@@ -41,7 +41,7 @@ class RouterLoss:
         """The model's own (its `router_aux_loss_coef`) or `coef` when given; off for a model
         without routers (its forward takes no `output_router_logits`)."""
         lm = causal_lm(model)
-        if "output_router_logits" not in inspect.signature(lm.forward).parameters:
+        if "output_router_logits" not in inspect.signature(type(lm).forward).parameters:
             return cls()
         if coef is None:
             coef = getattr(lm, "router_aux_loss_coef", None)
