@@ -206,6 +206,7 @@ def test_architecture_trains_with_its_own_loss(model_type, tokenizer, tmp_path, 
         assert first["aux_loss"] > 0
     assert ("padded, length-grouped batches" in said) == leaks, said
     assert (trainer.loss_path.packing is None) == leaks
+    assert not trainer.loss_path.head.own_logits  # the chunked loss reproduces every head here
     policy = trainer.accelerator.unwrap_model(trainer.model)
     linear = {n for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not model.get_output_embeddings()

@@ -128,6 +128,24 @@ def check_model(model, pad_token_id: int, *, packing: bool, attentions: tuple = 
     return path
 
 
+def decision(path: LossPath, model) -> tuple:
+    """What a check decided, as plain values (to share between processes)."""
+    return (path.head.own_logits, path.packing, attention_of(model),
+            path.router.over_tokens is not None)
+
+
+def adopt(path: LossPath, model, decided: tuple) -> None:
+    """Makes `path` (and the model's attention) the one `decided`, so that every process trains
+    on the main process's decision even where rounding near the tolerance would differ."""
+    own_logits, packing, attention, token_mask = decided
+    path.head = replace(path.head, own_logits=own_logits)
+    path.packing = packing
+    if attention is not None:
+        switch_attention(model, attention)
+    if not token_mask:
+        path.router = path.router.without_token_mask()
+
+
 def _tolerance(model) -> float:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     exact = dtype in (torch.float32, torch.float64) and (

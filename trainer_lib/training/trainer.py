@@ -31,10 +31,15 @@ from trainer_lib.data.mixture import loader_epochs, mixture_examples
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.errors import CheckpointWriteError, DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
-from trainer_lib.model.probe import LossPath, check_model
+from trainer_lib.model.probe import LossPath, adopt, check_model, decision
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
-from trainer_lib.runtime.processes import align_micro_batches, batches_per_process, reduce_sum
+from trainer_lib.runtime.processes import (
+    align_micro_batches,
+    batches_per_process,
+    reduce_sum,
+    shared_value,
+)
 from trainer_lib.training import preflight
 from trainer_lib.training.evaluation import GenerationEval, format_table
 from trainer_lib.training.interrupts import (
@@ -127,6 +132,9 @@ class Trainer:
         self.loss_path = check_model(
             self.model, self.tokenizer.pad_token_id, packing=packing, attentions=attentions,
             router_aux_loss_coef=self.config.method.router_aux_loss_coef)
+        # every process takes the main process's decision (the same shapes on all of them)
+        adopt(self.loss_path, self.model,
+              shared_value(self.accelerator, decision(self.loss_path, self.model)))
         if self.accelerator.is_main_process:
             for note in self.loss_path.notes:
                 print(note, flush=True)
