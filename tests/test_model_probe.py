@@ -10,7 +10,7 @@ from test_architectures import tokenizer as tokenizer  # noqa: F401 - the module
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers import LlamaForCausalLM
 
-from trainer_lib import default_config, train
+from trainer_lib import Mixture, default_config, train
 from trainer_lib.methods.sft.trainer import SFTTrainer
 from trainer_lib.model.probe import POSITION_IDS, check_model, packing_from_config
 from trainer_lib.ops.head import Head
@@ -134,6 +134,13 @@ def test_a_model_whose_packed_rows_leak_trains_padded_exactly(tokenizer, tmp_pat
     batch = next(iter(trainer.train_loader))
     assert "attention_mask" in batch and "position_ids" not in batch
     trainer.train()
+    assert trainer.log_history[0]["loss"] == pytest_approx(expected)
+
+    # a mixture's epochs, packed epoch by epoch, fall back to its epochs' examples
+    mixture = Mixture({"a": (SAMPLES[:3], 1), "b": (SAMPLES[3:], 1)})
+    trainer = train(samples=mixture, config=sft_config(folder, tmp_path, packing=True))
+    assert "LeakyLlama" in capsys.readouterr().out and trainer.loss_path.packing is None
+    assert trainer.epoch_ranges.sizes() == [len(SAMPLES)]  # examples, not packed rows
     assert trainer.log_history[0]["loss"] == pytest_approx(expected)
 
     # KTO packs its examples and KL rows too: the same check, the same fallback
