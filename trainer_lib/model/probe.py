@@ -281,8 +281,8 @@ def _from_config(config, packing: bool, router: RouterLoss, name: str, attention
         for attention in attentions:
             if switch_attention(model, attention):
                 break
-    packing_said = ("packed" if path.packing else
-                    "padded, length-grouped batches" if packing else "padded (method.packing=false)")
+    packing_said = ("packed" if path.packing else "padded, length-grouped batches" if packing
+                    else "padded (method.packing=false)")
     path.notes.append(
         f"{name}: the load-time check cannot run on a model sharded as it loads (ZeRO-3 with "
         f"zero3_init); decided from its config, unchecked: head {path.head.describe()}, "

@@ -45,7 +45,8 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, head: Head) ->
     return head.logits(F.linear(h, weight, bias))
 
 
-def _grad_logits_(logits: Tensor, lse: Tensor, safe_targets: Tensor, scale: Tensor, head: Head) -> Tensor:
+def _grad_logits_(logits: Tensor, lse: Tensor, safe_targets: Tensor, scale: Tensor,
+                  head: Head) -> Tensor:
     """In place: logits -> d(sum_i scale_i * nll_i)/d(output layer's result), float32."""
     if head.softcap is not None:
         dcap = 1.0 - (logits / head.softcap).square()  # d softcap(x) / dx, from the capped value
