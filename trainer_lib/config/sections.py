@@ -246,6 +246,9 @@ class MethodConfig:
     # Tokens per chunk in the cross-entropy over the vocabulary (bounds the logits memory);
     # None: about 2**25 / vocabulary tokens, so a chunk's float32 logits take 128 MiB.
     loss_chunk_size: Optional[int] = None
+    # A mixture-of-experts model's load-balancing loss is added with this coefficient (logged
+    # as aux_loss); None: the model config's router_aux_loss_coef; 0: not added.
+    router_aux_loss_coef: Optional[float] = None
 
     def validate(self) -> None:
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
@@ -254,6 +257,10 @@ class MethodConfig:
         if bad:
             raise ConfigError(f"method.stop_sequences must be a list of non-empty strings, got "
                               f"{bad[0]!r} in {self.stop_sequences!r}")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise ConfigError("method.router_aux_loss_coef must be >= 0 (0: no load-balancing "
+                              "loss), or None for the model config's own coefficient; got "
+                              f"{self.router_aux_loss_coef}")
 
     @classmethod
     def defaults(cls) -> dict:

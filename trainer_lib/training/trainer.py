@@ -33,9 +33,15 @@ from trainer_lib.data.pipeline import build_data
 from trainer_lib.errors import CheckpointWriteError, DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
 from trainer_lib.model.card import ModelCard, describe_run, hub_datasets
+from trainer_lib.model.probe import LossPath, adopt, check_model, decision
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
-from trainer_lib.runtime.processes import align_micro_batches, batches_per_process, reduce_sum
+from trainer_lib.runtime.processes import (
+    align_micro_batches,
+    batches_per_process,
+    reduce_sum,
+    shared_value,
+)
 from trainer_lib.training import preflight
 from trainer_lib.training.callbacks import Callbacks, EarlyStopping
 from trainer_lib.training.evaluation import GenerationEval, format_table
@@ -74,17 +80,17 @@ class Trainer:
         self.tokenizer = load_tokenizer(config)
         self.train_items, self.eval_items = self.build_datasets(samples, eval_samples)
         self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
-        loader = self.make_loader(self.train_items, shuffle=True)
-        k = config.train.gradient_accumulation_steps
-        self.total_steps = min(config.train.total_steps, sum(
-            math.ceil(batches_per_process(self.accelerator, n) / k)
-            for n in loader_epochs(loader, config.train.epochs)))
         self.checkpoints = Checkpointer(config)
         self.checkpoints.choose_start(self, run_identity(self, model_config))
         self.nonfinite_steps = NonFiniteSteps(config.train.skip_nonfinite_steps)
         self.model = load_model(config)
         align_special_tokens(self.model, self.tokenizer)
-        self.setup_model()
+        self.setup_model()  # may change how the items are batched (the load-time check)
+        loader = self.make_loader(self.train_items, shuffle=True)
+        k = config.train.gradient_accumulation_steps
+        self.total_steps = min(config.train.total_steps, sum(
+            math.ceil(batches_per_process(self.accelerator, n) / k)
+            for n in loader_epochs(loader, config.train.epochs)))
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
@@ -125,7 +131,23 @@ class Trainer:
         raise NotImplementedError
 
     def setup_model(self) -> None:
-        """Called once the model is loaded, before the optimiser is built."""
+        """Called once the model is loaded, before the training loader and the optimiser are
+        built: the place for the load-time check, which may change `self.train_items`."""
+
+    def check_loss_path(self, packing: bool, attentions: tuple = ()) -> LossPath:
+        """The load-time check (`trainer_lib.model.probe`) on the loaded model: the head, the
+        way packed rows keep documents apart (None: padded batches), the MoE load-balancing
+        term; each fallback said in one line."""
+        self.loss_path = check_model(
+            self.model, self.tokenizer.pad_token_id, packing=packing, attentions=attentions,
+            router_aux_loss_coef=self.config.method.router_aux_loss_coef)
+        # every process takes the main process's decision (the same shapes on all of them)
+        adopt(self.loss_path, self.model,
+              shared_value(self.accelerator, decision(self.loss_path, self.model)))
+        if self.accelerator.is_main_process:
+            for note in self.loss_path.notes:
+                print(note, flush=True)
+        return self.loss_path
 
     def setup_prepared_model(self) -> None:
         """Called once the model is prepared (wrapped, sharded, on its device), before the first
@@ -355,9 +377,9 @@ class Trainer:
                 acc.backward(batch_loss * (0.0 if padding else scale))
             for name, (s, c) in metrics.items():
                 # a padding batch adds nothing but its metric names: every process must reduce
-                # the same vector
+                # the same vector. A sum may be a tensor: read once, with the step's figures
                 acc_s = metric_sums.setdefault(name, [0.0, 0.0])
-                acc_s[0] += 0.0 if padding else float(s)
+                acc_s[0] += 0.0 if padding else s
                 acc_s[1] += 0.0 if padding else float(c)
             if padding:
                 continue
@@ -370,7 +392,7 @@ class Trainer:
         stops = [bool(interrupts and interrupts.requested), self.callbacks.stop_reason is not None,
                  self.callbacks.error is not None]
         flat = [float(loss_sum), float(num_tokens), *map(float, stops)]
-        flat += [v for n in names for v in metric_sums[n]]
+        flat += [float(v) for n in names for v in metric_sums[n]]
         totals = reduce_sum(acc, flat).tolist()
         loss = totals[0] / max(total_weight, 1)
         lr = self.scheduler.get_last_lr()[0]
