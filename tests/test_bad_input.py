@@ -16,12 +16,14 @@ import pytest
 from trainer_lib import (
     ConfigError,
     DataError,
+    EarlyStopping,
     Mixture,
     default_kto_config,
     default_sft_config,
     train,
 )
 from trainer_lib.checkpointing.layout import list_checkpoints
+from trainer_lib.config import Config
 from trainer_lib.errors import ChatError, CheckpointError, EvalPromptError, KTODataError
 
 PAIRS = [{"prompt": f"word{i} ", "completion": f"token{i} word{i + 1}"} for i in range(8)]
@@ -58,6 +60,16 @@ class Ctx:
     def raw(self, name: str, data: bytes) -> str:
         path = self.tmp / name
         path.write_bytes(data)
+        return str(path)
+
+    def parquet(self, name: str, rows: list) -> str:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.tmp / name
+        columns = {"prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+                   "completion": pa.array([r["completion"] for r in rows], pa.string())}
+        pq.write_table(pa.table(columns), path)
         return str(path)
 
     def legacy_checkpoint(self) -> str:
@@ -99,6 +111,10 @@ GOOD_CHAT = chat(user(), assistant())
 RAISING_TEMPLATE = ("{% for m in messages %}{% if m.role == 'tool' %}"
                     "{{ raise_exception('no tools') }}{% endif %}"
                     "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+
+
+def exact_match(samples, prompts, outputs):
+    return {"exact": [0.0] * len(outputs)}
 
 
 def _dataset_dict(**splits):
@@ -145,6 +161,80 @@ CASES = [
     Case("save_best a metric without metric_fn",
          lambda c: c.train(train=dict(save_best="metrics/accuracy")), ConfigError,
          [r"train\.save_best='metrics/accuracy'", "no metric_fn", r"pass metric_fn="]),
+    Case("a misspelt peft_config key",
+         lambda c: c.train(model=dict(peft_config=dict(r=4, target_modulez=["q_proj"]))),
+         ConfigError, [r"model\.peft_config has unknown keys 'target_modulez' \(did you mean "
+                       r"'target_modules'\?\)"]),
+    Case("LoRA with num_layers_unfrozen",
+         lambda c: c.train(model=dict(peft_config=dict(r=4), num_layers_unfrozen=1)),
+         ConfigError, [r"model\.peft_config and model\.num_layers_unfrozen both limit"]),
+    Case("betas of the wrong length",
+         lambda c: c.train(optimizer=dict(kwargs=dict(lr=1e-4, betas=[0.9]))), ConfigError,
+         [r"optimizer\.kwargs\.betas must hold 2 values, like torch\.optim\.AdamW's default "
+          r"\[0\.9, 0\.999\]; got \[0\.9\]"]),
+    Case("a beta of 1.5",
+         lambda c: c.train(optimizer=dict(kwargs=dict(lr=1e-4, betas=[0.9, 1.5]))), ConfigError,
+         [r"are refused by torch\.optim\.AdamW: Invalid beta parameter at index 1: 1\.5"]),
+    Case("SGD momentum without its settings",
+         lambda c: c.train(optimizer=dict(name="sgd", kwargs=dict(lr=0.1, nesterov=True))),
+         ConfigError, ["refused by torch.optim.SGD: Nesterov momentum requires a momentum"]),
+    Case("a schedule that fails at its first step",
+         lambda c: c.train(scheduler=dict(name="StepLR", kwargs=dict(step_size=0))), ConfigError,
+         [r"scheduler\.name='StepLR' .* fails at step 1: ZeroDivisionError"]),
+    Case("a schedule missing its floor",
+         lambda c: c.train(scheduler=dict(name="cosine_with_min_lr")), ConfigError,
+         [r"scheduler\.name='cosine_with_min_lr' .* cannot be built: ValueError: One of min_lr "
+          "or min_lr_rate"]),
+    Case("a misspelt attn_implementation",
+         lambda c: c.train(model=dict(attn_implementation="sdpaa")), ConfigError,
+         [r"model\.attn_implementation='sdpaa' is not an attention implementation; did you mean "
+          r"'sdpa'\?"]),
+    Case("num_layers_unfrozen above the model's layers",
+         lambda c: c.train(model=dict(num_layers_unfrozen=3)), ConfigError,
+         [r"model\.num_layers_unfrozen=3 but the model has only 2 layers; set it to 2 or less"]),
+    Case("a stop sequence that is not text",
+         lambda c: c.train(method=dict(stop_sequences=["\n", 7])), ConfigError,
+         [r"method\.stop_sequences must be a list of non-empty strings, got 7"]),
+    Case("a misspelt TensorBoard argument",
+         lambda c: c.train(train=dict(tracker="tensorboard", tracker_kwargs={
+             "tensorboard": {"filename_sufix": ".x"}})), ConfigError,
+         [r"train\.tracker_kwargs\.tensorboard\.filename_sufix is not an argument of "
+          r"TensorBoard's SummaryWriter; did you mean 'filename_suffix'\?"]),
+    Case("a misspelt DeepSpeed section",
+         lambda c: c.train(train=dict(deepspeed_config={"zero_optimisation": {"stage": 3}})),
+         ConfigError, ["the DeepSpeed config has a key DeepSpeed does not know, "
+                       "'zero_optimisation', which it would ignore in silence; did you mean "
+                       "'zero_optimization'"]),
+    Case("a misspelt key inside zero_optimization",
+         lambda c: c.train(train=dict(deepspeed_config={"zero_optimization": {
+             "stage": 3, "stage3_gather_16bit_weights_on_model_sav": True}})),
+         ConfigError, ["the DeepSpeed config's 'zero_optimization' has a key DeepSpeed does not "
+                       "know, 'stage3_gather_16bit_weights_on_model_sav'; did you mean "
+                       "'stage3_gather_16bit_weights_on_model_save'"]),
+    Case("a ZeRO stage that does not exist",
+         lambda c: c.train(train=dict(deepspeed_config={"zero_optimization": {"stage": 4}})),
+         ConfigError, [r"the DeepSpeed config's 'zero_optimization\.stage' is refused by "
+                       r"DeepSpeed: .*\(got 4\)"]),
+    Case("a YAML file that does not parse",
+         lambda c: Config.load_yaml(c.file("bad.yaml", "train:\n  batch_size: 4\n lr: 3\n")),
+         ConfigError, [r"bad\.yaml:3:2: not valid YAML: expected <block end>, but found "
+                       r"'<block mapping start>' \(while parsing a block mapping that starts at "
+                       r"line 1\)"]),
+    Case("early stopping on eval/loss without evaluation data",
+         lambda c: c.train(train=dict(early_stopping=dict(patience=2))), ConfigError,
+         [r"train\.early_stopping\.metric='eval/loss'", "no evaluation data",
+          "would never stop early", r"eval_samples=", r"train\.eval_split"]),
+    Case("EarlyStopping on a metric without metric_fn",
+         lambda c: c.train(eval_samples=PAIRS[:2], callbacks=[EarlyStopping("metrics/exact")]),
+         ConfigError, [r"EarlyStopping\(metric='metrics/exact'\)", "no metric_fn",
+                       r"pass metric_fn="]),
+    Case("early stopping on a training figure",
+         lambda c: c.train(train=dict(early_stopping=dict(metric="loss"))), ConfigError,
+         [r"train\.early_stopping\.metric must name an evaluation figure", "'eval/loss'",
+          "got 'loss'"]),
+    Case("a callback that is a plain function",
+         lambda c: c.train(callbacks=[lambda trainer: None]), ConfigError,
+         [r"callbacks\[0\] is a function, not a trainer_lib\.Callback", "subclass Callback"]),
     # ---------------------------------------------------------------- generation settings
     Case("max_new_tokens 0", lambda c: c.train(method=dict(gen_kwargs=dict(max_new_tokens=0))),
          ConfigError, [r"method\.gen_kwargs\.max_new_tokens must be an integer >= 1, got 0"]),
@@ -189,6 +279,20 @@ CASES = [
          EvalPromptError, [r"eval_prompts\[0\]\['prompt'\]\[0\]\['content'\] must be a string"]),
     Case("metric_fn is a name", lambda c: c.train(metric_fn="accuracy"), EvalPromptError,
          ["metric_fn must be a function", "got a str: 'accuracy'"]),
+    Case("an eval message without content",
+         lambda c: c.train(eval_prompts=[[{"role": "user"}]]), EvalPromptError,
+         [r"eval_prompts\[0\]\[0\] has no 'content'; give the message's text"]),
+    Case("a metric_fn that takes two arguments",
+         lambda c: c.train(eval_prompts=["Hi"], metric_fn=lambda samples, prompts: {}),
+         EvalPromptError, [r"metric_fn '<lambda>' \(samples, prompts\) cannot take \(samples, "
+                           r"prompts, outputs\): too many positional arguments",
+                           r"\(samples, prompts, outputs, \*\*metadata\)"]),
+    Case("a metric_fn that does not take the eval prompts' keys",
+         lambda c: c.train(eval_prompts=[{"prompt": "Hi", "answer": "Hello"}],
+                           metric_fn=exact_match),
+         EvalPromptError, [r"metric_fn 'exact_match' .* cannot take \(samples, prompts, outputs, "
+                           r"answer=\.\.\.\): got an unexpected keyword argument 'answer'",
+                           "keys besides 'prompt' come as keyword arguments"]),
     # ---------------------------------------------------------------- where output goes
     Case("checkpoint_dir is a file",
          lambda c: c.train(train=dict(checkpoint_dir=c.file("ckpt-file", "x"))), ConfigError,
@@ -229,10 +333,12 @@ CASES = [
          ["got a single dict; wrap it in a list"]),
     Case("a data file that does not exist",
          lambda c: c.train(samples=str(c.tmp / "missing.jsonl")), DataError,
-         [r"samples file .*missing\.jsonl does not exist"]),
+         [r"samples file .*missing\.jsonl does not exist \(relative paths start from .*\); "
+          "check the path"]),
     Case("a line of a .jsonl file that is not JSON",
          lambda c: c.train(samples=c.file("data.jsonl", json.dumps(PAIRS[0]) + "\n{oops\n")),
-         DataError, [r"data\.jsonl:2: not valid JSON"]),
+         DataError, [r"data\.jsonl:2: not valid JSON \(Expecting property name enclosed in "
+                     r"double quotes: column 2\); fix the line or remove it"]),
     Case("an empty completion",
          lambda c: c.train(samples=PAIRS[:2] + [{"prompt": "x", "completion": " "}]), DataError,
          ["sample 2: field 'completion' is empty", "remove the sample or fill it in"]),
@@ -269,9 +375,33 @@ CASES = [
                            method=dict(overlong="split")),
          DataError, [r"^sample 2: \d+ tokens, more than train\.seq_length=32",
                      'method\\.overlong="split" cuts only text']),
+    Case("every sample longer than seq_length, dropped",
+         lambda c: c.train(samples=[{"prompt": "word1 " * 40, "completion": "x"}] * 3,
+                           method=dict(overlong="drop")),
+         DataError, ["no sample is left to train on: data: 3 samples", r"3 dropped \(3 too_long\)",
+                     r"raise train\.seq_length \(now 32\), or set method\.overlong=\"truncate\""]),
+    Case("a string left open on a line of a .jsonl file",
+         lambda c: c.train(samples=c.file("open.jsonl",
+                                          json.dumps(PAIRS[0]) + '\n{"prompt": "a\n')),
+         DataError, [r"open\.jsonl:2: not valid JSON \(Unterminated string starting at: column "
+                     r"12\); fix the line or remove it"]),
+    Case("a Parquet file with no rows",
+         lambda c: c.train(samples=c.parquet("empty.parquet", [])), DataError,
+         [r"samples file .*empty\.parquet: the file has no rows; give a file with at least one "
+          "sample"]),
+    Case("a file that is not Parquet",
+         lambda c: c.train(samples=c.file("fake.parquet", "prompt,completion\n")), DataError,
+         [r"samples file .*fake\.parquet cannot be read as Parquet"]),
+    Case("a bad sample in an eval file",
+         lambda c: c.train(eval_samples=c.file("eval.jsonl", json.dumps(PAIRS[0]) + "\n"
+                                               + json.dumps({"prompt": 3, "completion": "x"}))),
+         DataError, ["^eval_samples: sample 1: field 'prompt' is a int"]),
+    Case("an empty eval file",
+         lambda c: c.train(eval_samples=c.file("none.jsonl", "\n")), DataError,
+         [r"^eval_samples \(.*none\.jsonl\) is empty: give at least one evaluation sample"]),
     Case("a bad validation sample",
          lambda c: c.train(eval_samples=[PAIRS[0], {"prompt": "x", "completion": ""}]),
-         DataError, ["sample 1: field 'completion' is empty"]),
+         DataError, ["^eval_samples: sample 1: field 'completion' is empty"]),
     # ---------------------------------------------------------------- pre-tokenised samples
     Case("a token id outside the vocabulary",
          lambda c: c.train(samples=[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5000, 6]}]),
@@ -341,6 +471,11 @@ CASES = [
          lambda c: c.train(samples=Mixture({"pairs": (PAIRS, 1)}), data=dict(streaming=True)),
          ConfigError, [r"data\.streaming=True with a mixture", r"set data\.streaming=False"]),
     # ---------------------------------------------------------------- conversations
+    Case("a conversation ending with the user's turn, refused",
+         lambda c: c.train(samples=[GOOD_CHAT, chat(user(), assistant(), user("And Rome?"))],
+                           method=dict(require_assistant_last=True)),
+         ChatError, ["^sample 1: the conversation ends with a user turn, after the assistant's "
+                     "last, which trains nothing", r"method\.require_assistant_last=false"]),
     Case("an unknown role",
          lambda c: c.train(samples=[GOOD_CHAT, chat(user(), {"role": "robot", "content": "x"})]),
          ChatError, [r"sample 1: messages\[1\]\.role is 'robot'",
@@ -380,7 +515,27 @@ CASES = [
                                      "rejected": "Human: hi Assistant: hey"},
                                     {"chosen": "Human: a Assistant: b",
                                      "rejected": "Human: a Assistant: b"}], kind="kto"),
-         KTODataError, ["sample 1: field 'rejected' is the same transcript as 'chosen'"]),
+         KTODataError, ["sample 1: field 'rejected' is the same transcript as 'chosen'",
+                        "remove the pair, or correct one of its answers"]),
+    Case("a KTO sample without its label",
+         lambda c: c.train(samples=KTO[:1] + [{"prompt": "a", "completion": " b"}], kind="kto"),
+         KTODataError, ["sample 1: field 'label' is missing; add it: true for a desirable "
+                        r"completion, false for an undesirable one \(or name the field that "
+                        r"holds it with method\.label_key\)"]),
+    Case("an empty KTO completion",
+         lambda c: c.train(samples=KTO[:1] + [{**KTO[1], "completion": " "}], kind="kto"),
+         KTODataError, ["sample 1: field 'completion' is empty; fill it in or remove the "
+                        "sample"]),
+    Case("a KTO pair whose chosen answer is its rejected one",
+         lambda c: c.train(samples=[{"prompt": "hi", "chosen": " yo", "rejected": " no"},
+                                    {"prompt": "hi", "chosen": " yo", "rejected": " yo"}],
+                           kind="kto"),
+         KTODataError, ["sample 1: field 'rejected' is the same as 'chosen', so there is "
+                        "nothing to prefer; remove the pair"]),
+    Case("too few KTO examples",
+         lambda c: c.train(samples=KTO[:1], kind="kto"), DataError,
+         [r"too few examples to train on \(1; at least 2 are needed\): data: 1 samples",
+          "give at least 2 samples"]),
     Case("KTO from a stream",
          lambda c: c.train(samples=c.file("kto.jsonl", "".join(json.dumps(s) + "\n" for s in KTO)),
                            kind="kto", data=dict(streaming=True)),
@@ -430,6 +585,10 @@ CLI_CASES = {
     "save_best that is never logged": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
                    "train.save_best=eval/loss"], r"train\.save_best='eval/loss'.*--eval-data"),
+    "early stopping that is never logged": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "train.early_stopping.patience=2"],
+        r"train\.early_stopping\.metric='eval/loss'.*--eval-data"),
     "a NaN learning rate": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
                    "optimizer.kwargs.lr=.nan"], "optimizer.kwargs.lr .*must be finite"),
@@ -455,6 +614,26 @@ CLI_CASES = {
     "a checkpoint folder that cannot be written": (
         lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
                    "train.checkpoint_dir=/sys/trainer_lib_ckpts"], "is not writable"),
+    "a YAML file that does not parse": (
+        lambda c: ["--config", c.file("bad.yaml", "train:\n  batch_size: [4\n")],
+        r"bad\.yaml:3:1: not valid YAML: expected ',' or ']'"),
+    "a Parquet file with no rows": (
+        lambda c: ["--data", c.parquet("empty.parquet", [])], "the file has no rows"),
+    "a bad sample in --eval-data": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"), "--eval-data",
+                   c.file("e.jsonl", json.dumps(PAIRS[1]) + "\n" + json.dumps(
+                       {"prompt": "x", "completion": ""}) + "\n")],
+        "error: eval_samples: sample 1: field 'completion' is empty"),
+    "betas of the wrong length": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "optimizer.kwargs.betas=[0.9]"], r"optimizer\.kwargs\.betas must hold 2"),
+    "a misspelt peft_config key": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "model.peft_config.target_modulez=[q_proj]"], "did you mean 'target_modules'"),
+    "a misspelt DeepSpeed section": (
+        lambda c: ["--data", c.file("d.jsonl", json.dumps(PAIRS[0]) + "\n"),
+                   "train.deepspeed_config={zero_optimisation: {stage: 3}}"],
+        "did you mean 'zero_optimization'"),
 }
 
 
@@ -485,6 +664,27 @@ def test_seq_length_beyond_rotary_positions_is_a_warning(tiny_model_dir, tmp_pat
     with pytest.warns(UserWarning, match=r"train\.seq_length=2048 is above the model's "
                       r"max_position_embeddings=1024: the model uses rotary positions"):
         Ctx(tiny_model_dir, tmp_path).train(train=dict(seq_length=2048))
+
+
+def test_a_conversation_ending_with_the_users_turn_trains_and_the_report_says_so(
+        tiny_model_dir, tmp_path, capsys):
+    """As TRL trains it, the conversation trains; its last turn carries no loss, which the data
+    report says (method.require_assistant_last=true refuses it instead: in the table)."""
+    from trainer_lib.methods.sft.config import SFTConfig
+    from trainer_lib.methods.sft.recipe import SFTRecipe
+
+    samples = [GOOD_CHAT, chat(user(), assistant(), user("And Rome?")), GOOD_CHAT]
+    trainer = Ctx(tiny_model_dir, tmp_path).train(samples=samples)
+    assert trainer.data_report.notes == {"last_turn_not_assistant": 1}
+    assert trainer.data_report.as_dict()["notes/last_turn_not_assistant"] == 1
+    assert ("; 1 conversation ends with a turn after the assistant's last, which trains "
+            "nothing") in capsys.readouterr().out
+    record = {"kind": "conversation", "messages": samples[1]["messages"], "tools": None}
+    for loss_on, note in (("assistant", "last_turn_not_assistant"),
+                          ("last_assistant", "last_turn_not_assistant"),
+                          ("all", "")):  # with loss on every token, the last turn trains too
+        recipe = SFTRecipe(trainer.tokenizer, None, SFTConfig(loss_on=loss_on), 32)
+        assert recipe.note(record) == note
 
 
 def test_save_best_naming_a_figure_that_is_not_logged_warns_at_the_first_log(tiny_model_dir,

@@ -130,7 +130,9 @@ def test_missing_or_broken_config_file(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [1\n")
     assert main(["sft", "--config", str(broken)]) == 2
-    assert "broken.yaml: not valid YAML" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "broken.yaml:2:1: not valid YAML: expected ',' or ']'" in err  # the file's line, column
+    assert len(err.strip().splitlines()) == 1
     listed = tmp_path / "list.yaml"
     listed.write_text("- 1\n")
     assert main(["config", "validate", str(listed)]) == 2

@@ -7,6 +7,7 @@ from plain import sequence_logps
 from torch import nn
 
 from trainer_lib.ops.cross_entropy import auto_chunk_size, causal_lm_token_nll, chunked_token_nll
+from trainer_lib.ops.head import Head
 
 torch.set_num_threads(1)
 
@@ -28,11 +29,13 @@ def _case(dtype=torch.float32, bias=False, seed=0):
     return head, hidden, targets, weights
 
 
-def _reference(head, hidden, targets, weights, softcap=None):
+def _reference(head, hidden, targets, weights, transform=Head()):
     hidden = hidden.detach().clone().requires_grad_()
     logits = head(hidden).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    if transform.scale is not None:
+        logits = logits * transform.scale
+    if transform.softcap is not None:
+        logits = torch.tanh(logits / transform.softcap) * transform.softcap
     nll = F.cross_entropy(logits, targets, reduction="none", ignore_index=-100)
     (nll * weights).sum().backward()
     grads = [hidden.grad] + [p.grad for p in head.parameters()]
@@ -40,9 +43,10 @@ def _reference(head, hidden, targets, weights, softcap=None):
     return nll.detach(), grads
 
 
-def _ours(head, hidden, targets, weights, **kw):
+def _ours(lm_head, hidden, targets, weights, **kw):
+    head = lm_head
     hidden = hidden.detach().clone().requires_grad_()
-    nll = chunked_token_nll(hidden, head, targets, chunk_size=8, **kw)
+    nll = chunked_token_nll(hidden, lm_head, targets, chunk_size=8, **kw)
     (nll * weights).sum().backward()
     grads = [hidden.grad] + [p.grad for p in head.parameters()]
     head.zero_grad(set_to_none=True)
@@ -59,13 +63,17 @@ MODES = [
 @pytest.mark.parametrize("mode", MODES, ids=["fused", "lse-recompute", "checkpoint"])
 @pytest.mark.parametrize("uniform", [True, False], ids=["sum", "weighted"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
-def test_matches_cross_entropy_float32(mode, uniform, bias, softcap):
+@pytest.mark.parametrize("transform", [Head(), Head(softcap=3.0), Head(scale=0.4),
+                                       Head(scale=2.5, softcap=3.0)],
+                         ids=["plain", "softcap", "scale", "scale-softcap"])
+def test_matches_cross_entropy_float32(mode, uniform, bias, transform):
+    """The head's own transforms (Cohere's or Granite's scale, Gemma's soft cap) inside the
+    chunks: the loss and every gradient as plain cross-entropy on the transformed logits."""
     head, hidden, targets, weights = _case(bias=bias)
     if uniform:
         weights = torch.full_like(weights, 0.25)
-    ref_nll, ref_grads = _reference(head, hidden, targets, weights, softcap)
-    nll, grads = _ours(head, hidden, targets, weights, softcap=softcap, **mode)
+    ref_nll, ref_grads = _reference(head, hidden, targets, weights, transform)
+    nll, grads = _ours(head, hidden, targets, weights, head=transform, **mode)
     assert nll.dtype == torch.float32
     assert (nll[targets == -100] == 0).all()
     torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trainer_lib import default_sft_config
@@ -73,6 +75,37 @@ def test_a_second_run_reads_the_cache_without_tokenising(tok, calls, data_cache,
         assert examples(again) == examples(first)
         assert again.report == first.report
     assert len([p for p in data_cache.iterdir() if (p / "done.json").exists()]) == 2
+
+
+def test_a_damaged_cache_is_prepared_again_and_said(tok, calls, data_cache):
+    """A prepared table cut short (a full disk, a copy interrupted) and derived arrays of another
+    dtype are found when the cache is opened: the entry is prepared again, with a warning that
+    names the damage, and the examples are those of the first run."""
+    first = examples(prepare(tok, PAIRS))
+    entry = next(p for p in data_cache.iterdir() if (p / "done.json").exists())
+    arrow = entry / "prepared.arrow"
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    calls.clear()
+    with pytest.warns(UserWarning, match=r"prepared data cached in .* is damaged \(prepared\.arrow "
+                      r"is [\d,]+ bytes; [\d,]+ were written\): preparing it again"):
+        again = prepare(tok, PAIRS)
+    assert sum(calls) == len(PAIRS) and examples(again) == first
+
+    def compute():
+        return {"rows": np.arange(7, dtype=np.int64)}
+
+    assert again.derived_arrays("packed", ["k"], compute)["rows"].tolist() == list(range(7))
+    npy = next(entry.rglob("rows.npy"))
+    for damage, said in ((np.arange(7, dtype=np.float64), r"rows\.npy holds <f8 \[7\], not the "
+                          r"<i8 \[7\] written"),  # the same size, another dtype
+                         (np.array([None] * 7, dtype=object), r"rows\.npy is [\d,]+ bytes")):
+        np.save(npy, damage, allow_pickle=True)
+        with pytest.warns(UserWarning, match=said):
+            rows = again.derived_arrays("packed", ["k"], compute)["rows"]
+        assert rows.dtype == np.int64 and rows.tolist() == list(range(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an intact cache says nothing
+        assert examples(prepare(tok, PAIRS)) == first
 
 
 def test_what_shapes_the_examples_keys_the_cache(tok, calls, tmp_path):

@@ -292,6 +292,26 @@ def test_a_json_file_holding_json_lines_is_read(tok, tmp_path):
     assert_same_examples(data.train, reference_sft(tok, sft_config(), rows)[0])
 
 
+@pytest.mark.parametrize("name, write", [
+    ("rows.jsonl", lambda rows: "".join(json.dumps(r) + "\n" for r in rows)),
+    ("rows.json", lambda rows: json.dumps(rows, indent=1)),
+    ("lines.json", lambda rows: "".join(json.dumps(r) + "\n" for r in rows)),  # JSON Lines
+])
+def test_a_file_saved_with_a_byte_order_mark_is_read(tok, tmp_path, name, write):
+    """Spreadsheets and Windows tools start a UTF-8 file with the mark EF BB BF; it is not
+    data, whether the file is read whole or streamed."""
+    rows = [{"prompt": f"Q{i}\n", "completion": f"A{i}"} for i in range(4)]
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + write(rows).encode("utf-8"))
+    data, recipe = prepare(tok, sft_config(), str(path))
+    assert_same_examples(data.train, reference_sft(tok, sft_config(), rows)[0])
+    if name.endswith(".jsonl"):
+        from trainer_lib.data.sources import open_source
+
+        streamed = open_source(str(path), "samples", streaming=True).train.stream
+        assert [json.loads(r["json"]) for r in streamed] == rows
+
+
 def test_a_parquet_file_and_a_folder_of_files_are_read_with_datasets(tok, tmp_path):
     rows = [{"prompt": f"Q{i}\n", "completion": f"A{i}"} for i in range(6)]
     expected = reference_sft(tok, sft_config(), rows)[0]

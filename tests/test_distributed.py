@@ -277,6 +277,31 @@ def test_generation_and_metric_fn_under_sharding_match_one_process(name, tiny_mo
     assert ranks[0] == [pytest.approx(m) for m in one]
 
 
+# what launchers (torchrun, accelerate launch, deepspeed, mpirun) set in a process they start
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED", "OMPI_COMM_WORLD_SIZE",
+                      "PMI_SIZE")
+
+
+def test_a_deepspeed_config_runs_in_one_process_without_a_launcher(tiny_model_dir, single_runs,
+                                                                   tmp_path):
+    """`python train.py` with train.deepspeed_config: the process sets up its group of one as a
+    launcher would (DeepSpeed would otherwise look for MPI once the model is loaded), trains
+    under DeepSpeed and ends where the plain single-process run ends."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "one"
+    cmd = [sys.executable, str(SCRIPT), "--model", tiny_model_dir, "--out", str(out),
+           "--batch_size", "4", "--num_samples", str(NUM_SAMPLES),
+           "--deepspeed_config", str(REPO / "configs/deepspeed/zero2.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "ids_rank0.json").read_text())
+    assert info["num_processes"] == 1 and info["distributed_type"].endswith("DEEPSPEED")
+    assert sorted(info["ids"]) == list(range(NUM_SAMPLES))
+    assert_same_weights(load_state(out / "model"), load_state(single_runs / "full" / "model"))
+
+
 def test_deepspeed_config_autos_filled_from_the_trainer():
     t = TrainConfig(batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5,
                     mixed_precision="bf16")

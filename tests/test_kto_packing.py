@@ -42,11 +42,11 @@ def test_packed_log_probs_equal_padded_ones_and_each_example_alone(tiny_model_di
             for attention in ("sdpa", register()):
                 model.set_attn_implementation(attention)
                 for batch in (packed, padded):
-                    logps, n = completion_logps(model, batch, prefix)
+                    logps, n, _ = completion_logps(model, batch, prefix)
                     torch.testing.assert_close(logps.double(), want, atol=1e-4, rtol=1e-5)
                     assert n.tolist() == [c for _, c in alone]
                 # every position through the head (as under ZeRO-3): the same
-                logps, _ = completion_logps(model, packed, prefix, select=False)
+                logps, _, _ = completion_logps(model, packed, prefix, select=False)
                 torch.testing.assert_close(logps.double(), want, atol=1e-4, rtol=1e-5)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from test_saving import read_card, run_loading_snippet
 from transformers import AutoModelForCausalLM
 
 from trainer_lib import ConfigError, train
@@ -55,6 +56,20 @@ def test_lora_trains_only_adapters_and_saves_adapter_and_merged(tiny_config, tin
     for loaded in (via_peft, via_auto, merged):
         torch.testing.assert_close(logits_of(loaded.eval(), ids), expected, atol=1e-5, rtol=1e-4)
 
+    # the model cards: the adapter folder's replaces the template peft writes there
+    meta, body = read_card(tmp_path / "adapter")
+    assert meta["base_model"] == tiny_model_dir and meta["base_model_relation"] == "adapter"
+    assert meta["library_name"] == "trainer_lib"
+    assert meta["tags"] == ["trainer_lib", "sft", "lora", "peft"]
+    assert "A LoRA adapter for" in body and "| LoRA | r 4, alpha 8, dropout 0.0, on " in body
+    via_card = run_loading_snippet(body)["model"]  # AutoPeftModelForCausalLM, as the card says
+    torch.testing.assert_close(logits_of(via_card.eval(), ids), expected, atol=1e-5, rtol=1e-4)
+    meta, body = read_card(tmp_path / "merged")
+    assert meta["base_model"] == tiny_model_dir and meta["base_model_relation"] == "finetune"
+    assert meta["tags"] == ["trainer_lib", "sft", "lora"]
+    assert "LoRA adapters merged into its weights" in body and "; merged into the weights" in body
+    assert "AutoModelForCausalLM.from_pretrained" in body and "Peft" not in body
+
 
 def test_lora_config_forms():
     cfg = build_lora_config(dict(rank=8, alpha=16, dropout=0.1, target_modules=["q_proj"],
@@ -84,9 +99,10 @@ def test_target_modules_matching_nothing_are_named(tiny_config):
 
 
 def test_lora_and_num_layers_unfrozen_together_is_an_error(tiny_config):
-    config = tiny_config.evolve(model=dict(peft_config=dict(rank=4), num_layers_unfrozen=1))
-    with pytest.raises(ConfigError, match="num_layers_unfrozen"):
-        train(samples=SAMPLES, config=config)
+    with pytest.raises(ConfigError, match="num_layers_unfrozen"):  # as the config is built
+        tiny_config.evolve(model=dict(peft_config=dict(rank=4), num_layers_unfrozen=1))
+    # disabled adapters leave num_layers_unfrozen in charge
+    tiny_config.evolve(model=dict(peft_config=dict(rank=4, enabled=False), num_layers_unfrozen=1))
 
 
 def test_num_layers_unfrozen_trains_top_layers_norm_and_head(tiny_config, tiny_model_dir):

@@ -65,9 +65,12 @@ def test_tensorboard_and_jsonl_together_hold_the_same_metrics(tiny_config):
 
 def test_a_resumed_run_does_not_repeat_the_steps_after_its_checkpoint(tiny_config):
     """The first run logged steps 1-4 and checkpointed at 2; a run resumed from step 2 logs
-    3 and 4 again: metrics.jsonl then holds every step once, the resumed run's figures."""
+    3 and 4 again: metrics.jsonl then holds every step once, the resumed run's figures.
+    TensorBoard's own arguments (train.tracker_kwargs) reach its writer in both runs."""
     config = tiny_config.evolve(train=dict(total_steps=4, checkpoint_interval=2, run_name="r",
-                                           tracker=["jsonl", "tensorboard"]))
+                                           tracker=["jsonl", "tensorboard"],
+                                           tracker_kwargs={"tensorboard": {
+                                               "filename_suffix": ".trainer_lib"}}))
     train(samples=SAMPLES, config=config)
     checkpoint = Path(config.train.checkpoint_dir) / "step_2"
     resumed = train(samples=SAMPLES, config=config.evolve(
@@ -84,6 +87,8 @@ def test_a_resumed_run_does_not_repeat_the_steps_after_its_checkpoint(tiny_confi
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(
         [e["loss"] for e in resumed.log_history])
+    written = sorted(f.name for f in path.parent.glob("events.out.tfevents.*"))
+    assert len(written) == 2 and all(name.endswith(".trainer_lib") for name in written)
 
 
 def test_unknown_and_missing_trackers_fail_before_anything_loads(tiny_config, monkeypatch):

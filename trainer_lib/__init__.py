@@ -25,15 +25,18 @@ from trainer_lib.errors import (  # noqa: E402
 from trainer_lib.methods.kto import KTOConfig, KTOTrainer  # noqa: E402
 from trainer_lib.methods.sft import SFTConfig, SFTTrainer  # noqa: E402
 from trainer_lib.registry import register_trainer  # noqa: E402
+from trainer_lib.training.callbacks import Callback, EarlyStopping  # noqa: E402
 from trainer_lib.training.trainer import Trainer  # noqa: E402
 
 __all__ = [
+    "Callback",
     "ChatError",
     "CheckpointError",
     "CheckpointWriteError",
     "Config",
     "ConfigError",
     "DataError",
+    "EarlyStopping",
     "KTOConfig",
     "KTODataError",
     "KTOTrainer",

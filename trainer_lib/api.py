@@ -13,7 +13,8 @@ from trainer_lib.runtime.quiet import install as install_quiet
 
 def train(samples: Any = None, eval_prompts: Optional[list] = None,
           metric_fn: Optional[Callable] = None, config: Optional[Config] = None,
-          model_path: Optional[str] = None, eval_samples: Any = None):
+          model_path: Optional[str] = None, eval_samples: Any = None,
+          callbacks: Optional[list] = None):
     """Trains a model and returns the trainer (its `.model`, `.tokenizer`, `.log_history`,
     `.save_pretrained(path)`).
 
@@ -23,6 +24,8 @@ def train(samples: Any = None, eval_prompts: Optional[list] = None,
     `eval_prompts` and `metric_fn(samples, prompts, outputs, **metadata)`: generation-based
     evaluation every `train.eval_interval` steps.
     `model_path`, when given, overrides `config.model.model_path`.
+    `callbacks`: `trainer_lib.Callback` objects called at points of the loop (EarlyStopping is
+    one); see training/callbacks.py.
     """
     install_quiet()  # the dependencies' known-harmless noise (see runtime/quiet.py)
     if config is None:
@@ -34,5 +37,5 @@ def train(samples: Any = None, eval_prompts: Optional[list] = None,
         config = config.evolve(model=dict(model_path=model_path))
     trainer_cls = get_trainer_class(config.method)
     trainer = trainer_cls(config, samples=samples, eval_samples=eval_samples,
-                          eval_prompts=eval_prompts, metric_fn=metric_fn)
+                          eval_prompts=eval_prompts, metric_fn=metric_fn, callbacks=callbacks)
     return trainer.train()

@@ -22,6 +22,7 @@ from trainer_lib.config.yaml_io import read_yaml
 from trainer_lib.data.sources import LOCAL_SUFFIXES, check_exists, load_dataset_named
 from trainer_lib.errors import CheckpointError, CheckpointWriteError, DataError, NonFiniteLossError
 from trainer_lib.methods.sft import SFTTrainer
+from trainer_lib.model.card import hub_datasets
 from trainer_lib.model.embedded import DEFAULT_DATA, tiny_model
 from trainer_lib.registry import (
     ENTRY_POINT_GROUP,
@@ -174,6 +175,8 @@ def run_training(args: argparse.Namespace) -> int:
         _say(f"model: {config.model.model_path}")
 
     trainer = train(samples=samples, eval_samples=eval_samples, config=config)
+    # read by name above, so the run saw datasets: the model card names them
+    trainer.dataset_names = hub_datasets(args.data, args.eval_data)
     trainer.save_pretrained(output)
     if trainer.accelerator.is_main_process:
         print(_summary(trainer.log_history, output, trainer.accelerator), flush=True)

@@ -175,7 +175,7 @@ class Checkpointer:
                     acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
                 own = own_checksums(tmp, acc.process_index)
             save_pretrained(acc, trainer.model, trainer.tokenizer, tmp / "hf_model",
-                            failure=failed)
+                            failure=failed, card=trainer.model_card(path / "hf_model"))
             hashed = gather_object([own]) if acc.num_processes > 1 else [own]
             with _agreed(acc, failed):
                 if acc.is_main_process:
@@ -222,7 +222,8 @@ class Checkpointer:
                 "total_steps": trainer.total_steps,
                 "skipped_steps": trainer.nonfinite_steps.skipped,
                 "best_metric": self.config.train.save_best, "best_value": self.best_value,
-                "best_step": self.best_step, "log_history": trainer.log_history}
+                "best_step": self.best_step, "callbacks": trainer.callbacks.state_dict(),
+                "log_history": trainer.log_history}
 
     def _note_best(self, trainer) -> bool:
         """Whether this step's `train.save_best` value beats the best so far (noted once per
@@ -288,6 +289,7 @@ class Checkpointer:
         trainer.num_tokens = state["num_tokens"]
         trainer.log_history = state["log_history"]
         trainer.nonfinite_steps.skipped = state.get("skipped_steps", 0)
+        trainer.callbacks.load_state_dict(state.get("callbacks", {}))  # e.g. EarlyStopping's
         if state.get("best_metric") == self.config.train.save_best:
             self.best_value, self.best_step = state["best_value"], state["best_step"]
         self.last_saved = path

@@ -9,6 +9,7 @@ from trainer_lib.config.config import (
 )
 from trainer_lib.config.sections import (
     DataConfig,
+    EarlyStoppingConfig,
     MethodConfig,
     ModelConfig,
     OptimizerConfig,
@@ -18,6 +19,6 @@ from trainer_lib.config.sections import (
 )
 from trainer_lib.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataConfig", "MethodConfig", "ModelConfig",
+__all__ = ["Config", "ConfigError", "DataConfig", "EarlyStoppingConfig", "MethodConfig", "ModelConfig",
            "OptimizerConfig", "SchedulerConfig", "TokenizerConfig", "TrainConfig",
            "default_config", "default_kto_config", "default_sft_config", "parse_override"]

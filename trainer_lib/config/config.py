@@ -67,6 +67,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{where} must be one of {choices}, got {value!r}")
         return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where} must be a mapping of its fields "
+                              f"({', '.join(f.name for f in dataclasses.fields(tp))}), "
+                              f"got {value!r}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -98,6 +104,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _section_type(tp: Any) -> Any:
+    """The dataclass a field holds (`Optional[EarlyStoppingConfig]` -> EarlyStoppingConfig)."""
+    arms = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return next((a for a in arms if dataclasses.is_dataclass(a) and isinstance(a, type)), None)
+
+
 def _allows_none(tp: Any) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
@@ -121,6 +133,12 @@ def _update_dataclass(obj: Any, updates: dict, where: str) -> Any:
             # kwargs, gen_kwargs, peft_config...: a partial dict (e.g. the override
             # `model.peft_config.r=16`) updates the current one, like nested sections
             value = {**current, **value}
+        nested = _section_type(hints[key])
+        if nested is not None and isinstance(value, dict):
+            # a section inside a section (train.early_stopping): its keys are checked too, and
+            # a partial dict (`train.early_stopping.patience=5`) updates it, or its defaults
+            value = _update_dataclass(current if current is not None else nested(), value,
+                                      f"{where}.{key}")
         changes[key] = _check_type(value, hints[key], f"{where}.{key}")
     new = dataclasses.replace(obj, **changes)
     if hasattr(new, "validate"):

@@ -113,6 +113,39 @@ def _check_kwargs(section: str, owner: str, kwargs: dict, accepted: dict, extra=
             raise ConfigError(f"{section}.kwargs.{key} is not an argument of {owner}"
                               f"{did_you_mean(key, valid)} (it takes: {', '.join(valid)})")
         _check_value(f"{section}.kwargs.{key}", value, _kind(accepted[key]))
+        default = accepted[key].default
+        if isinstance(default, tuple) and isinstance(value, (list, tuple)) \
+                and len(value) != len(default):
+            raise ConfigError(f"{section}.kwargs.{key} must hold {len(default)} values, like "
+                              f"{owner}'s default {list(default)}; got {list(value)}")
+
+
+# set for the device the run trains on, so not tried on the CPU at config time
+_DEVICE_ARGUMENTS = ("fused", "foreach", "capturable")
+
+
+def constructor_kwargs(cls: type, kwargs: dict) -> dict:
+    """`optimizer.kwargs` as the optimiser's constructor takes them: lists as tuples (YAML and
+    JSON have no tuples), and transformers' Adafactor on a learning rate of its own, as the HF
+    Trainer runs it (the schedule then applies)."""
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if cls.__name__ == "Adafactor" and cls.__module__.startswith("transformers"):
+        out.setdefault("scale_parameter", False)
+        out.setdefault("relative_step", False)
+        out.setdefault("warmup_init", False)
+    return out
+
+
+def _try_optimizer(cls: type, owner: str, kwargs: dict) -> None:
+    """Builds the optimiser over one small parameter, so that the values its constructor refuses
+    (a beta of 1.5, a negative eps...) are found with the config, not once the model is loaded."""
+    tried = {k: v for k, v in constructor_kwargs(cls, kwargs).items()
+             if k not in _DEVICE_ARGUMENTS}
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **tried)
+    except Exception as e:  # noqa: BLE001 - whatever the constructor raises is said in one line
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"optimizer.kwargs {kwargs} are refused by {owner}: {message}") from None
 
 
 def check_optimizer(cfg) -> None:
@@ -135,6 +168,8 @@ def check_optimizer(cfg) -> None:
     if wd and "weight_decay" not in accepted:
         raise ConfigError(f"optimizer.kwargs.weight_decay: {owner} takes no weight decay; set it "
                           "to 0 or pick an optimiser that has one")
+    _try_optimizer(cls, owner, {k: v for k, v in cfg.kwargs.items()
+                                if k != "weight_decay" or k in accepted})
 
 
 def _torch_schedulers() -> dict[str, type]:

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 from trainer_lib.config.optimizer import check_optimizer, check_scheduler
 from trainer_lib.config.trackers import TRACKER_NAMES, tracker_names
 from trainer_lib.errors import ConfigError, did_you_mean
+from trainer_lib.model.lora import build_lora_config
 
 
 @dataclass
@@ -28,6 +29,11 @@ class ModelConfig:
     def validate(self) -> None:
         if self.num_layers_unfrozen < -1:
             raise ConfigError("model.num_layers_unfrozen must be -1 (train all layers) or >= 0")
+        # the adapter's settings are peft's to judge, here rather than once the model is loaded
+        lora = build_lora_config(self.peft_config) if self.peft_config is not None else None
+        if lora is not None and self.num_layers_unfrozen != -1:
+            raise ConfigError("model.peft_config and model.num_layers_unfrozen both limit what "
+                              "trains; set one (num_layers_unfrozen=-1 with LoRA)")
 
 
 @dataclass
@@ -64,6 +70,35 @@ class SchedulerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """`train.early_stopping`: stop once `metric` has not improved for `patience` evaluations in a
+    row (an improvement beats the best so far by more than `min_delta`)."""
+
+    metric: str = "eval/loss"  # an evaluation figure: eval/<name> or metrics/<name>
+    patience: int = 3
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
+
+    def validate(self, where: str = "train.early_stopping") -> None:
+        if not isinstance(self.metric, str) or not self.metric.startswith(("eval/", "metrics/")):
+            raise ConfigError(
+                f"{where}.metric must name an evaluation figure, 'eval/<name>' (e.g. "
+                f"'eval/loss') or 'metrics/<name>' (from metric_fn), got {self.metric!r}: "
+                "early stopping counts evaluations without improvement")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) \
+                or self.patience < 1:
+            raise ConfigError(f"{where}.patience must be a whole number of evaluations, at "
+                              f"least 1, got {self.patience!r}")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"{where}.mode must be 'min' (lower is better, as for a loss) or "
+                              f"'max', got {self.mode!r}")
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) \
+                or not self.min_delta >= 0:
+            raise ConfigError(f"{where}.min_delta must be a number >= 0 (how much better than "
+                              f"the best a value must be to count), got {self.min_delta!r}")
+
+
+@dataclass
 class TrainConfig:
     seq_length: int = 512
     batch_size: int = 8  # sequences per process per micro-batch
@@ -81,6 +116,8 @@ class TrainConfig:
     keep_last_n: Optional[int] = None
     save_best: Optional[str] = None  # a logged name, e.g. "eval/loss" or "metrics/accuracy"
     save_best_mode: Literal["min", "max"] = "min"
+    # None, or {metric, patience, mode, min_delta}: stop when an evaluation figure stops improving
+    early_stopping: Optional[EarlyStoppingConfig] = None
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
     log_interval: int = 10
     # None, or one or a list of: "jsonl", and accelerate's trackers (wandb, tensorboard,
@@ -129,12 +166,14 @@ class TrainConfig:
         if self.fsdp and self.deepspeed_config is not None:
             raise ConfigError("train.fsdp and train.deepspeed_config both shard the model: "
                               "set one")
+        if self.early_stopping is not None:
+            self.early_stopping.validate()
         tracker_names(self.tracker)
         for name, kwargs in self.tracker_kwargs.items():
             if name not in TRACKER_NAMES or not isinstance(kwargs, dict):
                 raise ConfigError(f"train.tracker_kwargs maps a tracker name "
                                   f"({', '.join(TRACKER_NAMES)}) to its keyword arguments; got "
-                                  f"{name!r}: {kwargs!r}")
+                                  f"{name!r}: {kwargs!r}{did_you_mean(name, TRACKER_NAMES)}")
 
 
 @dataclass
@@ -217,10 +256,21 @@ class MethodConfig:
     # Tokens per chunk in the cross-entropy over the vocabulary (bounds the logits memory);
     # None: about 2**25 / vocabulary tokens, so a chunk's float32 logits take 128 MiB.
     loss_chunk_size: Optional[int] = None
+    # A mixture-of-experts model's load-balancing loss is added with this coefficient (logged
+    # as aux_loss); None: the model config's router_aux_loss_coef; 0: not added.
+    router_aux_loss_coef: Optional[float] = None
 
     def validate(self) -> None:
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ConfigError("method.loss_chunk_size must be at least 1")
+        bad = [s for s in self.stop_sequences if not isinstance(s, str) or not s]
+        if bad:
+            raise ConfigError(f"method.stop_sequences must be a list of non-empty strings, got "
+                              f"{bad[0]!r} in {self.stop_sequences!r}")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise ConfigError("method.router_aux_loss_coef must be >= 0 (0: no load-balancing "
+                              "loss), or None for the model config's own coefficient; got "
+                              f"{self.router_aux_loss_coef}")
 
     @classmethod
     def defaults(cls) -> dict:

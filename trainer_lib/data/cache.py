@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 # bump when the prepared tables change for the same inputs, so old entries are not reused
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -79,12 +80,15 @@ class CacheEntry:
 
     @contextlib.contextmanager
     def building(self, meta: dict) -> Iterator[Path]:
-        """A temporary folder to write into; renamed to the entry once the block succeeds."""
+        """A temporary folder to write into; renamed to the entry once the block succeeds. The
+        size of every file written is recorded, so that a damaged entry is found when opened."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             yield tmp
+            meta = {**meta, "sizes": {str(f.relative_to(tmp)): f.stat().st_size
+                                      for f in sorted(tmp.rglob("*")) if f.is_file()}}
             (tmp / "done.json").write_text(json.dumps(meta, indent=1, default=str))
             try:
                 os.rename(tmp, self.path)
@@ -96,6 +100,33 @@ class CacheEntry:
 
     def meta(self) -> dict:
         return json.loads((self.path / "done.json").read_text())
+
+    def damage(self) -> Optional[str]:
+        """What is wrong with a ready entry's files (missing, or not the size written), or None.
+        Cheap: sizes only; what sizes cannot show, opening the files does."""
+        try:
+            sizes = self.meta().get("sizes", {})
+        except (OSError, ValueError) as e:
+            return f"done.json cannot be read ({type(e).__name__})"
+        for name, size in sizes.items():
+            path = self.path / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} is {path.stat().st_size:,} bytes; {size:,} were written"
+        return None
+
+    def discard(self, problem: str) -> None:
+        """Removes a damaged entry, saying why, so that it is prepared again (renamed first:
+        no process ever sees half of it)."""
+        warnings.warn(f"the prepared data cached in {self.path} is damaged ({problem}): "
+                      "preparing it again", stacklevel=3)
+        gone = self.root / f".{self.path.name}.damaged-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path, gone)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 def temporary_root(root: Path, token: str) -> Path:

@@ -27,27 +27,30 @@ def check_errors(table: pa.Table, recipe: DataRecipe, source: Source) -> None:
     errors = table.column("error")
     failed = np.nonzero(pc.is_valid(errors).to_numpy(zero_copy_only=False))[0]
     stages = column(table, "stage")[failed] if len(failed) else failed
+    # "sample 3" alone would send the user to the training data: name the evaluation data
+    where = "" if source.what == "samples" else f"{source.what}: "
     read = failed[stages == READ]
     if len(read):
         messages = [errors[int(i)].as_py() for i in read[:MAX_REPORTED_LINES]]
-        raise DataError(read_errors_message(source.path or source.name, messages, len(read)))
-    _raise_first(table, failed[stages == FORM])
+        raise DataError(where + read_errors_message(source.path or source.name, messages,
+                                                    len(read)))
+    _raise_first(table, failed[stages == FORM], where)
     forms = table.column("form")
     first = forms[0].as_py()
     other = np.nonzero(pc.not_equal(forms, first).to_numpy(zero_copy_only=False))[0]
     if len(other):
         i = int(other[0])
-        raise recipe.error(recipe.mixed_forms(int(table.column("sample")[i].as_py()),
-                                              forms[i].as_py(), first))
+        raise recipe.error(where + recipe.mixed_forms(int(table.column("sample")[i].as_py()),
+                                                      forms[i].as_py(), first))
     for stage in (NORMALIZE, TOKENIZE):
-        _raise_first(table, failed[stages == stage])
+        _raise_first(table, failed[stages == stage], where)
 
 
-def _raise_first(table: pa.Table, rows: np.ndarray) -> None:
+def _raise_first(table: pa.Table, rows: np.ndarray, where: str) -> None:
     if len(rows):
         i = int(rows[0])
         error = table.column("error")[i].as_py()
-        raise error_class(table.column("error_type")[i].as_py())(error)
+        raise error_class(table.column("error_type")[i].as_py())(where + error)
 
 
 def error_class(name: str) -> type:
@@ -91,6 +94,9 @@ def make_report(table: pa.Table, rows: np.ndarray) -> DataReport:
     first_mask = pa.array(first)
     for item in pc.value_counts(pc.filter(table.column("kind"), first_mask)).to_pylist():
         report.kinds[item["values"]] = item["counts"]
+    for item in pc.value_counts(pc.filter(table.column("note"), first_mask)).to_pylist():
+        if item["values"]:
+            report.notes[item["values"]] = item["counts"]
     outcomes = pc.filter(table.column("outcome"), first_mask)
     report.truncated = int(pc.sum(pc.equal(outcomes, "truncated")).as_py() or 0)
     report.split = int(pc.sum(pc.equal(outcomes, "split")).as_py() or 0)

@@ -4,7 +4,9 @@ A packed row carries `position_ids` that restart at 0 for every document and no
 `attention_mask`: transformers turns the restarts into a block-diagonal mask (an all-ones mask
 would switch that off and let documents see each other). Each document's first label is -100, so
 nothing is predicted across a boundary. The pad tail is one more document, so pad queries never
-meet an empty row.
+meet an empty row. Models whose mixer layers (SSM, convolution) need the boundaries spelled out
+get them too (`boundaries=True`: `seq_idx`, `cu_seq_lens_q/k`, `max_length_q/k`, as transformers'
+padding-free collator names them); the load-time check (`trainer_lib.model.probe`) decides.
 """
 
 from __future__ import annotations
@@ -78,15 +80,19 @@ class PackedCollator:
     """Turns a list of rows (each a list of examples) into one packed batch.
 
     Returns input_ids, labels, position_ids (LongTensor [B, L]) and the counts num_tokens
-    (non-pad tokens) and num_loss_tokens (labels != -100), as Python ints.
+    (non-pad tokens) and num_loss_tokens (labels != -100), as Python ints; with `boundaries`
+    also seq_idx (int32 [B, L]: the document of each token within its row), cu_seq_lens_q/k
+    (int32: where each document starts in the flattened rows) and max_length_q/k (ints).
     """
 
-    def __init__(self, pad_token_id: int, seq_length: int, pad_to_multiple_of: int | None = 64):
+    def __init__(self, pad_token_id: int, seq_length: int, pad_to_multiple_of: int | None = 64,
+                 boundaries: bool = False):
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
         self.seq_length = seq_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.boundaries = boundaries
 
     def __call__(self, rows: list[list[dict]]) -> dict:
         if not rows or any(not row for row in rows):
@@ -117,13 +123,28 @@ class PackedCollator:
                 position_ids[r, start : start + n] = torch.arange(n)
                 start += n
             position_ids[r, start:] = torch.arange(width - start)  # the pad run: its own segment
-        return dict(
+        batch = dict(
             input_ids=input_ids,
             labels=labels,
             position_ids=position_ids,
             num_tokens=sum(row_lengths),
             num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
         )
+        if self.boundaries:
+            batch.update(document_boundaries(position_ids))
+        return batch
+
+
+def document_boundaries(position_ids: torch.Tensor) -> dict:
+    """seq_idx, cu_seq_lens_q/k and max_length_q/k of packed rows, from their position ids
+    (a document starts where they restart at 0)."""
+    starts = position_ids == 0
+    seq_idx = (starts.long().cumsum(-1) - 1).to(torch.int32)
+    flat = torch.nonzero(starts.flatten()).flatten()
+    cu = torch.cat([flat, torch.tensor([position_ids.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return dict(seq_idx=seq_idx, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                max_length_k=longest)
 
 
 def _check_example(ex: dict, index: int | None) -> None:
@@ -140,7 +161,8 @@ def _check_example(ex: dict, index: int | None) -> None:
 
 
 def pack_documents(documents: list[dict], seq_length: int, pad_token_id: int,
-                   pad_to_multiple_of: int | None = 64, num_rows: int | None = None) -> dict:
+                   pad_to_multiple_of: int | None = 64, num_rows: int | None = None,
+                   boundaries: bool = False) -> dict:
     """One batch of documents that must stay apart, packed into as few rows as fit.
 
     Best fit decreasing over the documents' lengths, then `PackedCollator`; adds
@@ -171,4 +193,6 @@ def pack_documents(documents: list[dict], seq_length: int, pad_token_id: int,
         batch["position_ids"] = torch.cat([batch["position_ids"],
                                            torch.arange(width).expand(extra, width)])
         batch["document_index"] = torch.cat([index, torch.full((extra, width), -1)])
+    if boundaries:
+        batch.update(document_boundaries(batch["position_ids"]))
     return batch

@@ -10,6 +10,7 @@ It all runs before the model loads, so bad input fails in seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,22 @@ class PreparedData:
     key: str = ""
     mixture: Optional[MixtureDraw] = None  # the training samples, when they are a Mixture
 
-    def derived(self, name: str, key_parts: Any, build: Callable[[Path], None]) -> Path:
+    def derived(self, name: str, key_parts: Any, build: Callable[[Path], None],
+                verify: Optional[Callable[[Path], Optional[str]]] = None) -> Path:
         """A folder that `build(folder)` fills once per key (on each node's main process first,
-        then shared); returns it."""
+        then shared); returns it. A cached folder is checked first (its files' sizes, then
+        `verify(folder)`, which says what is wrong or None) and built again if damaged."""
         entry = CacheEntry(self.folder / "derived", name, digest(self.key, key_parts))
 
         def make():
-            if not entry.ready():
-                with entry.building({"name": name}) as tmp, \
-                        _datasets_progress(self.context.show_progress):
-                    build(tmp)
+            if entry.ready():
+                problem = entry.damage() or (verify(entry.path) if verify else None)
+                if problem is None:
+                    return entry.path
+                entry.discard(problem)
+            with entry.building({"name": name}) as tmp, \
+                    _datasets_progress(self.context.show_progress):
+                build(tmp)
             return entry.path
 
         return main_first(self.context.accelerator, make)
@@ -71,15 +78,36 @@ class PreparedData:
                        compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """numpy arrays computed once and memory-mapped by every process."""
         def build(folder: Path) -> None:
-            for array_name, array in compute().items():
-                np.save(folder / f"{array_name}.npy", np.asarray(array))
+            arrays = {n: np.asarray(a) for n, a in compute().items()}
+            for array_name, array in arrays.items():
+                np.save(folder / f"{array_name}.npy", array)
+            (folder / "arrays.json").write_text(json.dumps(
+                {n: [a.dtype.str, list(a.shape)] for n, a in arrays.items()}))
 
-        folder = self.derived(name, key_parts, build)
+        folder = self.derived(name, key_parts, build, _check_arrays)
         return {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
 
     def release(self) -> None:
         """Once every process holds what it needs: a run with caching off removes its files."""
         self.context.release()
+
+
+def _check_arrays(folder: Path) -> Optional[str]:
+    """What is wrong with the arrays of a derived folder (one that cannot be mapped, or of
+    another dtype or shape than was written), or None."""
+    try:
+        written = json.loads((folder / "arrays.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"arrays.json cannot be read ({type(e).__name__})"
+    for name, (dtype, shape) in written.items():
+        try:
+            array = np.load(folder / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return f"{name}.npy cannot be read ({e})"
+        if array.dtype.str != dtype or list(array.shape) != shape:
+            return (f"{name}.npy holds {array.dtype.str} {list(array.shape)}, not the "
+                    f"{dtype} {shape} written")
+    return None
 
 
 @dataclass
@@ -130,8 +158,8 @@ def build_data(accelerator, config, recipe: DataRecipe, samples: Any,
             raise DataError("eval_samples is a stream; evaluation samples are prepared whole: "
                             "pass a list, a datasets.Dataset or a file")
 
-    eval_table, eval_entry = (_prepared_table(context, recipe, eval_source) if eval_source is not None
-                              else (None, None))
+    eval_table, eval_entry = (_prepared_table(context, recipe, eval_source, evaluation=True)
+                              if eval_source is not None else (None, None))
     if sources.train.stream is not None:
         if t.eval_split > 0:
             raise DataError("train.eval_split holds out a fraction of the samples, which a stream "
@@ -193,8 +221,8 @@ def _build_mixture(context: _Context, recipe: DataRecipe, mixture: Mixture, eval
         tables.append(table)
         keys.append([name, weight, entry.key])
         if sources.eval is not None:
-            eval_table, eval_entry = _named(what, lambda: _prepared_table(context, recipe,
-                                                                          sources.eval))
+            eval_table, eval_entry = _named(what, lambda: _prepared_table(
+                context, recipe, sources.eval, evaluation=True))
             eval_tables.append(eval_table)
             keys[-1].append(eval_entry.key)
         held = (_named(what, lambda: held_out(table, t.eval_split, t.seed))
@@ -202,7 +230,8 @@ def _build_mixture(context: _Context, recipe: DataRecipe, mixture: Mixture, eval
         in_train.append(~held)
     if eval_samples is not None:
         eval_table, eval_entry = _prepared_table(context, recipe, open_source(
-            eval_samples, "eval_samples", False, context.hf_cache, dict_eval=False).train)
+            eval_samples, "eval_samples", False, context.hf_cache, dict_eval=False).train,
+            evaluation=True)
         eval_tables.append(eval_table)
         keys.append(["eval_samples", eval_entry.key])
 
@@ -249,18 +278,36 @@ def _named(what: str, prepare: Callable[[], Any]) -> Any:
         raise type(e)(f"{what}: {e}") from None
 
 
-def _prepared_table(context: _Context, recipe: DataRecipe, source: Source) -> tuple[pa.Table, CacheEntry]:
-    """The prepared table of one source: from the cache, or built (main process first)."""
+def _prepared_table(context: _Context, recipe: DataRecipe, source: Source,
+                    evaluation: bool = False) -> tuple[pa.Table, CacheEntry]:
+    """The prepared table of one source (`evaluation`: of evaluation samples): from the cache,
+    or built (main process first)."""
     # the main process's key: a Dataset that datasets could not hash has a random fingerprint,
     # different in every process, and each would otherwise prepare its own copy
     key = shared_value(context.accelerator, digest(PIPELINE_VERSION, recipe.name,
                                                    recipe.settings(), _tokenizer_key(recipe),
                                                    source.key))
     entry = CacheEntry(context.root, recipe.name, key)
-    main_first(context.accelerator, lambda: _build(context, recipe, source, entry))
-    files = [entry.path / name for name in entry.meta()["files"]]
-    tables = [pa.ipc.open_stream(pa.memory_map(str(p))).read_all() for p in files]
-    return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), entry
+    main_first(context.accelerator, lambda: _build(context, recipe, source, entry, evaluation))
+    try:  # checked on the main process already; damaged since then, it is said, not traced
+        return _open_table(entry), entry
+    except _UNREADABLE as e:
+        raise DataError(f"the prepared data cached in {entry.path} cannot be read ({e}); "
+                        "remove that folder and run again") from None
+
+
+_UNREADABLE = (pa.ArrowException, OSError, ValueError, KeyError)
+
+
+def _open_table(entry: CacheEntry) -> pa.Table:
+    """The prepared table of an entry, memory-mapped, with as many rows as were written."""
+    meta = entry.meta()
+    tables = [pa.ipc.open_stream(pa.memory_map(str(entry.path / name))).read_all()
+              for name in meta["files"]]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if table.num_rows != meta["rows"]:
+        raise ValueError(f"{table.num_rows} rows; {meta['rows']} were written")
+    return table
 
 
 def _tokenizer_key(recipe: DataRecipe) -> str:
@@ -270,14 +317,25 @@ def _tokenizer_key(recipe: DataRecipe) -> str:
     return cached
 
 
-def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEntry) -> None:
+def _build(context: _Context, recipe: DataRecipe, source: Source, entry: CacheEntry,
+           evaluation: bool = False) -> None:
     if entry.ready():
-        return
+        problem = entry.damage()
+        if problem is None:
+            try:
+                _open_table(entry)
+                return
+            except _UNREADABLE as e:
+                problem = f"{type(e).__name__}: {e}"
+        entry.discard(problem)
     meta = {"source": source.name, "method": recipe.name, "settings": recipe.settings()}
     with entry.building(meta) as folder, _datasets_progress(context.show_progress):
         raw = source.load(folder, context.show_progress)
         if len(raw) == 0:
-            raise DataError(recipe.empty_message(source.name))
+            if not evaluation:
+                raise DataError(recipe.empty_message(source.name))
+            name = f"{source.what} ({source.path})" if source.path else source.what
+            raise DataError(f"{name} is empty: give at least one evaluation sample, or none")
         num_proc = resolve_num_proc(context.num_proc, len(raw))
         prepared = raw.with_format("arrow").map(
             tokenize_batch, batched=True, batch_size=500, with_indices=True,

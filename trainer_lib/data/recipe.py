@@ -68,6 +68,11 @@ class DataRecipe:
         """Values of `scalar_features` for the record's examples."""
         return {}
 
+    def note(self, record: dict) -> str:
+        """A remark on the record that the data report counts (a name, e.g. a conversation whose
+        last turn trains nothing: see `DataReport.NOTES`), or ""."""
+        return ""
+
     def empty_message(self, what: str) -> str:
         return f"{what} is empty: give at least one training sample"
 
@@ -125,6 +130,7 @@ def table_features(recipe: DataRecipe):
         "form": v("string"), "kind": v("string"),
         "outcome": v("string"),  # what the over-long policy did to the record
         "dropped": v("string"),  # why this row holds no example ("" when it holds one)
+        "note": v("string"),  # a remark the data report counts (DataRecipe.note)
         "error": v("string"), "error_type": v("string"), "stage": v("int8"),
         **recipe.scalar_features,
     })
@@ -137,8 +143,8 @@ class _Rows:
         self.recipe = recipe
         self.tokens = TokenColumns()
         self.cols = {k: [] for k in ("length", "num_loss", "sample", "record", "form", "kind",
-                                     "outcome", "dropped", "error", "error_type", "stage",
-                                     *recipe.scalar_features)}
+                                     "outcome", "dropped", "note", "error", "error_type",
+                                     "stage", *recipe.scalar_features)}
 
     def _row(self, input_ids=(), labels=(), **values) -> None:
         """One row: an example's tokens, or none (a sample that failed or was dropped)."""
@@ -156,7 +162,8 @@ class _Rows:
         kind, policy = recipe.fit_kind(record), recipe.overlong
         n = len(example["input_ids"])
         common = dict(sample=index, record=index * 4 + sub, form=form,
-                      kind=recipe.report_kind(record), **recipe.scalars(record))
+                      kind=recipe.report_kind(record), note=recipe.note(record),
+                      **recipe.scalars(record))
         if policy == "split" and kind != "text" and n > recipe.seq_length:
             self._row(length=0, num_loss=0, outcome="", dropped="", stage=TOKENIZE,
                       error=f"sample {index}: {n} tokens, more than train.seq_length="

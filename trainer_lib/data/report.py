@@ -21,6 +21,12 @@ class DataReport:
     stream_checked: int = 0  # a stream: the report covers only its first samples, checked up front
     # a mixture: source name -> {"examples": drawn per epoch, "available": examples it holds}
     sources: dict = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)  # remark (DataRecipe.note) -> records
+
+    # what each remark means, as the summary says it (one record, several)
+    NOTES = {"last_turn_not_assistant": (
+        "conversation ends with a turn after the assistant's last, which trains nothing",
+        "conversations end with a turn after the assistant's last, which trains nothing")}
 
     @classmethod
     def combined(cls, reports: list["DataReport"]) -> "DataReport":
@@ -29,6 +35,7 @@ class DataReport:
         for r in reports:
             out.kinds.update(r.kinds)
             out.dropped.update(r.dropped)
+            out.notes.update(r.notes)
             for name in ("num_samples", "num_examples", "truncated", "split", "num_tokens",
                          "num_loss_tokens"):
                 setattr(out, name, getattr(out, name) + getattr(r, name))
@@ -42,6 +49,7 @@ class DataReport:
             "truncated": self.truncated,
             "split": self.split,
             **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())},
+            **{f"notes/{k}": v for k, v in sorted(self.notes.items())},
             "tokens": self.num_tokens,
             "loss_tokens": self.num_loss_tokens,
             "loss_token_share": round(self.num_loss_tokens / max(self.num_tokens, 1), 4),
@@ -60,7 +68,9 @@ class DataReport:
             f"data{scope}: {self.num_samples} samples ({kinds}) -> {self.num_examples} examples, "
             f"{self.num_tokens:,} tokens, {share:.1f}% carry loss; "
             f"{self.truncated} truncated, {self.split} split, {dropped} dropped"
-            + (f" ({reasons})" if dropped else "") + self._mixture_summary()
+            + (f" ({reasons})" if dropped else "")
+            + "".join(f"; {n} {self._note(k, n)}" for k, n in sorted(self.notes.items()))
+            + self._mixture_summary()
         )
 
     def _mixture_summary(self) -> str:
@@ -74,3 +84,28 @@ class DataReport:
             parts.append(f"{name} {n:,} of {held:,} ({how})")
         total = sum(c["examples"] for c in self.sources.values())
         return f"\nmixture: {total:,} examples per epoch: " + ", ".join(parts)
+
+    def _note(self, name: str, count: int) -> str:
+        one, several = self.NOTES.get(name, (name.replace("_", " "),) * 2)
+        return one if count == 1 else several
+
+    def too_few(self, needed: int, seq_length: int) -> str:
+        """The error of a run left with fewer than `needed` examples: what happened to the
+        samples, and what to change."""
+        head = ("no sample is left to train on" if self.num_examples == 0 else
+                f"too few examples to train on ({self.num_examples}; at least {needed} are "
+                "needed)")
+        fixes = []
+        if self.dropped.get("too_long"):
+            fixes.append(f"raise train.seq_length (now {seq_length}), or set "
+                         'method.overlong="truncate" to keep the samples longer than it')
+        if self.dropped.get("no_loss_tokens_after_truncation"):
+            fixes.append(f"raise train.seq_length (now {seq_length}): truncating to it left no "
+                         "token that carries loss")
+        if self.dropped.get("no_loss_tokens"):
+            fixes.append("give samples with something to learn: a non-empty completion, or an "
+                         "assistant turn with text (method.loss_on decides which turns train)")
+        if not fixes:
+            fixes.append(f"give at least {needed} samples")
+        summary = self.summary().replace("\n", "; ")  # one line
+        return f"{head}: {summary}; {'; '.join(fixes)}"

@@ -26,6 +26,8 @@ JSON_SUFFIXES = (".json", ".jsonl")
 LOCAL_SUFFIXES = JSON_SUFFIXES + (".parquet",)
 MAX_REPORTED_LINES = 20
 _BLOCK = 1 << 24  # bytes read at a time from a JSON Lines file
+UTF8_BOM = b"\xef\xbb\xbf"
+_FIX_LINE = "; fix the line or remove it"
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Source:
     load: Callable[[Path, bool], Any]
     path: Optional[str] = None  # the file, for messages naming its lines
     stream: Any = None  # a datasets.IterableDataset when streaming
+    # what the data is to the user, for messages: "samples", "eval_samples", "samples['test']"
+    what: str = "samples"
 
 
 @dataclass
@@ -61,10 +65,11 @@ def open_source(samples: Any, what: str, streaming: bool = False, hf_cache: Opti
     if _is_datasets(samples, "IterableDatasetDict") or _is_datasets(samples, "DatasetDict"):
         return _from_dict(samples, what, streaming, hf_cache, dict_eval)
     if _is_datasets(samples, "IterableDataset"):
-        return Sources(_stream_source(samples, what, "records"))
+        return Sources(_stream_source(samples, what, "records", what=what))
     if _is_datasets(samples, "Dataset"):
         if streaming:
-            return Sources(_stream_source(samples.to_iterable_dataset(), what, "records"))
+            return Sources(_stream_source(samples.to_iterable_dataset(), what, "records",
+                                          what=what))
         return Sources(_dataset_source(samples, what))
     if isinstance(samples, dict):
         raise DataError(f"{what} must be a list of samples, got a single dict; wrap it in a list")
@@ -86,7 +91,7 @@ def _list_source(samples: Iterable, what: str, streaming: bool = False) -> Sourc
     samples = samples if isinstance(samples, (list, tuple)) else list(samples)
     if streaming:
         return _stream_source(_raw_stream(lambda: ((t, 0) for t in _json_texts(samples, what))),
-                              what, "json")
+                              what, "json", what=what)
     digest = hashlib.blake2b(digest_size=16)
     for text in _json_texts(samples, what):
         digest.update(text)
@@ -96,7 +101,7 @@ def _list_source(samples: Iterable, what: str, streaming: bool = False) -> Sourc
         return _write_raw(folder / "raw.arrow", ((t, 0) for t in _json_texts(samples, what)),
                           _bar(show, len(samples), f"reading {what}", "samples"))
 
-    return Source(what, f"list-{digest.hexdigest()}", "json", load)
+    return Source(what, f"list-{digest.hexdigest()}", "json", load, what=what)
 
 
 def _json_texts(samples: Iterable, what: str) -> Iterator[bytes]:
@@ -158,8 +163,8 @@ def _from_path(source: str, what: str, streaming: bool, hf_cache: Optional[str],
     if path.is_file() and suffix in JSON_SUFFIXES:
         if streaming:
             return Sources(_stream_source(_raw_stream(lambda: _json_file_rows(path)), str(path),
-                                          "json", path=str(path)))
-        return Sources(_json_file_source(path))
+                                          "json", path=str(path), what=what))
+        return Sources(_json_file_source(path, what))
     check_exists(source, what)
     loaded = load_dataset_named(source, what, cache_dir=hf_cache, streaming=streaming)
     return open_source(loaded, what, streaming, hf_cache, dict_eval)
@@ -171,7 +176,8 @@ def check_exists(source: str, what: str) -> None:
     never looked up on the hub."""
     if not Path(source).expanduser().exists() and (
             Path(source).suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))):
-        raise DataError(f"{what} file {source} does not exist")
+        raise DataError(f"{what} file {source} does not exist (relative paths start from "
+                        f"{os.getcwd()}); check the path, or give a datasets hub name")
 
 
 def load_dataset_named(source: str, what: str, split: Optional[str] = None,
@@ -181,6 +187,8 @@ def load_dataset_named(source: str, what: str, split: Optional[str] = None,
     import datasets
 
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        _check_parquet(path, what)
     try:
         if path.is_file() and path.suffix.lower() == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(path), split=split,
@@ -196,7 +204,22 @@ def load_dataset_named(source: str, what: str, split: Optional[str] = None,
                         ".json, .jsonl or .parquet path") from None
 
 
-def _json_file_source(path: Path) -> Source:
+def _check_parquet(path: Path, what: str) -> None:
+    """A Parquet file's footer, read before datasets reads the file: an empty or damaged file is
+    named as such (datasets says only that generating the dataset failed)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(str(path)).num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{what} file {path} cannot be read as Parquet ({e}); write it again, "
+                        "or give a .json/.jsonl file") from None
+    if rows == 0:
+        raise DataError(f"{what} file {path}: the file has no rows; give a file with at least "
+                        "one sample")
+
+
+def _json_file_source(path: Path, what: str) -> Source:
     stat = path.stat()
     # as datasets does for local files: the file is named by its path, size and modification time
     key = f"file-{path.resolve()}-{stat.st_size}-{stat.st_mtime_ns}"
@@ -205,7 +228,7 @@ def _json_file_source(path: Path) -> Source:
         bar = _bar(show, stat.st_size, f"reading {path.name}", "B")
         return _write_raw(folder / "raw.arrow", _json_file_rows(path), bar, by_bytes=True)
 
-    return Source(str(path), key, "json", load, path=str(path))
+    return Source(str(path), key, "json", load, path=str(path), what=what)
 
 
 def _json_file_rows(path: Path) -> Iterator[tuple[bytes, int]]:
@@ -218,7 +241,7 @@ def _holds_json_lines(path: Path) -> bool:
     """A .json file whose first non-blank line is a whole JSON object or array, with more lines
     after it: JSON Lines under a .json name (what Dataset.to_json() writes)."""
     with open(path, "rb") as f:
-        first = next((line for line in f if line.strip()), b"")
+        first = next((line for line in f if line.strip()), b"").removeprefix(UTF8_BOM)
         if not any(line.strip() for line in f):
             return False  # one line: a JSON document (parsed once, by the caller)
     try:
@@ -229,7 +252,7 @@ def _holds_json_lines(path: Path) -> bool:
 
 
 def _read_json_document(path: Path) -> list:
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(UTF8_BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -242,7 +265,9 @@ def _read_json_document(path: Path) -> list:
     except json.JSONDecodeError as e:
         hint = ("; it looks like JSON Lines (one sample per line): rename it to .jsonl"
                 if e.msg == "Extra data" else "")
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}){hint}") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})"
+                        + (hint or "; fix the file, or save it again from the tool that wrote "
+                           "it")) from None
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]} style files
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -258,6 +283,9 @@ def _json_lines(path: Path) -> Iterator[tuple[bytes, int]]:
     the workers decode and report every bad line with its number)."""
     number, tail = 0, b""
     with open(path, "rb") as f:
+        # the byte-order mark that spreadsheets and Windows tools write first is not data
+        if f.read(len(UTF8_BOM)) != UTF8_BOM:
+            f.seek(0)
         while True:
             block = f.read(_BLOCK)
             if not block:
@@ -286,7 +314,7 @@ def decode_json_row(text: bytes, line: int) -> tuple[Any, Optional[str]]:
         return json.loads(decoded), None
     except json.JSONDecodeError as e:
         where = f"line {line}" if line else "sample"
-        return None, f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+        return None, f"{where}: not valid JSON ({e.msg}: column {e.colno}){_FIX_LINE}"
 
 
 def read_errors_message(name: str, problems: list[str], total: int) -> str:
@@ -294,7 +322,7 @@ def read_errors_message(name: str, problems: list[str], total: int) -> str:
     if total == 1:
         return f"{name}:{problems[0][len('line '):]}" if problems[0].startswith("line ") \
             else f"{name}: {problems[0]}"
-    shown = "\n".join(f"  {p}" for p in problems[:MAX_REPORTED_LINES])
+    shown = "\n".join(f"  {p.removesuffix(_FIX_LINE)}" for p in problems[:MAX_REPORTED_LINES])
     more = f"\n  ... and {total - MAX_REPORTED_LINES} more" if total > MAX_REPORTED_LINES else ""
     return f"{name}: {total} lines cannot be read; fix or remove them:\n{shown}{more}"
 
@@ -304,7 +332,8 @@ def read_errors_message(name: str, problems: list[str], total: int) -> str:
 
 def _dataset_source(dataset, what: str) -> Source:
     dataset = dataset.with_format(None)
-    return Source(what, f"dataset-{dataset._fingerprint}", "records", lambda folder, show: dataset)
+    return Source(what, f"dataset-{dataset._fingerprint}", "records", lambda folder, show: dataset,
+                  what=what)
 
 
 def _from_dict(dataset_dict, what: str, streaming: bool, hf_cache: Optional[str],
@@ -326,18 +355,19 @@ def _from_dict(dataset_dict, what: str, streaming: bool, hf_cache: Optional[str]
 
         held_out = datasets.Dataset.from_generator(lambda: (yield from held_out),
                                                    cache_dir=hf_cache)
-    ev = _dataset_source(held_out, "eval_samples")
+    ev = _dataset_source(held_out, f"{what}[{held!r}]")
     return Sources(train, ev, note + f", evaluating eval/loss on '{held}'")
 
 
 # ---------------------------------------------------------------------- streams
 
 
-def _stream_source(stream, name: str, rows: str, path: Optional[str] = None) -> Source:
+def _stream_source(stream, name: str, rows: str, path: Optional[str] = None,
+                   what: str = "samples") -> Source:
     def refuse(folder, show):  # a stream is read by streaming.py, never loaded whole
         raise AssertionError("a stream is not loaded whole")
 
-    return Source(name, f"stream-{name}", rows, refuse, path=path, stream=stream)
+    return Source(name, f"stream-{name}", rows, refuse, path=path, stream=stream, what=what)
 
 
 def _raw_stream(make_rows: Callable[[], Iterator[tuple[bytes, int]]]):

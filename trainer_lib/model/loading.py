@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer_lib.config import Config, ConfigError
+from trainer_lib.errors import did_you_mean
 from trainer_lib.model.lora import apply_lora, build_lora_config
 from trainer_lib.ops.attention import DOCUMENT_ATTENTION
 from trainer_lib.ops.attention import register as register_document_attention
@@ -106,10 +107,7 @@ def load_model(config: Config):
     lora = None
     if config.model.peft_config is not None:
         lora = build_lora_config(config.model.peft_config)  # None: `enabled: false`
-    if lora is not None:
-        if config.model.num_layers_unfrozen != -1:
-            raise ConfigError("model.peft_config and model.num_layers_unfrozen both limit what "
-                              "trains; set one (num_layers_unfrozen=-1 with LoRA)")
+    if lora is not None:  # with num_layers_unfrozen=-1 (ModelConfig.validate)
         if config.model.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpoints need a grad input
         model = apply_lora(model, lora, base_path=path)
@@ -139,13 +137,34 @@ def freeze_bottom_layers(model, num_layers_unfrozen: int) -> None:
     and the head.
     """
     layers = decoder_layers(model)
-    if num_layers_unfrozen > len(layers):
-        raise ConfigError(f"model.num_layers_unfrozen={num_layers_unfrozen} but the model has "
-                          f"only {len(layers)} layers")
+    check_num_layers_unfrozen(num_layers_unfrozen, len(layers))
     frozen = [model.get_input_embeddings()] + list(layers[:len(layers) - num_layers_unfrozen])
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
+
+
+def check_num_layers_unfrozen(num_layers_unfrozen: int, num_layers: int) -> None:
+    if num_layers_unfrozen > num_layers:
+        raise ConfigError(f"model.num_layers_unfrozen={num_layers_unfrozen} but the model has "
+                          f"only {num_layers} layers; set it to {num_layers} or less (-1 trains "
+                          "them all)")
+
+
+def check_attn_implementation(name: str | None) -> None:
+    """`model.attn_implementation` by transformers' own rule (eager, a registered attention
+    function, or a hub kernel "org/repo"), checked before the model loads."""
+    if not name or name == DOCUMENT_ATTENTION:
+        return
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), DOCUMENT_ATTENTION]
+    if name in valid or is_kernel(name):
+        return
+    raise ConfigError(f"model.attn_implementation={name!r} is not an attention implementation"
+                      f"{did_you_mean(name, valid)} (valid: {', '.join(valid)}, a hub kernel "
+                      "'org/repo', or null for the model's default)")
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -14,6 +14,14 @@ import torch
 from trainer_lib.errors import ConfigError, closest
 
 _SHORTHANDS = {"rank": "r", "dim": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+# Linear layers of SSM mixers whose weight the model reads directly, past the module (an
+# adapter there would never train), or that peft refuses for that reason (the fused kernels'
+# out_proj): "all-linear" leaves them out
+_READ_PAST_THE_MODULE = {
+    "mamba": ("dt_proj", "out_proj"), "falcon_mamba": ("dt_proj", "out_proj"),
+    "jamba": ("dt_proj",), "zamba": ("dt_proj",),
+    "mamba2": ("out_proj",), "nemotron_h": ("out_proj",), "falcon_h1": ("out_proj",),
+}
 _A_INITS = {"kaiming": True, "uniform": True, "xavier": "xavier"}  # -> init_lora_weights
 _NEMO_KEYS = ("enabled", "dropout_position", "lora_A_init", "lora_A_init_method",
               "lora_B_init_method", "match_all_linear", "use_triton")
@@ -177,6 +185,7 @@ def apply_lora(model: torch.nn.Module, spec, base_path: str | None = None):
     if lora_config is None:
         return model
     check_target_modules(model, lora_config)
+    _leave_out_refused(model, lora_config)
     peft_model = get_peft_model(model, lora_config)
     if getattr(lora_config, "lora_a_xavier", False):
         xavier_init_lora_a(peft_model)
@@ -186,6 +195,26 @@ def apply_lora(model: torch.nn.Module, spec, base_path: str | None = None):
         peft_model.peft_config["default"].base_model_name_or_path = (
             os.path.abspath(base_path) if local else base_path)
     return peft_model
+
+
+def _leave_out_refused(model: torch.nn.Module, lora_config) -> None:
+    """target_modules "all-linear" on a model with linear layers an adapter cannot train (see
+    _READ_PAST_THE_MODULE): those are excluded, and the run says so."""
+    names = _READ_PAST_THE_MODULE.get(getattr(model.config, "model_type", None))
+    if lora_config.target_modules != "all-linear" or not names:
+        return
+    excluded = lora_config.exclude_modules
+    if isinstance(excluded, str):  # a regular expression on full names
+        lora_config.exclude_modules = "|".join([f"(?:{excluded})"]
+                                               + [rf"(?:.*\.{n})" for n in names])
+    else:
+        lora_config.exclude_modules = sorted(set(excluded or ()) | set(names))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"LoRA on all linear layers of {type(model).__name__}: its SSM mixers' "
+              f"{' and '.join(names)} are left out (the model reads their weights directly, so an "
+              "adapter there would not train)", flush=True)
 
 
 def xavier_init_lora_a(peft_model, adapter: str = "default") -> None:

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from torch.distributed.tensor import DTensor
 
+from trainer_lib.model.card import ModelCard, users_card, write_card
 from trainer_lib.model.dropout import dropout_as_configured
 from trainer_lib.model.lora import is_peft_model
 from trainer_lib.runtime.files import atomic_directory, write_error
@@ -20,7 +21,8 @@ from trainer_lib.runtime.quiet import no_progress_bars
 
 def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
                     merge_adapters: bool = False,
-                    failure: Optional[Callable[[Exception], BaseException]] = None) -> None:
+                    failure: Optional[Callable[[Exception], BaseException]] = None,
+                    card: Optional[ModelCard] = None) -> None:
     """Every process must call this (a sharded model is gathered collectively); only the main
     process writes.
 
@@ -31,6 +33,9 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
     A write that fails leaves `path` as it was and raises on every process: a full disk (or any
     OSError) as CheckpointWriteError naming the folder and the space the model takes, or what
     `failure(error)` returns (a checkpoint names itself).
+
+    `card`: the model card written as README.md, unless the folder already holds a README.md
+    that trainer_lib did not write (the user's, kept as it is).
     """
     path = Path(path)
     accelerator.wait_for_everyone()
@@ -42,7 +47,7 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
     with all_or_none(accelerator):  # the others wait here while the main process writes
         if accelerator.is_main_process:
             try:
-                _write_folder(unwrapped, state_dict, tokenizer, path, merge_adapters)
+                _write_folder(unwrapped, state_dict, tokenizer, path, merge_adapters, card)
             except Exception as e:  # noqa: BLE001 - a failed write, said in the user's terms
                 said = (failure or _model_write_error(unwrapped, state_dict, path,
                                                       merge_adapters))(e)
@@ -51,15 +56,24 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
                 raise said from e
 
 
-def _write_folder(unwrapped, state_dict, tokenizer, path: Path, merge_adapters: bool) -> None:
+def _write_folder(unwrapped, state_dict, tokenizer, path: Path, merge_adapters: bool,
+                  card: Optional[ModelCard]) -> None:
+    is_peft = is_peft_model(unwrapped)
+    kept = users_card(path)  # the folder is replaced whole: the user's README.md goes along
     # the folder keeps the dropout the user configured, even if training ran without it
     with atomic_directory(path) as tmp, no_progress_bars(), dropout_as_configured(unwrapped):
-        if is_peft_model(unwrapped) and merge_adapters:
+        if is_peft and merge_adapters:
             merged = _merged_copy(unwrapped, state_dict)
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if kept is not None:
+            write_card(tmp, kept)
+        elif card is not None:  # over the template card peft writes for an adapter
+            kind = "adapter" if is_peft and not merge_adapters else "merged" if is_peft else "full"
+            lora = unwrapped.peft_config.get("default") if is_peft else None
+            write_card(tmp, card.render(kind, lora))
 
 
 def _model_write_error(unwrapped, state_dict, path: Path, merge_adapters: bool):

@@ -57,18 +57,19 @@ def document_attention_forward(module, query, key, value, attention_mask, dropou
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    batch, heads, length, dim = query.shape
+    batch, heads, length, _ = query.shape
     # every document of every row, in order: split views of the [batch * length] positions, so
     # that backward is one cat per input (slices would each fill a zero tensor of the whole
-    # batch) and the output is one cat, already in the [batch, length, heads, dim] layout
+    # batch) and the output is one cat, already in the [batch, length, heads, dim] layout (the
+    # values' head size, which differs from the queries' in multi-head latent attention)
     sizes = [e - s for row in _spans(attention_mask) for s, e in row]
-    q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, dim).split(sizes)
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, t.shape[-1]).split(sizes)
                for t in (query, key, value))
     pieces = [F.scaled_dot_product_attention(
         qd.transpose(0, 1)[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None],
         dropout_p=dropout, scale=scaling, is_causal=True)[0].transpose(0, 1)
         for qd, kd, vd in zip(q, k, v)]
-    return torch.cat(pieces).view(batch, length, heads, dim), None
+    return torch.cat(pieces).view(batch, length, heads, value.shape[-1]), None
 
 
 def document_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -1,14 +1,18 @@
 """Per-token negative log-likelihood of a causal LM without the full [tokens, vocab] float32 logits.
 
 The head runs on chunks of tokens, so only one chunk's logits exist at a time and the loss's
-memory does not grow with the vocabulary. With a plain linear head, forward also computes the
-gradients of a uniform upstream gradient while each chunk's logits are at hand (SFT's mean), so
-the backward pass costs no second matmul over the vocabulary; a head whose weight exists only
-inside its forward (ZeRO-3, a PEFT wrapper) is recomputed chunk by chunk instead. Under FSDP2
-the head is whole from the model's forward to its backward and the plain path reads its weight.
+memory does not grow with the vocabulary. What the model does after its output layer (a scale, a
+soft cap: `ops.head.Head`) is applied to each chunk. With a plain linear head, forward also
+computes the gradients of a uniform upstream gradient while each chunk's logits are at hand
+(SFT's mean), so the backward pass costs no second matmul over the vocabulary; a head whose
+weight exists only inside its forward (ZeRO-3, a PEFT wrapper) is recomputed chunk by chunk
+instead. A head marked `own_logits` takes the model's own logits, whole. Under FSDP2 the head
+is whole from the model's forward to its backward and the plain path reads its weight.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,8 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
+
+from trainer_lib.ops.head import Head, forward_to_head, model_inputs, unwrapped
 
 # the label of a position that carries no loss (the ignore_index of torch's cross-entropy)
 IGNORE_INDEX = -100
@@ -37,29 +43,29 @@ def _vocab_size(lm_head: nn.Module) -> int:
     return size or 32_768
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, head: Head) -> Tensor:
     """float32 logits of one chunk: the matmul in the hidden dtype, everything after in float32."""
-    logits = F.linear(h, weight, bias).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return head.logits(F.linear(h, weight, bias))
 
 
-def _grad_logits_(logits: Tensor, lse: Tensor, safe_targets: Tensor, scale: Tensor, softcap: float | None) -> Tensor:
-    """In place: logits -> d(sum_i scale_i * nll_i)/d(pre-softcap logits), float32."""
-    if softcap is not None:
-        dcap = 1.0 - (logits / softcap).square()  # d softcap(x) / dx, from the capped value
+def _grad_logits_(logits: Tensor, lse: Tensor, safe_targets: Tensor, scale: Tensor,
+                  head: Head) -> Tensor:
+    """In place: logits -> d(sum_i scale_i * nll_i)/d(output layer's result), float32."""
+    if head.softcap is not None:
+        dcap = 1.0 - (logits / head.softcap).square()  # d softcap(x) / dx, from the capped value
+    if head.scale is not None:
+        scale = scale * head.scale  # d(scale * x) / dx, folded into the per-token factor
     probs = logits.sub_(lse[:, None]).exp_()
     probs.scatter_add_(1, safe_targets[:, None], torch.full_like(lse, -1.0)[:, None])
     probs.mul_(scale[:, None])  # scale is 0 at ignored tokens
-    if softcap is not None:
+    if head.softcap is not None:
         probs.mul_(dcap)
     return probs
 
 
 class _ChunkedLinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, fused_grads):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, head, fused_grads):
         n = hidden.shape[0]
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
@@ -78,16 +84,16 @@ class _ChunkedLinearNLL(torch.autograd.Function):
             if not bool(chunk_valid.any()):
                 continue  # nothing to predict: nll and grads stay 0
             h = hidden[sl]
-            logits = _chunk_logits(h, w, b, softcap)
+            logits = _chunk_logits(h, w, b, head)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_targets[sl, None])[:, 0]
             nll[sl] = torch.where(chunk_valid, chunk_lse - target_logit, 0.0)
             lse[sl] = chunk_lse
             if precompute:
-                g = _grad_logits_(logits, chunk_lse, safe_targets[sl], chunk_valid.float(), softcap)
+                g = _grad_logits_(logits, chunk_lse, safe_targets[sl], chunk_valid.float(), head)
                 _accumulate(g, h, w, sl, grad_h, grad_w, grad_b)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.softcap = chunk_size, softcap
+        ctx.chunk_size, ctx.head = chunk_size, head
         ctx.precomputed = (grad_h, grad_w, grad_b) if precompute else None
         return nll
 
@@ -125,8 +131,8 @@ class _ChunkedLinearNLL(torch.autograd.Function):
             if not bool((scale != 0).any()):
                 continue
             h = hidden[sl]
-            logits = _chunk_logits(h, w, b, ctx.softcap)
-            g = _grad_logits_(logits, lse[sl], safe_targets[sl], scale, ctx.softcap)
+            logits = _chunk_logits(h, w, b, ctx.head)
+            g = _grad_logits_(logits, lse[sl], safe_targets[sl], scale, ctx.head)
             _accumulate(g, h, w, sl, grad_h, grad_w, grad_b)
         return (
             grad_h,
@@ -164,11 +170,9 @@ def _uses_recompute(lm_head: nn.Module) -> bool:
     return type(lm_head) is not nn.Linear or weight is None or hasattr(weight, "ds_id")
 
 
-def _checkpointed_chunk(lm_head: nn.Module, softcap: float | None):
+def _checkpointed_chunk(lm_head: nn.Module, head: Head):
     def run(h: Tensor, targets: Tensor) -> Tensor:
-        logits = lm_head(h).float()
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head.logits(lm_head(h))
         return F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
 
     return run
@@ -179,11 +183,12 @@ def chunked_token_nll(
     lm_head: nn.Module,
     targets: Tensor,
     chunk_size: int | None = None,
-    softcap: float | None = None,
+    head: Head | None = None,
     recompute: bool | None = None,
     fused_grads: bool = True,
 ) -> Tensor:
-    """Per-token NLL (float32 [N], exactly 0 where `targets == -100`) of `lm_head(hidden)`.
+    """Per-token NLL (float32 [N], exactly 0 where `targets == -100`) of
+    `head.logits(lm_head(hidden))` (`head=None`: the plain logits).
 
     hidden: [N, H]; targets: [N] long. `chunk_size=None` sizes chunks from the vocabulary
     (`auto_chunk_size`). `recompute=None` picks the checkpointed path for ZeRO-3
@@ -196,6 +201,7 @@ def chunked_token_nll(
             f"chunked_token_nll expects hidden [N, H] and targets [N]; got {tuple(hidden.shape)} "
             f"and {tuple(targets.shape)}"
         )
+    head = head or Head()
     if chunk_size is None:
         chunk_size = auto_chunk_size(_vocab_size(lm_head))
     if chunk_size < 1:
@@ -204,9 +210,9 @@ def chunked_token_nll(
         recompute = _uses_recompute(lm_head)
     if not recompute:
         return _ChunkedLinearNLL.apply(
-            hidden, lm_head.weight, lm_head.bias, targets, chunk_size, softcap, fused_grads
+            hidden, lm_head.weight, lm_head.bias, targets, chunk_size, head, fused_grads
         )
-    run = _checkpointed_chunk(lm_head, softcap)
+    run = _checkpointed_chunk(lm_head, head)
     grad = torch.is_grad_enabled()
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -220,37 +226,54 @@ def chunked_token_nll(
     return torch.cat(pieces)
 
 
-def causal_lm_token_nll(model: nn.Module, batch: dict, chunk_size: int | None = None, fused_grads: bool = True) -> Tensor:
+def shifted(labels: Tensor, fill: int = IGNORE_INDEX) -> Tensor:
+    """What each position predicts: `labels[:, t + 1]` at t, `fill` at the last position."""
+    out = torch.full_like(labels, fill)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def lm_token_nll(model: nn.Module, inputs: dict, targets: Tensor, head: Head | None = None, *,
+                 keep: Tensor | None = None, chunk_size: int | None = None,
+                 fused_grads: bool = True, **forward) -> tuple[Tensor, Any]:
+    """(NLL of `targets[:, t]` predicted at position t, the model's output).
+
+    The NLL is float32, 0 where targets are -100: [B, T], or [K] at the positions the boolean
+    [B, T] `keep` selects (the head then runs there only). The model's own forward runs on
+    `inputs` (and `forward`, e.g. output_router_logits); the head is applied here in chunks
+    to its output layer's input, unless `head.own_logits` (`head=None`: `Head.of` the config).
+    """
+    head = head or Head.of(unwrapped(model).config)
+    if head.own_logits:
+        out = model(**inputs, use_cache=False, **forward)
+        logits = out.logits
+        if keep is not None:
+            logits, targets = logits[keep], targets[keep]
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                              reduction="none", ignore_index=IGNORE_INDEX)
+        return nll.view(targets.shape), out
+    hidden, out = forward_to_head(model, inputs, **forward)
+    if hidden is None:
+        raise RuntimeError(
+            f"{type(unwrapped(model)).__name__} did not call its output layer "
+            "(get_output_embeddings()) on its hidden states, so the chunked loss cannot read "
+            "them; the load-time check moves such a model to its own logits, but it cannot run "
+            "on a model sharded as it loads (ZeRO-3 with zero3_init): load it unsharded")
+    lm_head = unwrapped(model).get_output_embeddings()
+    if keep is not None:
+        h, t = hidden[keep], targets[keep]
+    else:
+        h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    nll = chunked_token_nll(h, lm_head, t, chunk_size=chunk_size, head=head,
+                            fused_grads=fused_grads)
+    return nll.view(t.shape if keep is not None else targets.shape), out
+
+
+def causal_lm_token_nll(model: nn.Module, batch: dict, chunk_size: int | None = None,
+                        fused_grads: bool = True, head: Head | None = None) -> Tensor:
     """Per-token NLL [B, T] of a Hugging Face causal LM: result[:, t] is the loss of predicting
     `labels[:, t]` from the tokens before it; 0 where labels are -100 and at t = 0.
-
-    The model's own top-level forward runs (so DDP/DeepSpeed wrappers see the call), asked for
-    no logits; the head is applied here in chunks to the last hidden state (after the final norm).
-    """
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        output_hidden_states=True,
-        logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
-        use_cache=False,
-    )
-    hidden = out.hidden_states[-1]
-    bsz, seq_len, hidden_size = hidden.shape
-    base = getattr(model, "module", model)
-    lm_head = base.get_output_embeddings()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    # Position t predicts labels[:, t + 1]; the last position predicts nothing. Keeping all T
-    # positions avoids copying the hidden states for the shift.
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    nll = chunked_token_nll(
-        hidden.reshape(bsz * seq_len, hidden_size),
-        lm_head,
-        targets.reshape(-1),
-        chunk_size=chunk_size,
-        softcap=softcap,
-        fused_grads=fused_grads,
-    ).view(bsz, seq_len)
+    (`lm_token_nll` on the batch's inputs, aligned with the labels.)"""
+    nll, _ = lm_token_nll(model, model_inputs(batch), shifted(batch["labels"]), head,
+                          chunk_size=chunk_size, fused_grads=fused_grads)
     return F.pad(nll[:, :-1], (1, 0))

@@ -83,6 +83,27 @@ def check_launcher(t) -> None:
                           "'no'")
 
 
+def become_single_process_group() -> list[str]:
+    """For DeepSpeed in one process that no launcher started: the variables a launcher sets
+    (rank 0 of 1, an address and a free local port) where they are missing, since DeepSpeed
+    would otherwise look for MPI (mpi4py). Returns the names it set."""
+    if launched_world_size() > 1 or any(n in os.environ for n in _MPI_VARIABLES):
+        return []
+    wanted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            wanted["MASTER_PORT"] = str(s.getsockname()[1])
+    set_here = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in set_here})
+    return set_here
+
+
+_MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def _forget_earlier_run() -> None:
     """accelerate keeps its settings in process-wide singletons; a second run in the same process
     (a notebook, a test) may use other settings, so they start afresh. The process group
@@ -122,9 +143,10 @@ def build_accelerator(config, log_with=None, project_dir=None) -> Accelerator:
         _flags_set_here.add("ACCELERATE_USE_DEEPSPEED")
     if fsdp is not None and os.environ.get("ACCELERATE_USE_FSDP") != "true":
         _flags_set_here.add("ACCELERATE_USE_FSDP")  # the Accelerator sets it for the plugin
+    set_here = become_single_process_group() if plugin is not None else []
     no_gpu = not torch.cuda.is_available()
     several_cpu_processes = launched_world_size() > 1 and no_gpu
-    if no_gpu and (fsdp is not None or (several_cpu_processes and plugin is not None)):
+    if no_gpu and (fsdp is not None or plugin is not None):
         # Without a GPU, accelerate does not create a process group by itself under DeepSpeed or
         # FSDP (every rank then thinks it is alone and trains on all the data): create it on gloo.
         PartialState(backend="gloo")
@@ -150,4 +172,10 @@ def build_accelerator(config, log_with=None, project_dir=None) -> Accelerator:
     if fsdp is not None and no_gpu:
         use_fsdp_without_gpu(accelerator, fsdp, t.mixed_precision)
         _state_forced = True
+    if torch.distributed.is_initialized():
+        # the group exists: a process this one starts must not find its address and port (it
+        # would try to open the same port); DeepSpeed still reads the rank variables
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name in set_here:
+                os.environ.pop(name)
     return accelerator

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, get_args
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 
-from trainer_lib.errors import ConfigError
+from trainer_lib.errors import ConfigError, did_you_mean
 from trainer_lib.runtime.fsdp import is_fsdp, shard_frozen_model
 from trainer_lib.runtime.processes import launched_world_size
 
@@ -46,7 +47,7 @@ def load_deepspeed_config(spec: str | os.PathLike | dict) -> dict:
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config: no DeepSpeed config file at '{path}'")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed_config: '{path}' is not valid JSON: {e}") from None
 
@@ -103,10 +104,137 @@ def resolve_deepspeed_config(ds: dict, t, world_size: int,
         elif section["enabled"] and t.mixed_precision != kind:
             raise ConfigError(f"the DeepSpeed config enables {kind} but train.mixed_precision is "
                               f"'{t.mixed_precision}'; use \"enabled\": \"auto\"")
+    check_deepspeed_config(ds)
     zero = ds.setdefault("zero_optimization", {"stage": 2})
     if zero.get("stage", 0) == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return ds
+
+
+# ---------------------------------------------------------------------- DeepSpeed's own checks
+
+# top-level keys DeepSpeed reads outside its DeepSpeedConfig (the engine, the launcher)
+_READ_ELSEWHERE = {"optimizer", "scheduler", "aio", "autotuning", "flops_profiler",
+                   "activation_checkpointing", "sequence_parallel_size"}
+
+
+class _NotingKeys(dict):
+    """A config dict that notes which of its top-level keys are looked up."""
+
+    def __init__(self, data: dict, looked_up: set):
+        super().__init__(data)
+        self.looked_up = looked_up
+
+    def __copy__(self):
+        return _NotingKeys(self, self.looked_up)
+
+    def __contains__(self, key):
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+    def keys(self):
+        return _NotedKeys(self)
+
+
+class _NotedKeys(list):
+    def __init__(self, owner: _NotingKeys):
+        super().__init__(dict.keys(owner))
+        self.owner = owner
+
+    def __contains__(self, key):
+        self.owner.looked_up.add(key)
+        return list.__contains__(self, key)
+
+
+def _without_auto(value):
+    """The config with its "auto" values (filled by accelerate once the model is prepared) and
+    the global batch (the process count is not known yet) left out."""
+    if isinstance(value, dict):
+        return {k: _without_auto(v) for k, v in value.items()
+                if v != "auto" and k != "train_batch_size"}
+    return value
+
+
+def check_deepspeed_config(ds: dict) -> None:
+    """The DeepSpeed config through DeepSpeed's own parser, before anything is loaded: a key it
+    does not know at the top level (which it would ignore in silence: `zero_optimisation` would
+    train under the default stage) and its sections' checks (a misspelt key inside
+    `zero_optimization`, a wrong value), each said in one line with the closest valid key."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    looked_up: set = set()
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    level = deepspeed_logger.level
+    deepspeed_logger.setLevel(logging.WARNING)  # its INFO lines about a config built to check
+    try:
+        DeepSpeedConfig(_NotingKeys(_without_auto(ds), looked_up))
+    except pydantic.ValidationError as e:
+        raise ConfigError(_validation_message(e)) from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"the DeepSpeed config is refused by DeepSpeed: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}"
+                          ) from None
+    finally:
+        deepspeed_logger.setLevel(level)
+    known = looked_up | _READ_ELSEWHERE
+    for key in ds:
+        if key not in known:
+            hint = did_you_mean(key, sorted(k for k in known if isinstance(k, str)))
+            raise ConfigError(f"the DeepSpeed config has a key DeepSpeed does not know, '{key}', "
+                              f"which it would ignore in silence{hint or '; remove it'}")
+
+
+def _validation_message(error) -> str:
+    """pydantic's several lines about a DeepSpeed section as one: the first problem, with the
+    closest valid key for an unknown one."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    section = _SECTIONS.get(error.title, error.title)
+    if first["type"] == "extra_forbidden":
+        valid = _field_names(error.title, [str(p) for p in first["loc"][:-1]])
+        hint = did_you_mean(str(first["loc"][-1]), valid)
+        return (f"the DeepSpeed config's '{section}' has a key DeepSpeed does not know, "
+                f"'{where}'{hint or '; remove it'}")
+    return (f"the DeepSpeed config's '{section}.{where}' is refused by DeepSpeed: {first['msg']} "
+            f"(got {first.get('input')!r})")
+
+
+# DeepSpeed's section models by the key they read
+_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+             "DeepSpeedFP16Config": "fp16"}
+
+
+def _field_names(model_name: str, path: list[str]) -> list[str]:
+    """The field names (and aliases) of a DeepSpeed config model, or of the model nested in it at
+    `path`."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    model = next((c for c in subclasses(DeepSpeedConfigModel) if c.__name__ == model_name), None)
+    for part in path:
+        if model is None:
+            return []
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        nested = [a for a in get_args(field.annotation) or (field.annotation,)
+                  if isinstance(a, type) and issubclass(a, DeepSpeedConfigModel)] if field else []
+        model = nested[0] if nested else None
+    if model is None:
+        return []
+    return sorted({n for n in model.model_fields} | {f.alias for f in model.model_fields.values()
+                                                     if f.alias})
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -42,6 +42,12 @@ def _reachable(endpoint: str) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e}"
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """Whether `text` reads as a hub repository id ("name" or "owner/name") rather than a path."""
+    return (not text.startswith(("/", "./", "../", "~", ".\\")) and not os.path.isabs(text)
+            and bool(_REPO_ID.fullmatch(text)))
+
+
 def model_source(path: str, setting: str, probe_files: tuple = ("config.json",)) -> dict:
     """Checks where `path` (the value of `setting`) points before anything is loaded; returns
     extra `from_pretrained` arguments (`local_files_only` when the hub is unreachable but the

@@ -7,6 +7,7 @@ forward pass.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -40,6 +41,7 @@ def check_eval_inputs(eval_prompts: Any, metric_fn: Any) -> None:
         raise EvalPromptError(f"metric_fn must be a function (samples, prompts, outputs, "
                               f"**metadata) -> dict, got {_kind(metric_fn)}")
     if eval_prompts is None:
+        _check_metric_signature(metric_fn, [])
         return
     if not isinstance(eval_prompts, (list, tuple)):
         raise EvalPromptError(
@@ -60,6 +62,37 @@ def check_eval_inputs(eval_prompts: Any, metric_fn: Any) -> None:
                                       f"schemas, got {_kind(p['tools'])}")
         else:
             _check_prompt(p, f"eval_prompts[{i}]")
+    _check_metric_signature(metric_fn, metadata_keys(eval_prompts))
+
+
+def metadata_keys(eval_prompts: list) -> list[str]:
+    """The keys besides 'prompt' of the dict prompts, in order of appearance: metric_fn gets each
+    as a keyword argument (a list, one value per prompt)."""
+    keys: list[str] = []
+    for p in eval_prompts:
+        if isinstance(p, dict):
+            keys += [k for k in p if k != "prompt" and k not in keys]
+    return keys
+
+
+def _check_metric_signature(metric_fn: Any, keys: list[str]) -> None:
+    """metric_fn must take (samples, prompts, outputs) and a keyword argument for every extra key
+    of the eval prompts: found here, not at the first evaluation."""
+    if metric_fn is None:
+        return
+    try:
+        signature = inspect.signature(metric_fn)
+    except (TypeError, ValueError):  # a builtin or extension without a signature: trust it
+        return
+    try:
+        signature.bind([], [], [], **{k: [] for k in keys})
+    except TypeError as e:
+        takes = ", ".join(["samples", "prompts", "outputs", *(f"{k}=..." for k in keys)])
+        why = ("; the eval prompts' keys besides 'prompt' come as keyword arguments, one list "
+               "each" if keys else "")
+        raise EvalPromptError(
+            f"metric_fn '{function_name(metric_fn)}' {signature} cannot take ({takes}): {e}{why}; "
+            "give it the parameters (samples, prompts, outputs, **metadata)") from None
 
 
 def _check_prompt(prompt: Any, where: str) -> None:
@@ -70,7 +103,10 @@ def _check_prompt(prompt: Any, where: str) -> None:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise EvalPromptError(f"{where}[{j}] must be a message dict with a 'role' and a "
                                       f"'content', got {str(m)[:60]!r}")
-            if not isinstance(m.get("content", ""), str):
+            if m.get("content") is None and not m.get("tool_calls"):
+                raise EvalPromptError(f"{where}[{j}] has no 'content'; give the message's text "
+                                      "(only an assistant turn with tool_calls may leave it out)")
+            if m.get("content") is not None and not isinstance(m["content"], str):
                 raise EvalPromptError(f"{where}[{j}]['content'] must be a string, got "
                                       f"{_kind(m['content'])}")
         return
@@ -148,10 +184,7 @@ def normalize_eval_prompts(eval_prompts: list, tokenizer, chat_template: Any = N
     """→ ([{"text": str, "ids": [int]}], metadata {key: [value per prompt]})."""
     check_eval_inputs(eval_prompts, None)  # done before the model loads too; cheap
     eval_prompts = list(eval_prompts)
-    keys: list[str] = []
-    for p in eval_prompts:
-        if isinstance(p, dict):
-            keys += [k for k in p if k != "prompt" and k not in keys]
+    keys = metadata_keys(eval_prompts)
     prompts, metadata = [], {k: [] for k in keys}
     for p in eval_prompts:
         tools = None

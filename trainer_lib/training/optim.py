@@ -11,6 +11,7 @@ from trainer_lib.config.optimizer import (
     accepted_arguments,
     check_optimizer,
     check_scheduler,
+    constructor_kwargs,
     optimizer_class,
     resolve_scheduler,
 )
@@ -48,15 +49,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     check_optimizer(cfg)
     cls = optimizer_class(cfg.name)
     accepted = accepted_arguments(cls.__init__)
-    kwargs = dict(cfg.kwargs)
-    for key in ("betas", "etas", "step_sizes", "eps"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    if cls.__name__ == "Adafactor" and cls.__module__.startswith("transformers"):
-        # with a learning rate of its own, as the HF Trainer runs it: the schedule applies
-        kwargs.setdefault("scale_parameter", False)
-        kwargs.setdefault("relative_step", False)
-        kwargs.setdefault("warmup_init", False)
+    kwargs = constructor_kwargs(cls, cfg.kwargs)
     if (cls in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in kwargs
             and "foreach" not in kwargs and _fused_supported(_device_type())):
         kwargs["fused"] = True  # one kernel per step; the same update to float tolerance

@@ -6,6 +6,7 @@ already hold up to N and writes only what comes after, so a resumed run duplicat
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -14,8 +15,9 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
-from trainer_lib.config import Config
+from trainer_lib.config import Config, ConfigError
 from trainer_lib.config.trackers import check_installed, tracker_names
+from trainer_lib.errors import did_you_mean
 
 
 def run_dir(config: Config) -> Path:
@@ -150,16 +152,67 @@ def log_with(config: Config) -> list | None:
 
     names = tracker_names(config.train.tracker)
     check_installed(names)
+    check_tracker_kwargs(config)
     t = config.train
     out: list = []
     for name in names:
         if name == "jsonl":
             out.append(JsonlTracker(t.run_name or "", run_dir(config)))
         elif name == "tensorboard":
-            out.append(TensorBoardTracker(t.run_name or "", t.logging_dir))
+            # an object, which accelerate starts without init_kwargs: they are given here
+            out.append(TensorBoardTracker(t.run_name or "", t.logging_dir,
+                                          **t.tracker_kwargs.get("tensorboard", {})))
         else:
             out.append(name)
     return out or None  # None: accelerate warns about an empty list
+
+
+def _constructor(name: str) -> tuple[Any, str, int]:
+    """(what receives `train.tracker_kwargs[name]`, its name, how many of its leading arguments
+    accelerate fills: the project, the folder)."""
+    if name == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ModuleNotFoundError:
+            from tensorboardX import SummaryWriter
+        return SummaryWriter.__init__, "TensorBoard's SummaryWriter", 1
+    if name == "wandb":
+        import wandb
+
+        return wandb.init, "wandb.init", 1
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    return cls.__init__, f"accelerate's {cls.__name__}", 1 + cls.requires_logging_directory
+
+
+def check_tracker_kwargs(config: Config) -> None:
+    """`train.tracker_kwargs` of the trackers in use against what each takes, before anything
+    loads: a misspelt argument would otherwise fail when the trackers start, once the model is
+    loaded. (Arguments of a tracker not in use are left alone: a config may keep them while
+    tracking is turned off.)"""
+    t = config.train
+    names = tracker_names(t.tracker)
+    for name, kwargs in t.tracker_kwargs.items():
+        if name not in names:
+            continue
+        if kwargs and name == "jsonl":
+            raise ConfigError("train.tracker_kwargs.jsonl: the jsonl tracker takes no arguments "
+                              "(it writes to train.logging_dir); remove it")
+        if not kwargs or name == "jsonl":
+            continue
+        function, owner, filled = _constructor(name)
+        params = [p for n, p in inspect.signature(function).parameters.items() if n != "self"]
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            continue  # passed on to the tracker's library, which says what it takes
+        valid = [p.name for p in params[filled:]]
+        for key in kwargs:
+            if key not in valid:
+                taken = ", ".join(p.name for p in params[:filled])
+                raise ConfigError(
+                    f"train.tracker_kwargs.{name}.{key} is not an argument of {owner}"
+                    f"{did_you_mean(key, valid)} (it takes: {', '.join(valid)}; "
+                    f"{taken} {'comes' if filled == 1 else 'come'} from the run's settings)")
 
 
 def _init_kwargs(config: Config) -> dict:

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,11 +32,19 @@ from trainer_lib.data.mixture import loader_epochs, mixture_examples
 from trainer_lib.data.pipeline import build_data
 from trainer_lib.errors import CheckpointWriteError, DataError, MetricFnError
 from trainer_lib.model.loading import align_special_tokens, load_model, load_tokenizer
+from trainer_lib.model.card import ModelCard, describe_run, hub_datasets
+from trainer_lib.model.probe import LossPath, adopt, check_model, decision
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
 from trainer_lib.runtime.fsdp import check_sharded_model, is_fsdp
-from trainer_lib.runtime.processes import align_micro_batches, batches_per_process, reduce_sum
+from trainer_lib.runtime.processes import (
+    align_micro_batches,
+    batches_per_process,
+    reduce_sum,
+    shared_value,
+)
 from trainer_lib.training import preflight
+from trainer_lib.training.callbacks import Callbacks, EarlyStopping
 from trainer_lib.training.evaluation import GenerationEval, format_table
 from trainer_lib.training.interrupts import (
     InterruptGuard,
@@ -49,12 +58,18 @@ from trainer_lib.training.tracking import build_tracker, format_log_line, log_wi
 
 class Trainer:
     def __init__(self, config: Config, samples: Any = None, eval_samples: Any = None,
-                 eval_prompts: Any = None, metric_fn: Any = None):
+                 eval_prompts: Any = None, metric_fn: Any = None, callbacks: Any = None):
         self.config = config.validate()
         self.eval_prompts = eval_prompts
         self.metric_fn = metric_fn
         self.log_history: list[dict] = []
         self.step = 0
+        self.callbacks = Callbacks(callbacks)
+        # named in the model card
+        self.dataset_names = hub_datasets(samples, eval_samples,
+                                          *(e["path"] for e in config.data.mixture or []))
+        if config.train.early_stopping is not None:
+            self.callbacks.add(EarlyStopping.from_config(config.train.early_stopping))
         self.accelerator = build_accelerator(config, log_with=log_with(config),
                                              project_dir=str(run_dir(config)))
         set_seed(config.train.seed)
@@ -62,21 +77,21 @@ class Trainer:
         # eval prompts and output folders first, then the data, then the checkpoint to resume
         model_config = preflight.check_run(
             config, self.accelerator, eval_samples is not None or config.train.eval_split > 0,
-            eval_prompts, metric_fn)
+            eval_prompts, metric_fn, self.callbacks)
         self.tokenizer = load_tokenizer(config)
         self.train_items, self.eval_items = self.build_datasets(samples, eval_samples)
         self.generation_eval = GenerationEval.build(self, eval_prompts, metric_fn)
-        loader = self.make_loader(self.train_items, shuffle=True)
-        k = config.train.gradient_accumulation_steps
-        self.total_steps = min(config.train.total_steps, sum(
-            math.ceil(batches_per_process(self.accelerator, n) / k)
-            for n in loader_epochs(loader, config.train.epochs)))
         self.checkpoints = Checkpointer(config)
         self.checkpoints.choose_start(self, run_identity(self, model_config))
         self.nonfinite_steps = NonFiniteSteps(config.train.skip_nonfinite_steps)
         self.model = load_model(config)
         align_special_tokens(self.model, self.tokenizer)
-        self.setup_model()
+        self.setup_model()  # may change how the items are batched (the load-time check)
+        loader = self.make_loader(self.train_items, shuffle=True)
+        k = config.train.gradient_accumulation_steps
+        self.total_steps = min(config.train.total_steps, sum(
+            math.ceil(batches_per_process(self.accelerator, n) / k)
+            for n in loader_epochs(loader, config.train.epochs)))
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
@@ -119,7 +134,23 @@ class Trainer:
         raise NotImplementedError
 
     def setup_model(self) -> None:
-        """Called once the model is loaded, before the optimiser is built."""
+        """Called once the model is loaded, before the training loader and the optimiser are
+        built: the place for the load-time check, which may change `self.train_items`."""
+
+    def check_loss_path(self, packing: bool, attentions: tuple = ()) -> LossPath:
+        """The load-time check (`trainer_lib.model.probe`) on the loaded model: the head, the
+        way packed rows keep documents apart (None: padded batches), the MoE load-balancing
+        term; each fallback said in one line."""
+        self.loss_path = check_model(
+            self.model, self.tokenizer.pad_token_id, packing=packing, attentions=attentions,
+            router_aux_loss_coef=self.config.method.router_aux_loss_coef)
+        # every process takes the main process's decision (the same shapes on all of them)
+        adopt(self.loss_path, self.model,
+              shared_value(self.accelerator, decision(self.loss_path, self.model)))
+        if self.accelerator.is_main_process:
+            for note in self.loss_path.notes:
+                print(note, flush=True)
+        return self.loss_path
 
     def setup_prepared_model(self) -> None:
         """Called once the model is prepared (wrapped, sharded, on its device), before the first
@@ -172,21 +203,30 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> "Trainer":
-        """Trains to `total_steps`. Ctrl-C (or SIGTERM) finishes the step, saves a checkpoint and
-        raises KeyboardInterrupt carrying `.checkpoint` and `.trainer`; a second one stops at
-        once (see trainer_lib.faults)."""
+        """Trains to `total_steps`, or until a callback asks to stop (`stop_training`). Ctrl-C
+        (or SIGTERM) finishes the step, saves a checkpoint and raises KeyboardInterrupt carrying
+        `.checkpoint` and `.trainer`; a second one stops at once (see training/interrupts.py)."""
         acc = self.accelerator
         epoch, done = self.checkpoints.restore(self)  # (0, 0) unless resuming: where data resumes
         self.tracker.start(self.step)  # a resumed run's logs continue after the resumed step
         self.num_tokens = getattr(self, "num_tokens", 0)
+        self.callbacks.call("on_train_begin", self)
         with InterruptGuard(announce=acc.is_main_process) as self._interrupts:
             try:
                 self._loop(epoch, done)
             except KeyboardInterrupt as stop:
                 self._report_interrupt(stop)
                 raise
+        self.callbacks.call("on_train_end", self)
+        self._raise_callback_error()
         self.tracker.finish()
         return self
+
+    def stop_training(self, reason: str = "stop_training() was called") -> None:
+        """Ends the run after the current step, on every process (call it on any one, from a
+        callback): a checkpoint is saved, `reason` is logged as `stop_reason`, and `train()`
+        returns normally. Called outside a callback, the run ends after the next step."""
+        self.callbacks.request_stop(reason)
 
     def _loop(self, epoch: int, done: int) -> None:
         acc, cfg = self.accelerator, self.config.train
@@ -221,31 +261,83 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}",
                                 tok_s=f"{window.tokens / max(window.seconds, 1e-9):,.0f}")
+                if out["stop"] == "error":  # a callback raised, on some process: train() raises
+                    self.callbacks.halt()   # it; nothing more is run or written
+                    bar.close()
+                    return
+                self.callbacks.call("on_step_end", self)
                 last = self.step == self.total_steps
                 if self.step % cfg.log_interval == 0 or last:
-                    if window.weight or window.metrics:
-                        values = {**window.summary(), "num_tokens": self.num_tokens,
-                                  "epoch": epoch}
-                        if self.nonfinite_steps.skipped:
-                            values["skipped_steps"] = self.nonfinite_steps.skipped
-                        self.log(values)
-                        best_watch.see(values, self.step, evaluation=False)
+                    self._log_window(window, epoch, best_watch)
                     window = _Window()
                 if self.step % cfg.eval_interval == 0 or last:
-                    values = self.run_evaluation((epoch, done))
-                    self.log(values)
-                    best_watch.see(values, self.step, evaluation=True)
-                if self.step % cfg.checkpoint_interval == 0 or last or out["interrupted"]:
-                    self.checkpoints.save(self, (epoch, done))
-                self.checkpoints.maybe_save_best(self, (epoch, done))
+                    self._log_evaluation((epoch, done), best_watch)
+                # what this step's hooks asked (stop_training, an error), agreed by every process
+                stop = self.callbacks.settle(acc, out["stop"])
+                if stop == "error":
+                    self.callbacks.halt()
+                    bar.close()
+                    return
+                stopping = stop == "request"
+                if stopping:
+                    self._log_window(window, epoch, best_watch)  # the steps since the last line
+                    window = _Window()
+                    self.log({"stop_reason": self.callbacks.agreed_reason(acc)})
+                if self.step % cfg.checkpoint_interval == 0 or last or stopping \
+                        or out["interrupted"]:
+                    self.save_checkpoint((epoch, done))
+                self.save_best((epoch, done))
                 if out["interrupted"]:
                     bar.close()
                     path = self.checkpoints.last_saved
                     raise training_interrupted(
                         f"training interrupted at step {self.step}: saved {path}; resume with "
                         f"train.resume_from_checkpoint={path}", path, self)
+                if stopping:
+                    bar.close()
+                    self._say_stopped()
+                    return
             epoch, done = epoch + 1, 0
         bar.close()
+
+    def _log_window(self, window: "_Window", epoch: int, best_watch: BestFigureWatch) -> None:
+        """The training figures of the steps since the last log line."""
+        if not (window.weight or window.metrics):
+            return
+        values = {**window.summary(), "num_tokens": self.num_tokens, "epoch": epoch}
+        if self.nonfinite_steps.skipped:
+            values["skipped_steps"] = self.nonfinite_steps.skipped
+        self.log(values)
+        best_watch.see(values, self.step, evaluation=False)
+
+    def _log_evaluation(self, position: tuple[int, int], best_watch: BestFigureWatch) -> None:
+        values = self.run_evaluation(position)
+        best_watch.see(values, self.step, evaluation=True)
+        entry = self.log(values)
+        if entry:
+            self.callbacks.call("on_evaluate", self,
+                                {k: v for k, v in entry.items() if k != "step"})
+
+    def _say_stopped(self) -> None:
+        """The line a stop asked by a callback ends the run with (main process)."""
+        if self.accelerator.is_main_process:
+            print(f"stopped at step {self.step}: {self.log_history[-1]['stop_reason']}; saved "
+                  f"{self.checkpoints.last_saved}", flush=True)
+
+    def _raise_callback_error(self) -> None:
+        """After the loop: a callback's error on any process is raised on every process (one
+        exchange per run), with no checkpoint written after it."""
+        error = self.callbacks.agreed_error(self.accelerator)
+        if error is None:
+            return
+        self.tracker.finish()
+        last = self.checkpoints.last_saved
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(
+                f"the run stopped after step {self.step}; " + (
+                    f"the last checkpoint is {last}: resume with "
+                    f"train.resume_from_checkpoint={last}" if last else "no checkpoint was written"))
+        raise error
 
     def _report_interrupt(self, stop: KeyboardInterrupt) -> None:
         """One line on the main process, then no traceback for a script that does not catch it."""
@@ -288,29 +380,32 @@ class Trainer:
                 acc.backward(batch_loss * (0.0 if padding else scale))
             for name, (s, c) in metrics.items():
                 # a padding batch adds nothing but its metric names: every process must reduce
-                # the same vector
+                # the same vector. A sum may be a tensor: read once, with the step's figures
                 acc_s = metric_sums.setdefault(name, [0.0, 0.0])
-                acc_s[0] += 0.0 if padding else float(s)
+                acc_s[0] += 0.0 if padding else s
                 acc_s[1] += 0.0 if padding else float(c)
             if padding:
                 continue
             loss_sum += batch_loss.detach().double().cpu()
             num_tokens += int(batch.get("num_tokens", 0))
         names = sorted(metric_sums)
-        # one all-reduce for the figures and for Ctrl-C: every process stops after the same step
+        # one all-reduce for the figures and for stopping (Ctrl-C, a callback's stop request or
+        # error): every process stops after the same step
         interrupts = getattr(self, "_interrupts", None)
-        stop = float(bool(interrupts and interrupts.requested))
-        flat = [float(loss_sum), float(num_tokens), stop]
-        flat += [v for n in names for v in metric_sums[n]]
+        stops = [bool(interrupts and interrupts.requested), self.callbacks.stop_reason is not None,
+                 self.callbacks.error is not None]
+        flat = [float(loss_sum), float(num_tokens), *map(float, stops)]
+        flat += [float(v) for n in names for v in metric_sums[n]]
         totals = reduce_sum(acc, flat).tolist()
         loss = totals[0] / max(total_weight, 1)
         lr = self.scheduler.get_last_lr()[0]
         update = apply_update(self, loss)  # checked before it is applied
-        metrics = {n: (totals[3 + 2 * j], totals[4 + 2 * j]) for j, n in enumerate(names)}
+        metrics = {n: (totals[5 + 2 * j], totals[6 + 2 * j]) for j, n in enumerate(names)}
+        stop = "error" if totals[4] > 0 else "request" if totals[3] > 0 else None
         return {
             "loss_sum": totals[0], "weight": total_weight, "loss": loss,
             "num_tokens": int(totals[1]), "learning_rate": lr, "interrupted": totals[2] > 0,
-            **update, "metrics": metrics, "seconds": time.perf_counter() - start,
+            "stop": stop, **update, "metrics": metrics, "seconds": time.perf_counter() - start,
         }
 
     def _stand_in(self) -> dict:
@@ -375,10 +470,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging and saving
 
-    def log(self, values: dict) -> None:
+    def log(self, values: dict) -> dict:
+        """Records `values` at this step (in `log_history`, the trackers, the callbacks' `on_log`);
+        returns the entry, {} when there was nothing to record."""
         entry = {"step": self.step, **{k: v for k, v in values.items() if v is not None}}
         if len(entry) == 1:
-            return  # nothing to record (e.g. an evaluation with nothing to evaluate)
+            return {}  # nothing to record (e.g. an evaluation with nothing to evaluate)
         if self.log_history and self.log_history[-1]["step"] == self.step:
             self.log_history[-1].update(entry)
         else:
@@ -387,14 +484,29 @@ class Trainer:
             self.tracker.log(entry, self.step)
         if self.accelerator.is_main_process and not self.config.train.progress_bar:
             print(format_log_line(entry, self.step, self.total_steps), flush=True)
+        self.callbacks.call("on_log", self, entry)
+        return entry
+
+    def save_checkpoint(self, position: tuple[int, int]) -> Path:
+        """Writes this step's checkpoint (every process calls it), then `on_save`."""
+        path = self.checkpoints.save(self, position)
+        self.callbacks.call("on_save", self, path)
+        return path
+
+    def save_best(self, position: tuple[int, int]) -> None:
+        """Keeps `best/` when this step's `train.save_best` figure is the best so far."""
+        path = self.checkpoints.maybe_save_best(self, position)
+        if path is not None:
+            self.callbacks.call("on_save", self, path)
 
     def save_pretrained(self, path: str, merge_adapters: bool = False) -> None:
-        """Writes the model as an ordinary Hugging Face folder (every process calls this). A write
-        that fails (a full disk) leaves `path` as it was and raises CheckpointWriteError on every
-        process, naming the folder, the space needed and the last checkpoint's copy."""
+        """Writes the model as an ordinary Hugging Face folder, with its tokenizer and a model
+        card (README.md); every process calls this. A write that fails (a full disk) leaves
+        `path` as it was and raises CheckpointWriteError on every process, naming the folder, the
+        space needed and the last checkpoint's copy."""
         try:
             save_pretrained(self.accelerator, self.model, self.tokenizer, path,
-                            merge_adapters=merge_adapters)
+                            merge_adapters=merge_adapters, card=self.model_card(path))
         except CheckpointWriteError as e:
             last = self.checkpoints.last_saved
             if last is None or not (last / "hf_model").is_dir():
@@ -404,6 +516,14 @@ class Trainer:
                                          f"{step}, as a Hugging Face folder: {last / 'hf_model'}")
             error.errno = e.errno
             raise error from e.__cause__
+
+    def model_card(self, folder: Any = None) -> ModelCard:
+        """The model card of the run as it stands (`folder`: where it is saved)."""
+        return describe_run(self.config, step=self.step, total_steps=self.total_steps,
+                            processes=self.accelerator.num_processes,
+                            log_history=self.log_history,
+                            data_report=getattr(self, "data_report", None),
+                            datasets=self.dataset_names, folder=folder)
 
 
 class _Window:

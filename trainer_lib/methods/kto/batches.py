@@ -7,11 +7,13 @@ import torch
 from trainer_lib.data.packing import pack_documents
 from trainer_lib.data.padding import padded_collate
 from trainer_lib.methods.kto.loss import document_logps
-from trainer_lib.ops.cross_entropy import IGNORE_INDEX, chunked_token_nll
+from trainer_lib.ops.cross_entropy import IGNORE_INDEX, lm_token_nll, shifted
+from trainer_lib.ops.head import Head, model_inputs
 
 
 def kto_batch(examples: list[dict], kl_rows: list[dict], *, pad_token_id: int, seq_length: int,
-              packing: bool = True, num_rows: int | None = None) -> dict:
+              packing: bool = True, num_rows: int | None = None,
+              boundaries: bool = False) -> dict:
     """One KTO micro-batch from example dicts (`input_ids`, `labels` with -100 where no loss,
     `label`) and their KL rows (prompt i with completion p[i]; none for apo_zero_unpaired).
 
@@ -25,8 +27,10 @@ def kto_batch(examples: list[dict], kl_rows: list[dict], *, pad_token_id: int, s
             continue
         if packing:
             rows = pack_documents(docs, seq_length, pad_token_id,
-                                  pad_to_multiple_of=None if num_rows else 64, num_rows=num_rows)
-            rows = {k: rows[k] for k in ("input_ids", "labels", "position_ids", "document_index")}
+                                  pad_to_multiple_of=None if num_rows else 64, num_rows=num_rows,
+                                  boundaries=boundaries)
+            rows.pop("num_tokens")
+            rows.pop("num_loss_tokens")
         else:
             padded = padded_collate(docs + [docs[0]] * ((num_rows or len(docs)) - len(docs)),
                                     pad_token_id, seq_length if num_rows else None)
@@ -45,34 +49,27 @@ def kto_batch(examples: list[dict], kl_rows: list[dict], *, pad_token_id: int, s
 
 
 def completion_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None,
-                   select: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     select: bool = True, head: Head | None = None,
+                     **forward) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Summed completion log-probs [D] and completion token counts [D] of the documents of a
-    batch's rows (prefix "" for the examples, "kl_" for the KL rows).
+    batch's rows (prefix "" for the examples, "kl_" for the KL rows), and the model's output.
 
-    The model's own forward runs (wrappers see the call), asked for hidden states and no
-    logits; the head and the log-softmax then run in chunks (`chunked_token_nll`) only at the
+    The model's own forward runs (wrappers see the call), asked for no logits; the head and the
+    log-softmax then run in chunks (`lm_token_nll`, with the model's `head`) only at the
     positions that predict a completion token (`select`), not at prompts and padding. Under
     ZeRO-3 (`select=False`) every position goes through the head, so every process calls it as
     often. Per-sequence weights make the upstream gradient non-uniform, so the chunked loss
     recomputes logits in backward instead of precomputing uniform gradients (`fused_grads`).
     """
-    ids, labels, index = (batch[prefix + k] for k in ("input_ids", "labels", "document_index"))
-    out = model(input_ids=ids, attention_mask=batch.get(prefix + "attention_mask"),
-                position_ids=batch.get(prefix + "position_ids"), output_hidden_states=True,
-                logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device), use_cache=False)
-    hidden = out.hidden_states[-1]
-    base = getattr(model, "module", model)
+    labels, index = batch[prefix + "labels"], batch[prefix + "document_index"]
     # position t predicts labels[t + 1], a token of document index[t + 1]; a document's first
     # label is -100, so no position predicts across documents
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    documents = torch.full_like(index, -1)
-    documents[:, :-1] = index[:, 1:]
+    targets, documents = shifted(labels), shifted(index, -1)
     keep = (targets != IGNORE_INDEX) & (documents >= 0)
-    h, t = (hidden[keep], targets[keep]) if select else (hidden.flatten(0, 1), targets.flatten())
-    nll = chunked_token_nll(h, base.get_output_embeddings(), t, chunk_size=chunk_size,
-                            softcap=getattr(base.config, "final_logit_softcapping", None),
-                            fused_grads=False)
+    nll, out = lm_token_nll(model, model_inputs(batch, prefix), targets, head,
+                            keep=keep if select else None, chunk_size=chunk_size,
+                            fused_grads=False, **forward)
     if not select:
-        nll = nll[keep.flatten()]
-    return document_logps(-nll, documents[keep], int(batch["num_examples"]))
+        nll = nll[keep]
+    sums, counts = document_logps(-nll, documents[keep], int(batch["num_examples"]))
+    return sums, counts, out

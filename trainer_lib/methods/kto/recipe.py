@@ -196,7 +196,8 @@ def epoch_micro_batches(data: PreparedData, recipe: KTORecipe, train_size: int, 
     partners = None
     if with_kl:
         folder = data.derived("kl_pairs", key, lambda f: _tokenize_kl_pairs(
-            f, data, recipe, arrays["flat"], arrays["partner"], num_proc))
+            f, data, recipe, arrays["flat"], arrays["partner"], num_proc),
+            verify=lambda f: _check_pairs(f, len(arrays["flat"])))
         partners = ExampleStore(_open(folder))
     layout = GroupLayout(data.store, arrays["flat"], arrays["offsets"], partners)
     starts = np.cumsum(np.concatenate([[0], arrays["n_groups"][:-1]]))
@@ -210,6 +211,15 @@ def _open(folder: Path) -> pa.Table:
     tables = [pa.ipc.open_stream(pa.memory_map(str(folder / name))).read_all()
               for name in (folder / "files.txt").read_text().split()]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _check_pairs(folder: Path, rows: int) -> Optional[str]:
+    """What is wrong with cached KL pairs (files that cannot be read, or too few rows), or None."""
+    try:
+        found = _open(folder).num_rows
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if found == rows else f"{found} KL pairs; {rows} were written"
 
 
 def _take(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:

@@ -12,13 +12,13 @@ from contextlib import contextmanager
 
 import torch
 
+from trainer_lib.data.packing import document_boundaries
 from trainer_lib.data.store import Groups
 from trainer_lib.errors import ConfigError
 from trainer_lib.model.dropout import disable_dropout
 from trainer_lib.model.loading import adapter_base, load_model
 from trainer_lib.model.lora import is_peft_model
-from trainer_lib.ops.attention import DOCUMENT_ATTENTION
-from trainer_lib.ops.attention import register as register_document_attention
+from trainer_lib.model.probe import attention_of, switch_attention
 from trainer_lib.runtime.deepspeed import is_zero3, prepare_reference_model
 from trainer_lib.runtime.fsdp import reshard
 
@@ -48,19 +48,6 @@ def check_reference_settings(config) -> None:
             "method.sync_ref_model=false")
 
 
-def use_document_attention(model) -> bool:
-    """Switches a model on SDPA to per-document attention for packed rows (the same results,
-    faster); any other attention is left as it is. Returns whether it switched."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    if getattr(base.config, "_attn_implementation", None) != "sdpa":
-        return False
-    try:
-        base.set_attn_implementation(register_document_attention())
-    except (ValueError, KeyError, ImportError):
-        return False
-    return base.config._attn_implementation == DOCUMENT_ATTENTION
-
-
 class KTOReference:
     """The reference of one KTO run (its mode, and its model when it has one of its own)."""
 
@@ -81,8 +68,8 @@ class KTOReference:
                 model=dict(peft_config=None, num_layers_unfrozen=-1, gradient_checkpointing=False)))
             if m.disable_dropout:
                 disable_dropout(self.model)
-            if trainer.document_attention:
-                use_document_attention(self.model)
+            # the attention the load-time check left the policy on (the same log-probs)
+            switch_attention(self.model, attention_of(model))
         elif mode == "adapter" and adapter_base(path):
             model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             self.adapter = REFERENCE_ADAPTER
@@ -256,4 +243,7 @@ def concat_batches(batches: list[dict]) -> dict:
                 parts.setdefault(key, []).append(value)
             offset += b["num_examples"]
         out.update({prefix + k: torch.cat(v) for k, v in parts.items()})
+        if prefix + "seq_idx" in batches[0]:  # the boundaries of the stacked rows
+            out.update({prefix + k: v for k, v in
+                        document_boundaries(out[prefix + "position_ids"]).items()})
     return out

@@ -69,10 +69,29 @@ def _label(value: Any, index: int, field: str) -> bool:
     raise _fail(index, field, f"is {value!r}; expected true or false")
 
 
-def _required(sample: dict, key: str, index: int) -> Any:
+# what to do about a missing field, by what the field holds
+_MISSING_FIX = {
+    "label": "add it: true for a desirable completion, false for an undesirable one (or name "
+             "the field that holds it with method.label_key)",
+    "prompt": "add it (or name the field that holds it with method.input_key)",
+    "completion": "add it (or name the field that holds it with method.output_key)",
+    "pair": "a preference pair needs both 'chosen' and 'rejected'",
+    "ids": "a pre-tokenised sample needs prompt_input_ids, completion_input_ids and a label",
+}
+_EMPTY = "is empty; fill it in or remove the sample"
+
+
+def _required(sample: dict, key: str, index: int, role: str) -> Any:
     if key not in sample:
-        raise KTODataError(f"sample {index}: field '{key}' is missing")
+        raise KTODataError(f"sample {index}: field '{key}' is missing; {_MISSING_FIX[role]}")
     return sample[key]
+
+
+def _distinct(chosen: Any, rejected: Any, index: int, what: str = "") -> None:
+    """A preference pair whose two answers are the same prefers nothing."""
+    if chosen == rejected:
+        raise _fail(index, "rejected", f"is the same {what}as 'chosen', so there is nothing to "
+                    "prefer; remove the pair, or correct one of its answers")
 
 
 def _check_messages(value: Any, index: int, field: str) -> list:
@@ -103,14 +122,14 @@ def _shared_form(convert):
 def _text_or_messages(value: Any, index: int, field: str) -> Any:
     if isinstance(value, str):
         if not value.strip():
-            raise _fail(index, field, "is empty")
+            raise _fail(index, field, _EMPTY)
         return value
     if isinstance(value, dict):  # a single message, e.g. {"role": "assistant", "content": ...}
         value = [value]
     if isinstance(value, list):
         return _check_messages(value, index, field)
     if value is None:
-        raise _fail(index, field, "is empty")
+        raise _fail(index, field, _EMPTY)
     raise _fail(index, field, f"is {type(value).__name__}; expected a string or a list of messages")
 
 
@@ -121,7 +140,7 @@ def _completion(value: Any, index: int, field: str) -> Any:
         if last["role"] != "assistant":
             raise _fail(index, f"{field}[-1].role", f"is {last['role']!r}; a completion must be an assistant turn")
         if not last.get("tool_calls") and not _nonempty(last.get("content")):
-            raise _fail(index, f"{field}[-1].content", "is empty")
+            raise _fail(index, f"{field}[-1].content", _EMPTY)
     return value
 
 
@@ -159,7 +178,7 @@ def _split_conversation(messages: list, index: int, field: str) -> tuple[list, l
         raise _fail(index, field, "has no prompt before the assistant completion")
     last = messages[-1]
     if not last.get("tool_calls") and not _nonempty(last.get("content")):
-        raise _fail(index, f"{field}[-1].content", "is empty")
+        raise _fail(index, f"{field}[-1].content", _EMPTY)
     return messages[:-1], messages[-1:]
 
 
@@ -178,8 +197,6 @@ def _split_transcripts(chosen: str, rejected: str, index: int) -> tuple[str, str
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    if shared == len(chosen) == len(rejected):
-        raise _fail(index, "rejected", "is the same transcript as 'chosen'; there is nothing to prefer")
     common = chosen[:shared]
     cut = max((common.rfind(h) + len(h) for h in _ASSISTANT_HEADERS if h in common), default=-1)
     if cut < 0:
@@ -196,10 +213,11 @@ def _implicit_prompt_pair(sample: dict, index: int, input_key: str) -> list[dict
     """{"chosen", "rejected"} as whole transcripts sharing their start (lists of messages, or
     texts such as Anthropic HH's "\n\nHuman: ...\n\nAssistant: ..."): the shared start is the
     prompt, the rest of each its completion (TRL's `extract_prompt`, then unpaired)."""
-    chosen = _text_or_messages(_required(sample, "chosen", index), index, "chosen")
-    rejected = _text_or_messages(_required(sample, "rejected", index), index, "rejected")
+    chosen = _text_or_messages(_required(sample, "chosen", index, "pair"), index, "chosen")
+    rejected = _text_or_messages(_required(sample, "rejected", index, "pair"), index, "rejected")
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise _fail(index, "rejected", "must have the same form as 'chosen' (both text or both messages)")
+    _distinct(chosen, rejected, index, "transcript ")
     if isinstance(chosen, str):
         prompt, good, bad = _split_transcripts(chosen, rejected, index)
         return [_record(prompt, good, True, sample), _record(prompt, bad, False, sample)]
@@ -224,11 +242,11 @@ def _record(prompt: Any, completion: Any, label: bool, sample: Any) -> dict:
 
 def _token_record(sample: dict, index: int, label_key: str, vocab_size: int) -> dict:
     """Pre-tokenised ids, used as given (nothing added): loss on the completion's tokens."""
-    ids = {f: token_ids(_required(sample, f, index), index, f, vocab_size, KTODataError)
+    ids = {f: token_ids(_required(sample, f, index, "ids"), index, f, vocab_size, KTODataError)
            for f in TOKEN_FIELDS}
     check_unpadded(sample, index, KTODataError)
     return {"prompt": ids["prompt_input_ids"], "completion": ids["completion_input_ids"],
-            "label": _label(_required(sample, label_key, index), index, label_key),
+            "label": _label(_required(sample, label_key, index, "label"), index, label_key),
             "tokens": True}
 
 
@@ -250,29 +268,32 @@ def normalize_kto_sample(
         )]
     if kind == "labelled":
         return [_record(
-            _text_or_messages(_required(sample, input_key, index), index, input_key),
-            _completion(_required(sample, output_key, index), index, output_key),
-            _label(_required(sample, label_key, index), index, label_key),
+            _text_or_messages(_required(sample, input_key, index, "prompt"), index, input_key),
+            _completion(_required(sample, output_key, index, "completion"), index, output_key),
+            _label(_required(sample, label_key, index, "label"), index, label_key),
             sample,
         )]
     if kind in ("messages", "conversations"):
-        raw = _required(sample, kind, index)
+        raw = sample[kind]
         messages = _check_messages(raw, index, kind) if kind == "messages" else _from_sharegpt(raw, index, kind)
         prompt, completion = _split_conversation(messages, index, kind)
-        return [_record(prompt, completion, _label(_required(sample, label_key, index), index, label_key), sample)]
+        label = _label(_required(sample, label_key, index, "label"), index, label_key)
+        return [_record(prompt, completion, label, sample)]
     if kind == "pair" and input_key not in sample:
         return _implicit_prompt_pair(sample, index, input_key)
     if kind == "pair":
-        prompt = _text_or_messages(_required(sample, input_key, index), index, input_key)
-        chosen = _completion(_required(sample, "chosen", index), index, "chosen")
-        rejected = _completion(_required(sample, "rejected", index), index, "rejected")
+        prompt = _text_or_messages(_required(sample, input_key, index, "prompt"), index, input_key)
+        chosen = _completion(_required(sample, "chosen", index, "pair"), index, "chosen")
+        rejected = _completion(_required(sample, "rejected", index, "pair"), index, "rejected")
         if isinstance(chosen, str) != isinstance(rejected, str):
             raise _fail(index, "rejected", "must have the same form as 'chosen' (both text or both messages)")
+        _distinct(chosen, rejected, index)
         return [_record(prompt, chosen, True, sample), _record(prompt, rejected, False, sample)]
     # sharegpt_pair
     prompt = _from_sharegpt(sample["conversations"], index, "conversations")
     records = []
     for key, label in (("chosen", True), ("rejected", False)):
-        completion = _completion(_from_sharegpt(_required(sample, key, index), index, key), index, key)
-        records.append(_record(prompt, completion, label, sample))
+        turns = _from_sharegpt(_required(sample, key, index, "pair"), index, key)
+        records.append(_record(prompt, _completion(turns, index, key), label, sample))
+    _distinct(records[0]["completion"], records[1]["completion"], index)
     return records

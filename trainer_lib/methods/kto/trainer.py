@@ -34,12 +34,10 @@ from trainer_lib.methods.kto.recipe import (
     micro_batch_offsets,
     micro_batches,
 )
-from trainer_lib.methods.kto.reference import (
-    KTOReference,
-    check_reference_settings,
-    use_document_attention,
-)
+from trainer_lib.methods.kto.reference import KTOReference, check_reference_settings
 from trainer_lib.model.dropout import disable_dropout
+from trainer_lib.model.probe import BOUNDARIES, attention_of
+from trainer_lib.ops.attention import DOCUMENT_ATTENTION
 from trainer_lib.registry import register_trainer
 from trainer_lib.runtime.deepspeed import is_zero3
 from trainer_lib.training.trainer import Trainer
@@ -76,8 +74,7 @@ class KTOTrainer(Trainer):
                             "and reference log-probs they fix) are drawn from the whole dataset; "
                             "pass a datasets.Dataset or a file, with data.streaming=False")
         if len(data.train) < (2 if m.loss_type == "kto" else 1):
-            raise DataError(f"too few examples to train on ({len(data.train)}): "
-                            f"{data.report.summary()}")
+            raise DataError(data.report.too_few(2 if m.loss_type == "kto" else 1, t.seq_length))
         if data.mixture is not None:
             return self.arrange_mixture(data, recipe)
         self._set_weights(data.store.column("label")[data.train.rows])
@@ -151,8 +148,8 @@ class KTOTrainer(Trainer):
                 # each example's mismatched pair within its micro-batch, made by the pipeline
                 kl_rows.extend(ex["kl"] for ex in group)
         batch = kto_batch(examples, kl_rows, pad_token_id=self.tokenizer.pad_token_id,
-                          seq_length=self.config.train.seq_length, packing=self.method.packing,
-                          num_rows=self._fixed_rows())
+                          seq_length=self.config.train.seq_length, packing=bool(self.packing),
+                          num_rows=self._fixed_rows(), boundaries=self.packing == BOUNDARIES)
         if all("ref_logp" in ex for ex in examples):
             batch["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples],
                                               dtype=torch.float64)
@@ -173,11 +170,22 @@ class KTOTrainer(Trainer):
 
     # ------------------------------------------------------------------ the model
 
+    @property
+    def packing(self):
+        """How packed rows keep documents apart (`model.probe`), None for padded rows; before
+        the model is loaded, what the config asks for."""
+        path = getattr(self, "loss_path", None)
+        return path.packing if path is not None else self.method.packing
+
     def setup_model(self) -> None:
+        """Dropout off, then the load-time check, which tries per-document attention first for
+        packed rows of a model on SDPA (the same log-probs, faster), then the model's own."""
         if self.method.disable_dropout:
             disable_dropout(self.model)
-        self.document_attention = (self.method.packing and self.config.model.attn_implementation
-                                   is None and use_document_attention(self.model))
+        attentions = ((DOCUMENT_ATTENTION,) if self.config.model.attn_implementation is None
+                      and attention_of(self.model) == "sdpa" else ())
+        self.check_loss_path(self.method.packing, attentions)
+        self.document_attention = attention_of(self.model) == DOCUMENT_ATTENTION
         self.reference = KTOReference(self)
 
     def setup_prepared_model(self) -> None:
@@ -191,14 +199,22 @@ class KTOTrainer(Trainer):
     def ref_model(self):
         return self.reference.model
 
-    def completion_logps(self, model, batch: dict, prefix: str = ""):
-        """(completion log-prob [B], completion tokens [B]) of the batch's examples (prefix "")
-        or KL rows ("kl_"); averaged over tokens with `method.average_log_probs`."""
-        sums, counts = completion_logps(model, batch, prefix, self.method.loss_chunk_size,
-                                      select=not is_zero3(self.accelerator))
+    def completion_logps(self, model, batch: dict, prefix: str = "", router: bool = False):
+        """(completion log-prob [B], completion tokens [B], the MoE load-balancing loss or None)
+        of the batch's examples (prefix "") or KL rows ("kl_"); averaged over tokens with
+        `method.average_log_probs`. `router`: the load-balancing loss too, when the model has
+        one."""
+        path = self.loss_path
+        forward = path.router.forward_kwargs if router else {}
+        sums, counts, out = completion_logps(model, batch, prefix, self.method.loss_chunk_size,
+                                             select=not is_zero3(self.accelerator),
+                                             head=path.head, **forward)
+        aux = None
+        if forward:
+            aux = path.router.aux_loss(out, batch[prefix + "document_index"] >= 0)
         if self.method.average_log_probs:
-            return sums / counts.clamp(min=1).to(sums.dtype), counts
-        return sums, counts
+            return sums / counts.clamp(min=1).to(sums.dtype), counts, aux
+        return sums, counts, aux
 
     # ------------------------------------------------------------------ loss
 
@@ -227,7 +243,7 @@ class KTOTrainer(Trainer):
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         m = self.method
-        policy, tokens = self.completion_logps(model, batch)
+        policy, tokens, aux = self.completion_logps(model, batch, router=True)
         desirable = batch["is_desirable"]
         if "kl_logps" in batch:  # inside a training step: its reference point and counts
             kl_sum, kl_count, n, n_d = self.step_totals
@@ -247,6 +263,10 @@ class KTOTrainer(Trainer):
                                                          sft_weight=m.sft_weight).sum()
         n_d = batch["num_desirable"]
         n_u = batch["num_examples"] - n_d
+        figures = {}
+        if aux is not None:  # as SFT: each micro-batch weighted by its share (its examples)
+            loss_sum = loss_sum + self.loss_path.router.coef * batch["num_examples"] * aux
+            figures["aux_loss"] = (aux.detach() * batch["num_examples"], batch["num_examples"])
         logps = policy.detach()
         sums = torch.stack([rewards[desirable].sum(), rewards[~desirable].sum(),
                             logps[desirable].sum(), logps[~desirable].sum()]).tolist()  # one sync
@@ -258,7 +278,7 @@ class KTOTrainer(Trainer):
         }
         if m.loss_type == "kto":
             metrics["kl"] = (float(z), 1)
-        return loss_sum, metrics
+        return loss_sum, {**metrics, **figures}
 
     def _evaluation_terms(self, model, batch: dict):
         """Reference log-probs, z and the SFT scale of one evaluation batch (not in a step)."""
@@ -285,7 +305,7 @@ class KTOTrainer(Trainer):
             self.reference.sync()
         return out
 
-    def log(self, values: dict) -> None:
+    def log(self, values: dict) -> dict:
         # the margin of the window's means: mean chosen reward - mean rejected reward, when both
         # classes were measured
         for prefix in ("", "eval/"):
@@ -293,4 +313,4 @@ class KTOTrainer(Trainer):
             rejected = values.get(prefix + "rewards/rejected")
             if chosen is not None and rejected is not None:
                 values = {**values, prefix + "rewards/margins": chosen - rejected}
-        super().log(values)
+        return super().log(values)

@@ -16,6 +16,9 @@ class SFTConfig(MethodConfig):
     output_key: str = "completion"
     # For conversations: "assistant" (every assistant turn), "last_assistant", or "all" tokens.
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # A conversation whose last turn is not the assistant's (a user's question left unanswered):
+    # False trains it as it is and the data report counts it; True refuses it, naming it.
+    require_assistant_last: bool = False
     add_eos: bool = True
     packing: bool = True
     # An example longer than seq_length: "truncate" it, "drop" it, or "split" it (text only).

@@ -7,7 +7,7 @@ from trainer_lib.data.chat_template import RunTemplate
 from trainer_lib.data.recipe import DataRecipe
 from trainer_lib.data.tokenize import tokenize_pairs, tokenize_texts
 from trainer_lib.data.tokens import vocabulary_size
-from trainer_lib.errors import DataError
+from trainer_lib.errors import ChatError, DataError
 from trainer_lib.methods.sft.config import SFTConfig
 from trainer_lib.methods.sft.samples import (
     mixed_forms_message,
@@ -26,11 +26,13 @@ class SFTRecipe(DataRecipe):
         self.keys = (method.text_key, method.input_key, method.output_key)
         self.loss_on, self.add_eos, self.template = method.loss_on, method.add_eos, template
         self.vocab_size = vocabulary_size(tokenizer)
+        self.require_assistant_last = method.require_assistant_last
 
     def settings(self) -> dict:
         return {**super().settings(), "keys": self.keys, "loss_on": self.loss_on,
                 "add_eos": self.add_eos, "chat_template": [self.template.spec,
-                                                           self.template.template]}
+                                                           self.template.template],
+                "require_assistant_last": self.require_assistant_last}
 
     def form(self, sample, index: int) -> str:
         return sft_sample_form(sample, index, *self.keys)
@@ -39,8 +41,21 @@ class SFTRecipe(DataRecipe):
         return mixed_forms_message(index, form, first)
 
     def normalize(self, sample, index: int, form: str) -> list[dict]:
-        return [normalize_sft_sample(sample, index, form, *self.keys,
-                                     vocab_size=self.vocab_size)]
+        record = normalize_sft_sample(sample, index, form, *self.keys,
+                                      vocab_size=self.vocab_size)
+        if self.require_assistant_last and _last_turn_not_assistant(record):
+            role = record["messages"][-1]["role"]
+            raise ChatError(f"sample {index}: the conversation ends with a {role} turn, after "
+                            "the assistant's last, which trains nothing; end it with the "
+                            "assistant's answer or remove the trailing turns (or set "
+                            "method.require_assistant_last=false to train on it as it is)")
+        return [record]
+
+    def note(self, record: dict) -> str:
+        # with loss on every token the trailing turn trains like any other
+        if self.loss_on != "all" and _last_turn_not_assistant(record):
+            return "last_turn_not_assistant"
+        return ""
 
     def tokenize(self, records: list[dict], indices: list[int]) -> list:
         out: list = [None] * len(records)
@@ -73,6 +88,10 @@ class SFTRecipe(DataRecipe):
 
     def report_kind(self, record: dict) -> str:
         return record["kind"]
+
+
+def _last_turn_not_assistant(record: dict) -> bool:
+    return record["kind"] == "conversation" and record["messages"][-1]["role"] != "assistant"
 
 
 def tokenize_chat_record(tokenizer, record: dict, template: RunTemplate, loss_on: str,

@@ -1,5 +1,6 @@
 """SFT: next-token loss on the tokens `labels` marks, over packed rows (default) or
-length-grouped padded batches.
+length-grouped padded batches (`method.packing=false`, or a model whose packed rows would not
+keep documents apart: the load-time check says so), plus a MoE model's load-balancing loss.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from trainer_lib.data.streaming import StreamItems, StreamLoader
 from trainer_lib.errors import DataError
 from trainer_lib.methods.sft.config import SFTConfig
 from trainer_lib.methods.sft.recipe import SFTRecipe
-from trainer_lib.ops.cross_entropy import causal_lm_token_nll
+from trainer_lib.model.probe import BOUNDARIES
+from trainer_lib.ops.cross_entropy import lm_token_nll, shifted
+from trainer_lib.ops.head import model_inputs
 from trainer_lib.registry import register_trainer
 from trainer_lib.runtime.deepspeed import is_zero3
 from trainer_lib.training.trainer import Trainer
@@ -49,10 +52,14 @@ class SFTTrainer(Trainer):
                                 name=data.stream.name)
             self.data_report = items.report
             self.train_examples = items.first
+            # packing is switched off on it if the model needs (the load-time check)
+            self.unpacked_items, self.unpacked_epochs = items, None
             return items, data.eval
         if not len(data.train):
-            raise DataError(f"no sample is left to train on: {data.report.summary()}")
+            raise DataError(data.report.too_few(1, t.seq_length))
         self.train_examples = data.train
+        # what trains if the model cannot be packed (the load-time check): the examples
+        self.unpacked_items, self.unpacked_epochs = data.train, None
         if data.mixture is not None:
             return self.arrange_mixture(data), data.eval
         if not self.method.packing:
@@ -73,9 +80,10 @@ class SFTTrainer(Trainer):
         """Each planned epoch's draw as items, one epoch after the other: its examples, or the
         packed rows of them (packed epoch by epoch, so an epoch's rows hold its examples)."""
         t, mixture = self.config.train, data.mixture
+        self.unpacked_items, self.unpacked_epochs = mixture_examples(data, t, self.accelerator)
         if not self.method.packing:
-            items, self.epoch_ranges = mixture_examples(data, t, self.accelerator)
-            return items
+            self.epoch_ranges = self.unpacked_epochs
+            return self.unpacked_items
         lengths = data.store.lengths()
 
         def pack(epoch: int):
@@ -102,7 +110,7 @@ class SFTTrainer(Trainer):
         batch_size = batch_size or self.config.train.batch_size
         if isinstance(items, StreamItems):
             return StreamLoader(items, batch_size, self.config.train.seq_length, self.collate)
-        if shuffle and not self.method.packing and self.method.group_by_length:
+        if shuffle and not self.packing and self.method.group_by_length:
             epochs = getattr(self, "epoch_ranges", None)
             sampler = (epochs.sampler(items.lengths(), self.config.train.batch_size) if epochs
                        else LengthGroupedSampler(items.lengths(), self.config.train.batch_size,
@@ -119,10 +127,38 @@ class SFTTrainer(Trainer):
         same_shape = is_zero3(self.accelerator)
         if isinstance(items[0], list):
             collator = PackedCollator(self.tokenizer.pad_token_id, seq_length,
-                                      pad_to_multiple_of=None if same_shape else 64)
-            return collator(items)
+                                      pad_to_multiple_of=None if same_shape else 64,
+                                      boundaries=self.packing == BOUNDARIES)
+            batch = collator(items)
+            path = getattr(self, "loss_path", None)
+            if path is not None and path.router.coef:  # the real tokens, for the MoE loss
+                filled = torch.tensor([sum(len(ex["input_ids"]) for ex in row) for row in items])
+                width = batch["input_ids"].shape[1]
+                batch["token_mask"] = (torch.arange(width)[None, :] < filled[:, None]).long()
+            return batch
         return padded_collate(items, self.tokenizer.pad_token_id,
                               width=seq_length if same_shape else None)
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def packing(self):
+        """How packed rows keep documents apart (`model.probe`), None for padded batches;
+        before the model is loaded, what the config asks for."""
+        path = getattr(self, "loss_path", None)
+        return path.packing if path is not None else self.method.packing
+
+    def setup_model(self) -> None:
+        """The load-time check; a model that cannot be packed exactly trains on padded,
+        length-grouped batches of the same examples."""
+        path = self.check_loss_path(self.method.packing)
+        if self.method.packing and path.packing is None:
+            items = self.unpacked_items
+            if isinstance(items, StreamItems):
+                items.packing = False
+            self.train_items = items
+            if self.unpacked_epochs is not None:  # a mixture's epochs, as examples
+                self.epoch_ranges = self.unpacked_epochs
 
     # ------------------------------------------------------------------ loss
 
@@ -130,5 +166,18 @@ class SFTTrainer(Trainer):
         return batch["num_loss_tokens"]
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        nll = causal_lm_token_nll(model, batch, self.method.loss_chunk_size)
-        return nll.sum(), {}
+        path = self.loss_path
+        nll, out = lm_token_nll(model, model_inputs(batch), shifted(batch["labels"]), path.head,
+                                chunk_size=self.method.loss_chunk_size,
+                                **path.router.forward_kwargs)
+        loss = nll.sum()
+        if not path.router.coef:
+            return loss, {}
+        # the load-balancing loss of each micro-batch, weighted by its share of the step's
+        # tokens: the step adds coef x their token-weighted mean, on any split into
+        # micro-batches and processes
+        mask = batch.get("token_mask", batch.get("attention_mask"))
+        aux = path.router.aux_loss(out, mask)
+        weight = float(self.loss_weight(batch))
+        loss = loss + path.router.coef * weight * aux
+        return loss, {"aux_loss": (aux.detach() * weight, weight)}
