@@ -127,6 +127,10 @@ def test_accelerate_launch_matches_single_process(name, batch_size, grad_accum, 
     assert_each_sample_once(ranks)
     assert ranks[0]["distributed_type"].endswith("DEEPSPEED" if "zero" in name else "MULTI_CPU")
     assert_same_weights(load_state(out / "model"), load_state(single_runs / "full" / "model"))
+    # the logged loss is the step's mean over both processes' tokens, as one process logs it
+    single = json.loads((single_runs / "full" / "ids_rank0.json").read_text())
+    assert [h["loss"] for h in ranks[0]["log_history"] if "loss" in h] == pytest.approx(
+        [h["loss"] for h in single["log_history"] if "loss" in h], abs=1e-5)
 
 
 def test_fsdp2_matches_single_process_and_resumes_bit_exact(tiny_model_dir, single_runs,
