@@ -62,14 +62,16 @@ def feedback_rows(n_examples: int) -> list[dict]:
     return rows
 
 
-def write_workload(folder: Path, n_examples: int) -> tuple[Path, Path, int]:
+def write_workload(folder: Path, n_examples: int, **shape) -> tuple[Path, Path, int]:
+    """The model (`save_random_llama`'s shape unless `shape` says otherwise), the data, and the
+    tokens of its examples."""
     from trainer_lib.data.tokenize import tokenize_pair
     from trainer_lib.model.embedded import build_tokenizer
 
     rows = feedback_rows(n_examples)
     gsm, alpaca = instructions()  # the tokenizer learns from all of them: 8,192 tokens whatever n
     tok = build_tokenizer([" ".join(r.values()) for r in gsm + alpaca], vocab_size=VOCAB)
-    model_dir, n_params = save_random_llama(folder, tok)
+    model_dir, n_params = save_random_llama(folder, tok, **shape)
     data = folder / "data.jsonl"
     with open(data, "w") as f:
         for r in rows:
@@ -85,35 +87,42 @@ def write_workload(folder: Path, n_examples: int) -> tuple[Path, Path, int]:
 # ----------------------------------------------------------------------------- workers
 
 
-def run_trainer_lib(model_dir: str, data: str) -> None:
+def run_trainer_lib(model_dir: str, data: str, mixed_precision: str = "no",
+                    attention: str | None = None, batch_size: int = BATCH_SIZE,
+                    max_length: int = MAX_LENGTH) -> None:
+    """`attention` None: the default (SDPA, switched to per-document attention for packed rows)."""
     from trainer_lib import default_kto_config
     from trainer_lib.methods.kto.trainer import KTOTrainer
 
     config = default_kto_config().evolve(
-        model=dict(model_path=model_dir),
-        train=dict(seq_length=MAX_LENGTH, batch_size=BATCH_SIZE, epochs=1, total_steps=10**6,
+        model=dict(model_path=model_dir, attn_implementation=attention),
+        train=dict(seq_length=max_length, batch_size=batch_size, epochs=1, total_steps=10**6,
                    log_interval=10**6, eval_interval=10**6, checkpoint_interval=10**6,
-                   checkpoint_dir=tempfile.mkdtemp(), progress_bar=False),
+                   checkpoint_dir=tempfile.mkdtemp(), progress_bar=False,
+                   mixed_precision=mixed_precision),
         optimizer=dict(kwargs=dict(lr=1e-5)),
         method=dict(ref_model="precompute"),
     )
     KTOTrainer(config, samples=data).train()
 
 
-def run_trl(model_dir: str, data: str) -> None:
+def run_trl(model_dir: str, data: str, bf16: bool = False, attention: str | None = None,
+            liger: bool = False, batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH) -> None:
     import datasets
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, **({"attn_implementation": attention} if attention else {}))
     dataset = datasets.load_dataset("json", data_files=data, split="train")
-    args = KTOConfig(output_dir=tempfile.mkdtemp(), max_length=MAX_LENGTH,
-                     per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
-                     learning_rate=1e-5, precompute_ref_log_probs=True, bf16=False,
-                     gradient_checkpointing=False, logging_steps=10**6, save_strategy="no",
-                     report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-                     seed=1000)
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), max_length=max_length,
+                     per_device_train_batch_size=batch_size, num_train_epochs=1,
+                     learning_rate=1e-5, precompute_ref_log_probs=True, bf16=bf16,
+                     use_liger_kernel=liger, gradient_checkpointing=False, logging_steps=10**6,
+                     save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                     dataloader_num_workers=0, disable_tqdm=True, seed=1000)
     KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok).train()
 
 

@@ -49,7 +49,9 @@ SEQ_LENGTH, BATCH_SIZE = 512, 8
 # ----------------------------------------------------------------------------- workload
 
 
-def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[Path, Path]:
+def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path, seq_length: int = SEQ_LENGTH,
+                   **shape) -> tuple[Path, Path]:
+    """The model (`save_random_llama`'s shape unless `shape` says otherwise) and the data."""
     from transformers import AutoTokenizer
 
     from trainer_lib.methods.sft.samples import alpaca_prompt
@@ -57,7 +59,7 @@ def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model_dir, n_params = save_random_llama(folder, tok)
+    model_dir, n_params = save_random_llama(folder, tok, **shape)
     gsm, alpaca = instructions()
     n_alpaca = n_examples // 4  # the long tail comes from Alpaca
     rows = gsm[: n_examples - n_alpaca] + alpaca[:n_alpaca]
@@ -71,7 +73,7 @@ def write_workload(folder: Path, n_examples: int, tokenizer_dir: Path) -> tuple[
     lengths.sort()
     print(f"workload: {len(lengths)} examples, tokens per example mean "
           f"{statistics.mean(lengths):.0f}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
-          f"{sum(n > SEQ_LENGTH for n in lengths)} over {SEQ_LENGTH}; vocabulary {len(tok):,}; "
+          f"{sum(n > seq_length for n in lengths)} over {seq_length}; vocabulary {len(tok):,}; "
           f"{n_params:,} parameters", flush=True)
     return model_dir, data
 
@@ -104,15 +106,18 @@ def flops_per_token(config, avg_context: float) -> float:
     return 6 * matmul_params + 3 * attention
 
 
-def run_trainer_lib(model_dir: str, data: str) -> dict:
+def run_trainer_lib(model_dir: str, data: str, seq_length: int = SEQ_LENGTH,
+                    batch_size: int = BATCH_SIZE, mixed_precision: str = "no",
+                    attention: str = "sdpa") -> dict:
     from trainer_lib import default_sft_config
     from trainer_lib.methods.sft.trainer import SFTTrainer
 
     config = default_sft_config().evolve(
-        model=dict(model_path=model_dir, attn_implementation="sdpa"),
-        train=dict(seq_length=SEQ_LENGTH, batch_size=BATCH_SIZE, epochs=1, total_steps=10**6,
+        model=dict(model_path=model_dir, attn_implementation=attention),
+        train=dict(seq_length=seq_length, batch_size=batch_size, epochs=1, total_steps=10**6,
                    log_interval=10**6, eval_interval=10**6, checkpoint_interval=10**6,
-                   checkpoint_dir=tempfile.mkdtemp(), progress_bar=False),
+                   checkpoint_dir=tempfile.mkdtemp(), progress_bar=False,
+                   mixed_precision=mixed_precision),
         optimizer=dict(kwargs=dict(lr=1e-4)),
     )
     trainer = SFTTrainer(config, samples=data)
@@ -125,18 +130,22 @@ def run_trainer_lib(model_dir: str, data: str) -> dict:
                 tokens=trainer.data_report.num_tokens)
 
 
-def run_trl(model_dir: str, data: str, packing: bool) -> dict:
+def run_trl(model_dir: str, data: str, packing: bool, seq_length: int = SEQ_LENGTH,
+            batch_size: int = BATCH_SIZE, bf16: bool = False, attention: str = "sdpa",
+            liger: bool = False) -> dict:
     import datasets
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
     dataset = datasets.load_dataset("json", data_files=data, split="train")
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=SEQ_LENGTH,
-                     per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=seq_length,
+                     per_device_train_batch_size=batch_size, num_train_epochs=1,
                      learning_rate=1e-4, packing=packing, logging_steps=10**6,
-                     save_strategy="no", report_to=[], use_cpu=True,
+                     save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                     bf16=bf16, use_liger_kernel=liger,
                      dataloader_num_workers=0, disable_tqdm=True, seed=1000)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     counter = FeedCounter(model)

@@ -25,12 +25,14 @@ def instructions() -> tuple[list[dict], list[dict]]:
     return gsm, alpaca
 
 
-def llama_config(tokenizer, hidden: int = 256, layers: int = 4, intermediate: int = 704):
-    """A small Llama shape for `tokenizer` (4 heads, untied head, the tokenizer's special ids)."""
+def llama_config(tokenizer, hidden: int = 256, layers: int = 4, intermediate: int = 704,
+                 heads: int = 4):
+    """A Llama shape for `tokenizer` (untied head, the tokenizer's special ids); small unless
+    told otherwise."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=4,
+                       num_attention_heads=heads, num_key_value_heads=heads,
                        intermediate_size=intermediate, max_position_embeddings=2048,
                        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

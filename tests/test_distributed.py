@@ -1,4 +1,5 @@
-"""Several processes on CPU: DDP, DeepSpeed ZeRO-2/3, under `accelerate launch` and `deepspeed`.
+"""Several processes on CPU: DDP, DeepSpeed ZeRO-2/3 and FSDP2, under `accelerate launch`,
+`deepspeed` and `torchrun`.
 
 Each launched run must end where a single-process run with the same global batch ends (to float
 tolerance), every sample must be trained on exactly once per epoch, and the saved folder must load
@@ -51,6 +52,9 @@ def launch(launcher: str, model: str, out: Path, method: str = "sft", config_fil
                "--main_process_port", str(_free_port()), "--config_file", str(config_file), *args]
     elif launcher == "deepspeed":
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), *args]
     else:
         raise ValueError(launcher)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
@@ -123,6 +127,35 @@ def test_accelerate_launch_matches_single_process(name, batch_size, grad_accum, 
     assert_each_sample_once(ranks)
     assert ranks[0]["distributed_type"].endswith("DEEPSPEED" if "zero" in name else "MULTI_CPU")
     assert_same_weights(load_state(out / "model"), load_state(single_runs / "full" / "model"))
+    # the logged loss is the step's mean over both processes' tokens, as one process logs it
+    single = json.loads((single_runs / "full" / "ids_rank0.json").read_text())
+    assert [h["loss"] for h in ranks[0]["log_history"] if "loss" in h] == pytest.approx(
+        [h["loss"] for h in single["log_history"] if "loss" in h], abs=1e-5)
+
+
+def test_fsdp2_matches_single_process_and_resumes_bit_exact(tiny_model_dir, single_runs,
+                                                            tmp_path):
+    # the accelerate FSDP config shards with FSDP2 (over gloo here); a checkpoint of it resumed
+    # under torchrun with train.fsdp=true (the setting for scripts) ends at the same bits
+    first = launch("accelerate", tiny_model_dir, tmp_path / "fsdp2",
+                   config_file=REPO / "configs" / "accelerate" / "fsdp2.yaml",
+                   extra=["--override", "train.checkpoint_interval=1"])
+    ranks = read_ranks(first)
+    assert_each_sample_once(ranks)
+    assert ranks[0]["distributed_type"].endswith("FSDP") and ranks[0]["steps"] == 3
+    final = load_state(first / "model")  # an ordinary folder: AutoModelForCausalLM loads it
+    assert_same_weights(final, load_state(single_runs / "full" / "model"))
+    shards = sorted(p.name for p in (first / "ckpts" / "step_1" / "accelerate").rglob("*.distcp"))
+    assert len(shards) == 4  # the model's and the optimiser's states, one shard per process
+
+    resumed = launch("torchrun", tiny_model_dir, tmp_path / "resumed",
+                     extra=["--override", "train.fsdp=true", "--override",
+                            f"train.resume_from_checkpoint={first / 'ckpts' / 'step_1'}"])
+    ranks = read_ranks(resumed)
+    assert ranks[0]["distributed_type"].endswith("FSDP") and ranks[0]["steps"] == 3
+    assert [h["step"] for h in ranks[0]["log_history"] if "loss" in h] == [1, 2, 3]
+    again = load_state(resumed / "model")
+    assert all(torch.equal(again[k], final[k]) for k in final)
 
 
 def test_deepspeed_launcher_zero3_and_reference_model(tiny_model_dir, single_runs, tmp_path):
@@ -145,12 +178,14 @@ def test_deepspeed_launcher_zero3_and_reference_model(tiny_model_dir, single_run
         torch.testing.assert_close(ref["logits"], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_under_zero3_saves_the_trained_adapter(tiny_model_dir, single_runs, tmp_path):
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_lora_under_sharding_saves_the_trained_adapter(name, tiny_model_dir, single_runs,
+                                                       tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out = launch("accelerate", tiny_model_dir, tmp_path / "lora3",
-                 config_file=REPO / "configs" / "accelerate" / "zero3.yaml",
+    out = launch("accelerate", tiny_model_dir, tmp_path / name,
+                 config_file=REPO / "configs" / "accelerate" / f"{name}.yaml",
                  extra=["--peft", json.dumps(LORA)])
     assert_each_sample_once(read_ranks(out))
     adapter = load_file(out / "model" / "adapter_model.safetensors")
@@ -166,18 +201,74 @@ def test_lora_under_zero3_saves_the_trained_adapter(tiny_model_dir, single_runs,
     AutoModelForCausalLM.from_pretrained(out / "model")  # adapter folder finds its base
 
 
+@pytest.mark.parametrize("engine,caches", [("ddp", "node-local"), ("zero3", "shared")])
+def test_two_machines_end_at_one_process_weights(engine, caches, tiny_model_dir, single_runs,
+                                                 tmp_path):
+    # Two nodes of one process each, simulated on this machine (each process is its node's main
+    # process, with LOCAL_RANK 0 and a HOME of its own). Where the prepared data is cached is
+    # settled before the model or its engine exists, and the engine does not touch the cache, so
+    # the two axes are independent: two runs cover both cache layouts and both engines.
+    port, out = _free_port(), tmp_path / "out"
+    shared = tmp_path / "shared-cache"
+    args = [str(SCRIPT), "--model", tiny_model_dir, "--out", str(out), "--batch_size", "2",
+            "--num_samples", str(NUM_SAMPLES)]
+    if engine == "zero3":
+        args += ["--deepspeed_config", str(REPO / "configs" / "deepspeed" / "zero3.json")]
+    procs = []
+    for node in range(2):
+        home = tmp_path / f"home{node}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("TRAINER_LIB_DATA_CACHE", "TRAINER_LIB_CACHE")}
+        env.update(HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+                   TOKENIZERS_PARALLELISM="false",
+                   # DeepSpeed's compiled CPU op, built once for the whole test session
+                   TORCH_EXTENSIONS_DIR=os.environ.get(
+                       "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")))
+        if caches == "shared":
+            env["TRAINER_LIB_DATA_CACHE"] = str(shared)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+               str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), *args]
+        # to files: a pipe not read while waiting for the other node would stall this one
+        log = tmp_path / f"node{node}.log"
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
+                                           stderr=subprocess.STDOUT), log))
+    for node, (proc, log) in enumerate(procs):
+        proc.wait(timeout=300)
+        assert proc.returncode == 0, f"node {node} failed:\n{log.read_text()[-6000:]}"
+    ranks = read_ranks(out)
+    assert_each_sample_once(ranks)
+    assert ranks[0]["distributed_type"].endswith("DEEPSPEED" if engine == "zero3" else "MULTI_CPU")
+    assert_same_weights(load_state(out / "model"), load_state(single_runs / "full" / "model"))
+
+    def entries(root: Path) -> list[str]:
+        return sorted(p.name for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+
+    local = [entries(tmp_path / f"home{n}" / ".cache" / "trainer_lib" / "data") for n in range(2)]
+    if caches == "shared":  # both nodes prepared into one folder: one whole entry per key
+        assert local == [[], []]
+        assert entries(shared) and not any(n.startswith(".") for n in entries(shared))
+    else:  # each node prepared its own copy, in its own HOME
+        assert local[0] and local[0] == local[1]
+        assert not shared.exists()
+
+
 # ------------------------------------------------------------------ in one process
 
 
-def test_generation_and_metric_fn_under_zero3_match_one_process(tiny_model_dir, tmp_path):
-    # every process takes part in each generation under ZeRO-3; the metric is scored once and
-    # logged alike everywhere, with the figures one process gives
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_generation_and_metric_fn_under_sharding_match_one_process(name, tiny_model_dir,
+                                                                    tmp_path):
+    # every process takes part in each generation under ZeRO-3 and FSDP2; the metric is scored
+    # once and logged alike everywhere, with the figures one process gives
     extra = ["--metric", "--override", "train.eval_interval=2",
              "--override", "method.gen_kwargs.max_new_tokens=6"]
     _script_module().main(["--model", tiny_model_dir, "--out", str(tmp_path / "one"),
                            "--batch_size", "4", "--num_samples", str(NUM_SAMPLES), *extra])
     out = launch("accelerate", tiny_model_dir, tmp_path / "two",
-                 config_file=REPO / "configs" / "accelerate" / "zero3.yaml", extra=extra)
+                 config_file=REPO / "configs" / "accelerate" / f"{name}.yaml", extra=extra)
 
     def metrics(history):
         return [{k: v for k, v in h.items() if k.startswith("metrics/")} for h in history

@@ -243,6 +243,36 @@ def test_a_planted_pickle_in_any_file_a_resume_reads_is_refused_and_never_runs(
         assert not marker.exists(), name
 
 
+def test_a_planted_object_in_a_distributed_checkpoint_is_refused_and_never_runs(tmp_path):
+    # FSDP2's sharded states are torch distributed checkpoints: an index read with pickle and
+    # non-tensor entries read with torch.load(weights_only=False) by torch itself
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from trainer_lib.checkpointing.manifest import check_safe_to_load
+
+    marker = tmp_path / "code-ran"
+
+    def write(folder: Path, settings) -> Path:
+        with warnings.catch_warnings():  # one process, no process group: said and fine
+            warnings.simplefilter("ignore")
+            dcp.save({"weight": torch.ones(3), "settings": settings},
+                     storage_writer=dcp.FileSystemWriter(str(folder / "model")))
+        return folder
+
+    check_safe_to_load(write(tmp_path / "good", {"lr": 0.1, "betas": (0.9, 0.99)}))
+    bad = write(tmp_path / "entry", Plant(marker))
+    with pytest.raises(UnsafeCheckpointError, match=r"model/__0_0\.distcp .*posix\.mkdir"):
+        check_safe_to_load(bad)
+    index = write(tmp_path / "index", {"lr": 0.1}) / "model" / ".metadata"
+    index.write_bytes(pickle.dumps(Plant(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=r"model/\.metadata .*posix\.mkdir"):
+        check_safe_to_load(index.parents[1])
+    assert not marker.exists()
+
+
 def test_latest_refuses_an_unsafe_newest_checkpoint_rather_than_passing_over_it(
         ckpts, tiny_model_dir, tmp_path, no_model_load):
     torch.save({"state": Plant(tmp_path / "code-ran")}, ckpts / "step_4" / "scheduler.pt")

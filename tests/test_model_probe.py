@@ -113,7 +113,7 @@ def test_a_head_nobody_listed_trains_on_the_models_own_logits_exactly(tokenizer,
     notes = [line for line in said.splitlines() if "own logits" in line]
     assert len(notes) == 1 and "ScaledLogitsLlama" in notes[0], said
     assert trainer.loss_path.head.own_logits and trainer.loss_path.packing == POSITION_IDS
-    assert trainer.log_history[0]["loss"] == pytest_approx(float(expected))
+    assert trainer.log_history[0]["loss"] == pytest_approx(expected.item())
     trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     for name, value in stepped.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6, msg=name)

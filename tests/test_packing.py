@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 from plain import pack_dataset
@@ -216,3 +217,33 @@ def test_packing_the_lengths_column_gives_the_rows_of_plain_best_fit_decreasing(
         rows = [flat[offsets[b]:offsets[b + 1]].tolist() for b in range(len(offsets) - 1)]
         assert rows == _bfd_reference(lengths.tolist(), capacity)
         assert rows == best_fit_decreasing(lengths.tolist(), capacity)
+
+
+def test_the_collators_layout_answers_as_transformers_own_lookups():
+    """While a forward runs, transformers' packed-sequence and no-padding lookups answer from
+    the collator's host arrays; the answers equal what transformers works out on the device."""
+    from transformers import masking_utils
+
+    from trainer_lib.ops.documents import host_documents, host_padding, layout_known
+
+    packed = np.array([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 0]])
+    single = np.tile(np.arange(9), (2, 1))
+    for positions in (packed, single):
+        ids = torch.zeros(positions.shape, dtype=torch.long)
+        device_answer = masking_utils.find_packed_sequence_indices(torch.from_numpy(positions))
+        with layout_known({"input_ids": ids, **host_documents(positions)}):
+            host_answer = masking_utils.find_packed_sequence_indices(torch.from_numpy(positions))
+        if device_answer is None:
+            assert host_answer is None
+        else:
+            assert torch.equal(host_answer, device_answer)
+    for mask in (np.ones((2, 9), dtype=np.int64), np.array([[1] * 9, [1] * 6 + [0] * 3])):
+        ids = torch.zeros(mask.shape, dtype=torch.long)
+        args = (torch.from_numpy(mask).bool(), 9, 9, 0, 0)
+        device_answer = masking_utils._ignore_causal_mask_sdpa(*args)
+        with layout_known({"input_ids": ids, **host_padding(mask)}):
+            host_answer = masking_utils._ignore_causal_mask_sdpa(*args)
+        assert host_answer == device_answer == bool(mask.all())
+    # the stand-ins are in place, and defer to transformers for rows they were not told about
+    assert masking_utils.find_packed_sequence_indices.__module__ == "trainer_lib.ops.documents"
+    assert masking_utils.find_packed_sequence_indices(torch.from_numpy(single)) is None

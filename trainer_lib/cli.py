@@ -31,6 +31,7 @@ from trainer_lib.registry import (
     method_names,
 )
 from trainer_lib.runtime.deepspeed import zero_stage
+from trainer_lib.runtime.fsdp import is_fsdp
 from trainer_lib.training.preflight import check_writable
 
 EPILOG = """\
@@ -194,8 +195,9 @@ def _summary(history: list[dict], output: str, accelerator=None) -> str:
     parts = []
     if accelerator is not None and accelerator.num_processes > 1:
         stage = zero_stage(accelerator)
-        parts.append(f"{accelerator.num_processes} processes"
-                     + (f" (DeepSpeed ZeRO-{stage})" if stage else ""))
+        engine = (f" (DeepSpeed ZeRO-{stage})" if stage else
+                  " (FSDP2)" if is_fsdp(accelerator) else "")
+        parts.append(f"{accelerator.num_processes} processes{engine}")
     if len(losses) == 1:
         parts.append(f"loss {losses[0]['loss']:.4f} at step {losses[0]['step']}")
     elif losses:

@@ -86,6 +86,8 @@ def run_identity(trainer, model_config: Any) -> dict:
         "number of processes": trainer.accelerator.num_processes,
         "DeepSpeed ZeRO stage": zero_stage(trainer.accelerator)
         if trainer.accelerator.distributed_type.name == "DEEPSPEED" else None,
+        # FSDP2 checkpoints hold sharded weights and optimiser states that only FSDP2 reads
+        "FSDP": 2 if trainer.accelerator.distributed_type.name == "FSDP" else None,
         "model.peft_config": json.dumps(plain["model"]["peft_config"], sort_keys=True,
                                         default=str),
         "model.num_layers_unfrozen": cfg.model.num_layers_unfrozen,

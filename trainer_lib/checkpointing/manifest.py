@@ -3,7 +3,8 @@
 The manifest lists every file with its size and checksum and is written last. Checksums guard
 against damage, not against someone who can rewrite the manifest too, so every pickle a resume
 reads is first opened with `torch.load(weights_only=True)`: DeepSpeed itself loads its shards with
-`weights_only=False`, which would run whatever a planted pickle holds.
+`weights_only=False`, which would run whatever a planted pickle holds, and so does torch's
+distributed checkpoint (FSDP2's sharded states) with its `.metadata` and non-tensor entries.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from trainer_lib.errors import CheckpointError, UnsafeCheckpointError
 
 MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+DCP_METADATA = ".metadata"  # the index of a torch distributed checkpoint (a folder of .distcp)
 _CHUNK = 8 << 20
-# the files one process writes for itself, numbered by process: accelerate's RNG states and
-# DeepSpeed's ZeRO shards (data parallel only, so DeepSpeed's rank is the process's)
+# the files one process writes for itself, numbered by process: accelerate's RNG states,
+# DeepSpeed's ZeRO shards (data parallel only, so DeepSpeed's rank is the process's) and the
+# shards of torch's distributed checkpoint (FSDP2's sharded states: __<rank>_<n>.distcp)
 _PER_PROCESS = re.compile(r"(?:^|/)(?:random_states_(\d+)\.pkl"
-                          r"|(?:bf16_)?zero_pp_rank_(\d+)_[^/]*)$")
+                          r"|(?:bf16_)?zero_pp_rank_(\d+)_[^/]*|__(\d+)_\d+\.distcp)$")
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -50,7 +53,7 @@ def writer_of(name: str) -> int:
     """The process that writes a checkpoint file (a path relative to the checkpoint): the one its
     name numbers, else the main process."""
     found = _PER_PROCESS.search(name)
-    return int(found.group(1) or found.group(2)) if found else 0
+    return int(next(g for g in found.groups() if g is not None)) if found else 0
 
 
 def own_checksums(folder: Path, process_index: int) -> dict:
@@ -167,6 +170,8 @@ def check_safe_to_load(folder: Path) -> None:
                         "resume from a checkpoint you trust") from None
                 raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: "
                                       f"{str(e)[:200]})") from None
+        elif name == DCP_METADATA:
+            _check_distributed_checkpoint(path)
         elif name.endswith(".safetensors"):
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -178,6 +183,64 @@ def check_safe_to_load(folder: Path) -> None:
                 json.loads(path.read_text(encoding="utf-8"))
             except Exception:  # noqa: BLE001
                 raise CheckpointError(f"{path} is not valid JSON") from None
+
+
+# what the index of a torch distributed checkpoint legitimately holds
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+
+
+class _DCPIndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        known = (module, name) in _DCP_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not known:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def _check_distributed_checkpoint(index: Path) -> None:
+    """torch's distributed checkpoint reads its index with pickle and each non-tensor entry
+    (optimiser settings) with `torch.load(weights_only=False)`: the index is opened with only its
+    own classes allowed and every non-tensor entry with `weights_only=True`. Tensor entries are
+    read with `weights_only=True` by torch itself."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    def unsafe(path: Path, e: Exception) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            f"{path} holds objects that loading would have to run ({_unsupported(e)}), so it is "
+            "not loaded: trainer_lib writes only tensors and plain data there. Someone or "
+            "something changed the file; resume from a checkpoint you trust")
+
+    try:
+        with open(index, "rb") as f:
+            metadata = _DCPIndexUnpickler(f).load()
+        entries = [(key, info) for key, info in metadata.storage_data.items()
+                   if isinstance(metadata.state_dict_metadata.get(key.fqn),
+                                 BytesStorageMetadata)]
+    except pickle.UnpicklingError as e:
+        raise unsafe(index, e) from None
+    except Exception as e:  # noqa: BLE001 - damage
+        raise CheckpointError(f"{index} cannot be read ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    for _, info in entries:
+        shard = index.parent / info.relative_path
+        try:
+            with open(shard, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu",
+                           weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise unsafe(shard, e) from None
+        except Exception as e:  # noqa: BLE001 - damage
+            raise CheckpointError(f"{shard} cannot be read ({type(e).__name__}: "
+                                  f"{str(e)[:200]})") from None
 
 
 def _load_weights_only(path: Path) -> None:

@@ -30,7 +30,8 @@ from trainer_lib.errors import ConfigError, did_you_mean
 from trainer_lib.registry import method_config_class
 
 # Fields whose values are free-form dicts (their keys are not checked against a dataclass).
-_FREE_DICTS = {"kwargs", "gen_kwargs", "deepspeed_config", "peft_config", "tracker_kwargs"}
+_FREE_DICTS = {"kwargs", "gen_kwargs", "deepspeed_config", "fsdp", "peft_config",
+               "tracker_kwargs"}
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:

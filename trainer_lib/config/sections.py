@@ -131,6 +131,10 @@ class TrainConfig:
     run_name: Optional[str] = None
     tags: list = field(default_factory=list)
     deepspeed_config: Any = None  # a path to a DeepSpeed JSON, or a dict
+    # FSDP2 (torch's fully_shard) under a launcher: True, or a dict of accelerate's
+    # FullyShardedDataParallelPlugin settings (reshard_after_forward, cpu_offload, ...); an
+    # accelerate FSDP config (configs/accelerate/fsdp2.yaml) does the same without it
+    fsdp: Any = None
     progress_bar: bool = True
     # Steps whose loss or gradient norm is NaN/inf that may be skipped (not applied) in a run
     # before it stops; 0: stop at the first.
@@ -156,6 +160,12 @@ class TrainConfig:
             raise ConfigError("train.keep_last_n must be at least 1, or None to keep all")
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
             raise ConfigError("train.deepspeed_config must be a path to a JSON file or a dict")
+        if self.fsdp is not None and not isinstance(self.fsdp, (bool, dict)):
+            raise ConfigError("train.fsdp must be true, false, or a dict of FSDP2 settings "
+                              f"(e.g. {{reshard_after_forward: true}}); got {self.fsdp!r}")
+        if self.fsdp and self.deepspeed_config is not None:
+            raise ConfigError("train.fsdp and train.deepspeed_config both shard the model: "
+                              "set one")
         if self.early_stopping is not None:
             self.early_stopping.validate()
         tracker_names(self.tracker)

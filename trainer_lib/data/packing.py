@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX
+from trainer_lib.ops.documents import host_documents
 
 
 def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
@@ -95,6 +96,10 @@ class PackedCollator:
         self.boundaries = boundaries
 
     def __call__(self, rows: list[list[dict]]) -> dict:
+        return as_tensors(self.arrays(rows), self.boundaries)
+
+    def arrays(self, rows: list[list[dict]]) -> dict:
+        """The batch with numpy arrays in place of tensors."""
         if not rows or any(not row for row in rows):
             raise ValueError("PackedCollator needs a non-empty list of non-empty rows")
         row_lengths = [sum(len(ex["input_ids"]) for ex in row) for row in rows]
@@ -109,42 +114,47 @@ class PackedCollator:
             m = self.pad_to_multiple_of
             width = min(self.seq_length, -(-longest // m) * m)
 
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.empty((len(rows), width), dtype=torch.long)
+        # built in numpy and counted there: the counts are host arithmetic, never a read of a
+        # tensor (which the training step keeps to its two exchanges with the device)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.empty((len(rows), width), dtype=np.int64)
         for r, row in enumerate(rows):
             start = 0
             for ex in row:
                 _check_example(ex, None)
                 n = len(ex["input_ids"])
-                input_ids[r, start : start + n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-                labels[r, start : start + n] = torch.as_tensor(ex["labels"], dtype=torch.long)
+                input_ids[r, start : start + n] = ex["input_ids"]
+                labels[r, start : start + n] = ex["labels"]
                 labels[r, start] = IGNORE_INDEX  # the previous document must not predict it
-                position_ids[r, start : start + n] = torch.arange(n)
+                position_ids[r, start : start + n] = np.arange(n)
                 start += n
-            position_ids[r, start:] = torch.arange(width - start)  # the pad run: its own segment
-        batch = dict(
-            input_ids=input_ids,
-            labels=labels,
-            position_ids=position_ids,
-            num_tokens=sum(row_lengths),
-            num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
-        )
-        if self.boundaries:
-            batch.update(document_boundaries(position_ids))
-        return batch
+            position_ids[r, start:] = np.arange(width - start)  # the pad run: its own segment
+        return dict(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                    num_tokens=sum(row_lengths),
+                    num_loss_tokens=int(np.count_nonzero(labels != IGNORE_INDEX)))
 
 
-def document_boundaries(position_ids: torch.Tensor) -> dict:
+def as_tensors(arrays: dict, boundaries: bool) -> dict:
+    """A batch of numpy arrays as tensors, with its documents (`ops.documents`) and, when asked
+    for, the boundaries a model's kernels take, all worked out from the arrays on the host."""
+    batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+             for k, v in arrays.items()}
+    batch.update(host_documents(arrays["position_ids"]))
+    if boundaries:
+        batch.update(document_boundaries(arrays["position_ids"]))
+    return batch
+
+
+def document_boundaries(positions: np.ndarray) -> dict:
     """seq_idx, cu_seq_lens_q/k and max_length_q/k of packed rows, from their position ids
     (a document starts where they restart at 0)."""
-    starts = position_ids == 0
-    seq_idx = (starts.long().cumsum(-1) - 1).to(torch.int32)
-    flat = torch.nonzero(starts.flatten()).flatten()
-    cu = torch.cat([flat, torch.tensor([position_ids.numel()])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return dict(seq_idx=seq_idx, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
-                max_length_k=longest)
+    starts = positions == 0
+    seq_idx = (np.cumsum(starts, axis=-1) - 1).astype(np.int32)
+    cu = np.append(np.flatnonzero(starts), positions.size).astype(np.int32)
+    longest = int(np.diff(cu).max())
+    return dict(seq_idx=torch.from_numpy(seq_idx), cu_seq_lens_q=torch.from_numpy(cu),
+                cu_seq_lens_k=torch.from_numpy(cu), max_length_q=longest, max_length_k=longest)
 
 
 def _check_example(ex: dict, index: int | None) -> None:
@@ -174,10 +184,10 @@ def pack_documents(documents: list[dict], seq_length: int, pad_token_id: int,
     rows = best_fit_decreasing([len(d["input_ids"]) for d in documents], seq_length)
     if num_rows is not None and len(rows) > num_rows:
         raise ValueError(f"{len(documents)} documents need {len(rows)} rows, more than {num_rows}")
-    batch = PackedCollator(pad_token_id, seq_length, pad_to_multiple_of)(
+    batch = PackedCollator(pad_token_id, seq_length, pad_to_multiple_of).arrays(
         [[documents[i] for i in row] for row in rows])
     width = batch["input_ids"].shape[1]
-    index = torch.full((len(rows), width), -1, dtype=torch.long)
+    index = np.full((len(rows), width), -1, dtype=np.int64)
     for r, row in enumerate(rows):
         start = 0
         for i in row:  # PackedCollator lays each row's documents out in this order, from 0
@@ -187,12 +197,9 @@ def pack_documents(documents: list[dict], seq_length: int, pad_token_id: int,
     batch["document_index"] = index
     extra = (num_rows or len(rows)) - len(rows)
     if extra:  # whole rows of padding: pad tokens, no labels, positions 0, 1, ...
-        batch["input_ids"] = torch.cat([batch["input_ids"],
-                                        torch.full((extra, width), pad_token_id)])
-        batch["labels"] = torch.cat([batch["labels"], torch.full((extra, width), IGNORE_INDEX)])
-        batch["position_ids"] = torch.cat([batch["position_ids"],
-                                           torch.arange(width).expand(extra, width)])
-        batch["document_index"] = torch.cat([index, torch.full((extra, width), -1)])
-    if boundaries:
-        batch.update(document_boundaries(batch["position_ids"]))
-    return batch
+        for name, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX),
+                           ("document_index", -1)):
+            batch[name] = np.concatenate([batch[name], np.full((extra, width), fill)])
+        batch["position_ids"] = np.concatenate([batch["position_ids"],
+                                                np.broadcast_to(np.arange(width), (extra, width))])
+    return as_tensors(batch, boundaries)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX
+from trainer_lib.ops.documents import host_padding
 
 
 def length_grouped_order(lengths, batch_size: int, seed: int, mega_batch_mult: int = 50
@@ -73,19 +74,22 @@ def padded_collate(examples: list[dict], pad_token_id: int, width: int | None = 
                 "labels; they must be equal and non-zero"
             )
     width = width or max(len(ex["input_ids"]) for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    # built in numpy and counted there: the counts are plain host arithmetic, never a read of a
+    # tensor (which the training step keeps to its two exchanges with the device)
+    input_ids = np.full((len(examples), width), pad_token_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(examples), width), dtype=np.int64)
     for r, ex in enumerate(examples):
         n = len(ex["input_ids"])
-        input_ids[r, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-        labels[r, :n] = torch.as_tensor(ex["labels"], dtype=torch.long)
+        input_ids[r, :n] = ex["input_ids"]
+        labels[r, :n] = ex["labels"]
         attention_mask[r, :n] = 1
     labels[:, 0] = IGNORE_INDEX
     return dict(
-        input_ids=input_ids,
-        labels=labels,
-        attention_mask=attention_mask,
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        attention_mask=torch.from_numpy(attention_mask),
         num_tokens=int(attention_mask.sum()),
-        num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+        num_loss_tokens=int(np.count_nonzero(labels != IGNORE_INDEX)),
+        **host_padding(attention_mask),
     )

@@ -30,6 +30,7 @@ from trainer_lib.data.padding import padded_collate
 from trainer_lib.model.lora import is_peft_model
 from trainer_lib.ops.attention import DOCUMENT_ATTENTION
 from trainer_lib.ops.attention import register as register_document_attention
+from trainer_lib.ops.documents import run_model
 from trainer_lib.ops.head import Head, forward_to_head, model_inputs, unwrapped
 from trainer_lib.ops.router import RouterLoss, causal_lm
 
@@ -223,7 +224,7 @@ def _check_packing(model, path: LossPath, docs, pad_token_id, tolerance, name,
         collate = PackedCollator(pad_token_id, _ROW_WIDTH, None, boundaries=mode == BOUNDARIES)
         batch = _to(collate([[docs[i] for i in row] for row in _ROWS]), device)
         try:
-            logits = model(**model_inputs(batch), use_cache=False).logits
+            logits = run_model(model, model_inputs(batch), use_cache=False).logits
         except Exception as e:  # noqa: BLE001 - a path the model refuses is not taken
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         else:

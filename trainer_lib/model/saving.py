@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from torch.distributed.tensor import DTensor
+
 from trainer_lib.model.card import ModelCard, users_card, write_card
 from trainer_lib.model.dropout import dropout_as_configured
 from trainer_lib.model.lora import is_peft_model
@@ -39,7 +41,8 @@ def save_pretrained(accelerator, model, tokenizer, path: str | os.PathLike,
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     # gathers ZeRO-3 shards (needs stage3_gather_16bit_weights_on_model_save, which
-    # trainer_lib.distributed always sets); the unwrapped module alone would hold empty shards
+    # runtime/deepspeed.py always sets) and FSDP2 shards; the unwrapped module alone would hold
+    # empty shards or this process's part
     state_dict = accelerator.get_state_dict(model)
     with all_or_none(accelerator):  # the others wait here while the main process writes
         if accelerator.is_main_process:
@@ -106,7 +109,9 @@ def _merged_copy(peft_model, state_dict):
     """A plain model with the adapters merged, built apart from the (maybe sharded) live one."""
     import copy
 
-    sharded = any(hasattr(p, "ds_numel") for p in peft_model.parameters())
+    # ZeRO-3 (ds_numel) or FSDP2 (DTensor) shards: the live model holds only this process's part
+    sharded = any(hasattr(p, "ds_numel") or isinstance(p, DTensor)
+                  for p in peft_model.parameters())
     if not sharded:
         model = copy.deepcopy(peft_model)
     else:

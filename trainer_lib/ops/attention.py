@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer_lib.ops.documents import known
+
 DOCUMENT_ATTENTION = "sdpa_per_document"
 
 
@@ -81,9 +83,16 @@ def document_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
              or mask_function is None or q_length != kv_length or q_length < 2
              or q_offset != 0 or kv_offset != 0)
     if not plain:
-        ids = document_ids(mask_function, batch_size, q_length, device)
-        if bool((ids[:, -1] > 0).any()):
-            return ids
+        k = known(batch_size, q_length)
+        if k is not None:  # the collator's documents: nothing to read from the device
+            if k.packed:
+                ids = k.numbers.to(device)
+                ids._spans = k.spans
+                return ids
+        else:
+            ids = document_ids(mask_function, batch_size, q_length, device)
+            if bool((ids[:, -1] > 0).any()):
+                return ids
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                      q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                      attention_mask=attention_mask, local_size=local_size, use_vmap=use_vmap,

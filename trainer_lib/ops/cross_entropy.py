@@ -6,7 +6,8 @@ soft cap: `ops.head.Head`) is applied to each chunk. With a plain linear head, f
 computes the gradients of a uniform upstream gradient while each chunk's logits are at hand
 (SFT's mean), so the backward pass costs no second matmul over the vocabulary; a head whose
 weight exists only inside its forward (ZeRO-3, a PEFT wrapper) is recomputed chunk by chunk
-instead. A head marked `own_logits` takes the model's own logits, whole.
+instead. A head marked `own_logits` takes the model's own logits, whole. Under FSDP2 the head
+is whole from the model's forward to its backward and the plain path reads its weight.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from trainer_lib.ops.documents import run_model
 from trainer_lib.ops.head import Head, forward_to_head, model_inputs, unwrapped
 
 # the label of a position that carries no loss (the ignore_index of torch's cross-entropy)
@@ -71,15 +75,13 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         nll = hidden.new_zeros(n, dtype=torch.float32)
         lse = hidden.new_zeros(n, dtype=torch.float32)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        precompute = fused_grads and (need_h or need_w or need_b)
+        precompute = bool(fused_grads) and (need_h or need_w or need_b)
         grad_h = torch.zeros_like(hidden) if precompute and need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if precompute and need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if precompute and need_b else None
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
-            chunk_valid = valid[sl]
-            if not bool(chunk_valid.any()):
-                continue  # nothing to predict: nll and grads stay 0
+            chunk_valid = valid[sl]  # every chunk runs: skipping one would read it on the host
             h = hidden[sl]
             logits = _chunk_logits(h, w, b, head)
             chunk_lse = torch.logsumexp(logits, dim=-1)
@@ -90,7 +92,7 @@ class _ChunkedLinearNLL(torch.autograd.Function):
                 g = _grad_logits_(logits, chunk_lse, safe_targets[sl], chunk_valid.float(), head)
                 _accumulate(g, h, w, sl, grad_h, grad_w, grad_b)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.head = chunk_size, head
+        ctx.chunk_size, ctx.head, ctx.uniform = chunk_size, head, fused_grads == "uniform"
         ctx.precomputed = (grad_h, grad_w, grad_b) if precompute else None
         return nll
 
@@ -102,10 +104,19 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         grad_nll = torch.where(valid, grad_nll.float(), 0.0)
 
         if ctx.precomputed is not None:
-            g_valid = grad_nll[valid]
-            if g_valid.numel() == 0 or bool((g_valid == g_valid[0]).all()):
-                # Uniform upstream gradient: the forward's grads times that one number.
+            if ctx.uniform:
+                # the caller's loss is a plain sum of the result times one number: that number
+                # is the gradient at the first token that carries loss (0 when none does),
+                # found without reading anything on the host
+                first = valid.int().argmax().reshape(1)
+                scale = grad_nll.gather(0, first).reshape(())
+                uniform = True
+            else:
+                g_valid = grad_nll[valid]
+                uniform = g_valid.numel() == 0 or bool((g_valid == g_valid[0]).all())
                 scale = g_valid[0] if g_valid.numel() else grad_nll.new_zeros(())
+            if uniform:
+                # Uniform upstream gradient: the forward's grads times that one number.
                 grad_h, grad_w, grad_b = ctx.precomputed
                 ctx.precomputed = None
                 return (
@@ -125,8 +136,6 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             scale = grad_nll[sl]
-            if not bool((scale != 0).any()):
-                continue
             h = hidden[sl]
             logits = _chunk_logits(h, w, b, ctx.head)
             g = _grad_logits_(logits, lse[sl], safe_targets[sl], scale, ctx.head)
@@ -155,6 +164,15 @@ def _accumulate(g: Tensor, h: Tensor, w: Tensor, sl: slice, grad_h, grad_w, grad
 
 def _uses_recompute(lm_head: nn.Module) -> bool:
     weight = getattr(lm_head, "weight", None)
+    if isinstance(lm_head, FSDPModule):
+        # FSDP2 holds the head whole from the model's forward to its backward (accelerate does
+        # not reshard the final norm and head after forward): its weight is used directly, as
+        # calling the head module again here would free weights the backward still needs
+        if isinstance(weight, DTensor) or not isinstance(lm_head, nn.Linear):
+            raise RuntimeError(
+                "under FSDP2 the chunked loss needs the output head to be a plain linear layer "
+                "kept whole after the forward (accelerate's FSDP2 preparation does so)")
+        return False
     return type(lm_head) is not nn.Linear or weight is None or hasattr(weight, "ds_id")
 
 
@@ -173,7 +191,7 @@ def chunked_token_nll(
     chunk_size: int | None = None,
     head: Head | None = None,
     recompute: bool | None = None,
-    fused_grads: bool = True,
+    fused_grads: bool | str = True,
 ) -> Tensor:
     """Per-token NLL (float32 [N], exactly 0 where `targets == -100`) of
     `head.logits(lm_head(hidden))` (`head=None`: the plain logits).
@@ -182,7 +200,10 @@ def chunked_token_nll(
     (`auto_chunk_size`). `recompute=None` picks the checkpointed path for ZeRO-3
     or non-`nn.Linear` heads and the fused path otherwise. `fused_grads` (fused path only):
     precompute gradients in forward; leave on when the loss is a plain sum or mean of the
-    result, turn off when the caller weights tokens or sequences differently.
+    result, turn off when the caller weights tokens or sequences differently. With True the
+    backward checks that the upstream gradient is uniform (reading one value on the host) and
+    recomputes if it is not; "uniform" is the caller's promise that it is (SFT's sum), taken
+    without the check, so the pass never waits for the device.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
@@ -223,20 +244,21 @@ def shifted(labels: Tensor, fill: int = IGNORE_INDEX) -> Tensor:
 
 def lm_token_nll(model: nn.Module, inputs: dict, targets: Tensor, head: Head | None = None, *,
                  keep: Tensor | None = None, chunk_size: int | None = None,
-                 fused_grads: bool = True, **forward) -> tuple[Tensor, Any]:
+                 fused_grads: bool | str = True, **forward) -> tuple[Tensor, Any]:
     """(NLL of `targets[:, t]` predicted at position t, the model's output).
 
-    The NLL is float32, 0 where targets are -100: [B, T], or [K] at the positions the boolean
-    [B, T] `keep` selects (the head then runs there only). The model's own forward runs on
-    `inputs` (and `forward`, e.g. output_router_logits); the head is applied here in chunks
-    to its output layer's input, unless `head.own_logits` (`head=None`: `Head.of` the config).
+    The NLL is float32, 0 where targets are -100: [B, T], or [K] at the positions `keep` names
+    (a boolean [B, T] mask, or flat positions, int64 [K], which select without a read on the
+    host; the head then runs there only). The model's own forward runs on `inputs` (and
+    `forward`, e.g. output_router_logits); the head is applied here in chunks to its output
+    layer's input, unless `head.own_logits` (`head=None`: `Head.of` the config).
     """
     head = head or Head.of(unwrapped(model).config)
     if head.own_logits:
-        out = model(**inputs, use_cache=False, **forward)
+        out = run_model(model, inputs, use_cache=False, **forward)
         logits = out.logits
         if keep is not None:
-            logits, targets = logits[keep], targets[keep]
+            logits, targets = _select(logits, keep), _select(targets, keep)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                               reduction="none", ignore_index=IGNORE_INDEX)
         return nll.view(targets.shape), out
@@ -249,12 +271,20 @@ def lm_token_nll(model: nn.Module, inputs: dict, targets: Tensor, head: Head | N
             "on a model sharded as it loads (ZeRO-3 with zero3_init): load it unsharded")
     lm_head = unwrapped(model).get_output_embeddings()
     if keep is not None:
-        h, t = hidden[keep], targets[keep]
+        h, t = _select(hidden, keep), _select(targets, keep)
     else:
         h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     nll = chunked_token_nll(h, lm_head, t, chunk_size=chunk_size, head=head,
                             fused_grads=fused_grads)
     return nll.view(t.shape if keep is not None else targets.shape), out
+
+
+def _select(x: Tensor, keep: Tensor) -> Tensor:
+    """The positions of [B, T, ...] `x` that `keep` names: a boolean [B, T] mask, or flat
+    positions (int64 [K]), which select without reading anything on the host."""
+    if keep.dtype == torch.bool:
+        return x[keep]
+    return x.reshape(-1, *x.shape[2:]).index_select(0, keep)
 
 
 def causal_lm_token_nll(model: nn.Module, batch: dict, chunk_size: int | None = None,

@@ -17,9 +17,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from trainer_lib.ops.documents import DOCUMENT_KEYS, run_model
+
 # the keys of a batch that go to the model's forward: every batch has input_ids, a padded one an
 # attention_mask, a packed one position_ids; the boundary keys only packed rows whose model
-# needs them (`PackedCollator(boundaries=True)`)
+# needs them (`PackedCollator(boundaries=True)`); `model_inputs` adds the rows' layout as the
+# collator knows it (`ops.documents.DOCUMENT_KEYS`), which `run_model` hands to the forward
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
 BOUNDARY_KEYS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -76,7 +79,8 @@ class Head:
 def model_inputs(batch: dict, prefix: str = "") -> dict:
     """The forward's inputs from a batch (prefix "kl_" for KTO's KL rows)."""
     inputs = {k: batch.get(prefix + k) for k in FORWARD_KEYS}
-    inputs.update({k: batch[prefix + k] for k in BOUNDARY_KEYS if prefix + k in batch})
+    inputs.update({k: batch[prefix + k] for k in BOUNDARY_KEYS + DOCUMENT_KEYS
+                   if prefix + k in batch})
     return inputs
 
 
@@ -106,7 +110,7 @@ def forward_to_head(model, inputs: dict, keep_logits: bool = False, **forward) -
     # the head runs on
     handle = head.register_forward_pre_hook(take, prepend=True) if head is not None else None
     try:
-        out = model(**inputs, use_cache=False, **forward)
+        out = run_model(model, inputs, use_cache=False, **forward)
     finally:
         if handle is not None:
             handle.remove()

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 
 from trainer_lib.errors import ConfigError, did_you_mean
+from trainer_lib.runtime.fsdp import is_fsdp, shard_frozen_model
 from trainer_lib.runtime.processes import launched_world_size
 
 
@@ -304,14 +305,17 @@ def prepare_reference_model(accelerator: Accelerator, model: torch.nn.Module):
     """A frozen copy of the policy for methods that compare against a reference (KTO).
 
     Under DeepSpeed ZeRO-3 it becomes a DeepSpeed inference engine sharded like the policy (no
-    optimiser, so it costs 1/N of its weights per process); under ZeRO-1/2 and without DeepSpeed
-    it is put whole on the device, in the precision the policy computes in (DeepSpeed's half
+    optimiser, so it costs 1/N of its weights per process), under FSDP2 an FSDP2 module sharded
+    like the policy (a whole copy per process would undo what FSDP was chosen for); under ZeRO-1/2
+    and without either it is put whole on the device, in the precision the policy computes in (DeepSpeed's half
     precision weights, or accelerate's autocast around forward). Either way it is in eval mode
     with requires_grad False.
     """
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if is_fsdp(accelerator):  # computes in the policy's precision (the same FSDP2 settings)
+        return shard_frozen_model(accelerator, model)
     if not is_zero3(accelerator):
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         for kind, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):

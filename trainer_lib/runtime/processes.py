@@ -39,9 +39,32 @@ def align_micro_batches(accelerator: Accelerator, micro: list) -> list:
     return micro + [None] * (most - len(micro))
 
 
-def reduce_sum(accelerator: Accelerator, values: list[float] | torch.Tensor) -> torch.Tensor:
-    """Sums a small vector of numbers over all processes (one collective call)."""
-    t = torch.as_tensor(values, dtype=torch.float64, device=accelerator.device)
+def device_vector(values: list, device) -> torch.Tensor:
+    """A float64 vector on `device` of host numbers and 0-d tensors, in order, made without
+    reading anything back: the tensors stay where they are, the numbers go over in copies that
+    do not wait for the device's queue."""
+    pieces, numbers = [], []
+    for v in values:
+        if torch.is_tensor(v):
+            if numbers:
+                pieces.append(_to(torch.tensor(numbers, dtype=torch.float64), device))
+                numbers = []
+            pieces.append(v.detach().reshape(1).to(device=device, dtype=torch.float64))
+        else:
+            numbers.append(float(v))
+    if numbers or not pieces:
+        pieces.append(_to(torch.tensor(numbers, dtype=torch.float64), device))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
+
+
+def reduce_sum(accelerator: Accelerator, values: list | torch.Tensor) -> torch.Tensor:
+    """Sums a small vector of numbers (host numbers or 0-d tensors) over all processes (one
+    collective call); the result stays on the device, unread."""
+    t = values if torch.is_tensor(values) else device_vector(values, accelerator.device)
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t

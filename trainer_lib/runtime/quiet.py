@@ -15,6 +15,9 @@ _WARNINGS = (
                     r"_all_gather_base|_reduce_scatter_base)` is (deprecated|a private function)"),
     # peft reads transformers' deprecated attribute in every LoRA run
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # FSDP2 warns that a model output returned as a view must not be changed in place; the
+    # trainer never changes one (it reads the last hidden states and computes from them)
+    (UserWarning, r"^FSDP2-wrapped module \(\w+\) returned a view tensor\."),
 )
 _LOG_MESSAGES = {
     # said on every machine without a GPU, since accelerate imports DeepSpeed in every run

@@ -20,6 +20,7 @@ from trainer_lib.data.chat_template import render_generation_prompt
 from trainer_lib.errors import ConfigError, EvalPromptError, MetricFnError, did_you_mean
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX
 from trainer_lib.runtime.deepspeed import is_zero3
+from trainer_lib.runtime.fsdp import is_fsdp
 from trainer_lib.runtime.processes import on_main_process
 
 NUM_DEFAULT_PROMPTS = 8
@@ -250,7 +251,8 @@ def generate_outputs(accelerator, model, tokenizer, prompts: list[dict], batch_s
     unwrapped.eval()
     kwargs = dict(gen_kwargs)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if world > 1 and is_zero3(accelerator):
+    if world > 1 and (is_zero3(accelerator) or is_fsdp(accelerator)):
+        # sharded weights: every process takes part in every forward pass until all are done
         kwargs["synced_gpus"] = True
     results = []
     for b in range(n_calls):

@@ -14,31 +14,51 @@ from typing import Optional
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 
 from trainer_lib.errors import NonFiniteLossError
 
 
 def grad_norm_of(parameters) -> torch.Tensor:
     """The global L2 norm of the gradients (without clipping): under DDP every process holds the
-    same reduced gradients, so every process gets the same value."""
+    same reduced gradients, under FSDP2 its shard of them; every process gets the same value."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    # FSDP2: each process holds a shard of every gradient; the norm of the whole is reduced
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def apply_update(trainer, loss: float) -> dict:
-    """Applies the step's update unless its loss or gradient norm is not finite; steps the
-    schedule only when the update was applied. Returns {"applied", "grad_norm", "nonfinite"}
-    ("nonfinite": the step counts against `train.skip_nonfinite_steps`)."""
+def step_grad_norm(trainer) -> torch.Tensor | float | None:
+    """The step's gradient norm once its gradients are complete, clipped to
+    `train.max_grad_norm` when set: a 0-d tensor left on the device (the step reads it with its
+    other figures, in one transfer), or under DeepSpeed the engine's own value (it has already
+    decided whether to apply the update)."""
+    acc, model, t = trainer.accelerator, trainer.model, trainer.config.train
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm or 0.0)
+        return float(norm) if norm is not None else None
+    if t.max_grad_norm is not None:
+        norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    else:
+        acc.unscale_gradients()  # fp16: the norm of the true gradients
+        norm = grad_norm_of(model.parameters())
+    # FSDP2: the norm of the whole from each process's shard
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def apply_update(trainer, loss: float, norm: Optional[float]) -> dict:
+    """Applies the step's update unless its loss or gradient norm (`step_grad_norm`, read) is not
+    finite; steps the schedule only when the update was applied. Returns {"applied",
+    "grad_norm", "nonfinite"} ("nonfinite": the step counts against
+    `train.skip_nonfinite_steps`)."""
     acc, model, t = trainer.accelerator, trainer.model, trainer.config.train
     fp16 = t.mixed_precision == "fp16"
     if acc.distributed_type == DistributedType.DEEPSPEED:
         # the engine applied (or, on non-finite gradients, skipped) the update in the last
         # backward pass; its norm is the global one
         applied = model.was_step_applied()
-        norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm or 0.0)
-        norm = float(norm) if norm is not None else None
         if applied and not (math.isfinite(loss) and is_finite(norm)):
             raise NonFiniteLossError(
                 f"{describe_nonfinite({'loss': loss, 'grad_norm': norm})} at step "
@@ -51,12 +71,6 @@ def apply_update(trainer, loss: float) -> dict:
             # stepped, as torch checks before a scheduler step
             trainer.optimizer.step()
     else:
-        if t.max_grad_norm is not None:
-            norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        else:
-            acc.unscale_gradients()  # fp16: the norm of the true gradients
-            norm = grad_norm_of(model.parameters())
-        norm = float(norm)
         # with fp16 loss scaling an overflowing gradient under a finite loss is the scaler's
         # to skip; anything else non-finite is ours
         nonfinite = not math.isfinite(loss) or (not math.isfinite(norm) and not fp16)

@@ -36,9 +36,11 @@ from trainer_lib.model.card import ModelCard, describe_run, hub_datasets
 from trainer_lib.model.probe import LossPath, adopt, check_model, decision
 from trainer_lib.model.saving import save_pretrained
 from trainer_lib.runtime.accelerator import build_accelerator
+from trainer_lib.runtime.fsdp import check_sharded_model, is_fsdp
 from trainer_lib.runtime.processes import (
     align_micro_batches,
     batches_per_process,
+    device_vector,
     reduce_sum,
     shared_value,
 )
@@ -51,7 +53,7 @@ from trainer_lib.training.interrupts import (
     training_interrupted,
 )
 from trainer_lib.training.optim import build_optimizer, build_scheduler
-from trainer_lib.training.step import NonFiniteSteps, apply_update
+from trainer_lib.training.step import NonFiniteSteps, apply_update, step_grad_norm
 from trainer_lib.training.tracking import build_tracker, format_log_line, log_with, run_dir
 
 
@@ -95,6 +97,8 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(
             self.model, self.optimizer, loader
         )
+        if is_fsdp(self.accelerator):
+            check_sharded_model(self.model)
         self.setup_prepared_model()
         # stepped by hand once per optimiser step (accelerate would step it once per process)
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.total_steps)
@@ -157,8 +161,10 @@ class Trainer:
         """Called once per optimiser step, before any pass with gradients, with the step's
         micro-batches (a process short of data gets stand-ins marked `batch["padding"]`, which
         must count for nothing). A method's forward-only passes go here; the numbers it returns
-        (the same count on every process) are summed over processes in the step's one
-        all-reduce and left in `self.step_totals` for `compute_loss`."""
+        (the same count on every process; numbers or 0-d tensors) are summed over processes and
+        left in `self.step_totals`, a float64 tensor on the device, for `compute_loss`: use it in
+        tensor arithmetic, since reading it on the host would make the step wait for the
+        device."""
         return []
 
     def eval_items_per_batch(self) -> int:
@@ -194,7 +200,9 @@ class Trainer:
                           collate_fn=self.collate, generator=generator)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v
+        # copies that do not wait for the device's queue (a batch's tensors are fresh host
+        # memory that nothing writes to afterwards)
+        return {k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
     # ------------------------------------------------------------------ the loop
@@ -353,19 +361,23 @@ class Trainer:
         quiet_interrupt_exit(stop)
 
     def training_step(self, micro: list[dict]) -> dict:
+        """One optimiser step over `micro`. Everything it measures stays on the device until
+        its end, where the figures, the stop flags and the gradient norm are summed over the
+        processes and read back in one transfer: the only time the host waits for the device
+        (with several processes, `align_micro_batches` waits once more)."""
         acc, model = self.accelerator, self.model
         start = time.perf_counter()
-        local_weight = sum(float(self.loss_weight(b)) for b in micro if b is not None)
+        local_weight = sum(self.loss_weight(b) for b in micro if b is not None)
         # a process short of data joins with a real batch of weight 0 (for the collectives),
         # marked so that a method leaves it out of its cross-process figures
         micro = [self._stand_in() if b is None else b for b in micro]
-        totals = reduce_sum(acc, [local_weight, *self.before_step(micro)]).tolist()
+        totals = reduce_sum(acc, [local_weight, *self.before_step(micro)])
         total_weight, self.step_totals = totals[0], totals[1:]
         # accelerate divides by gradient_accumulation_steps in backward and DDP averages over
         # processes; undo both so the gradient is that of sum(loss) / total_weight
-        scale = acc.num_processes * acc.gradient_accumulation_steps / max(total_weight, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, list[float]] = {}
+        scale = acc.num_processes * acc.gradient_accumulation_steps / total_weight.clamp(min=1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        metric_sums: dict[str, list] = {}
         num_tokens = 0
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
@@ -374,34 +386,43 @@ class Trainer:
             acc.gradient_state._set_sync_gradients(last)
             with nullcontext() if last else acc.no_sync(model):
                 batch_loss, metrics = self.compute_loss(model, self.to_device(batch))
-                acc.backward(batch_loss * (0.0 if padding else scale))
+                acc.backward(batch_loss * (0.0 if padding else scale.to(batch_loss.dtype)))
             for name, (s, c) in metrics.items():
                 # a padding batch adds nothing but its metric names: every process must reduce
-                # the same vector. A sum may be a tensor: read once, with the step's figures
+                # the same vector. A sum may be a tensor: it is read with the step's figures
                 acc_s = metric_sums.setdefault(name, [0.0, 0.0])
-                acc_s[0] += 0.0 if padding else s
-                acc_s[1] += 0.0 if padding else float(c)
+                acc_s[0] = acc_s[0] + (0.0 if padding else s)
+                acc_s[1] = acc_s[1] + (0.0 if padding else c)
             if padding:
                 continue
-            loss_sum += batch_loss.detach().double().cpu()
+            loss_sum = loss_sum + batch_loss.detach().double()
             num_tokens += int(batch.get("num_tokens", 0))
+        norm = step_grad_norm(self)
         names = sorted(metric_sums)
         # one all-reduce for the figures and for stopping (Ctrl-C, a callback's stop request or
         # error): every process stops after the same step
         interrupts = getattr(self, "_interrupts", None)
         stops = [bool(interrupts and interrupts.requested), self.callbacks.stop_reason is not None,
                  self.callbacks.error is not None]
-        flat = [float(loss_sum), float(num_tokens), *map(float, stops)]
-        flat += [float(v) for n in names for v in metric_sums[n]]
-        totals = reduce_sum(acc, flat).tolist()
-        loss = totals[0] / max(total_weight, 1)
-        lr = self.scheduler.get_last_lr()[0]
-        update = apply_update(self, loss)  # checked before it is applied
+        flat = [loss_sum, num_tokens, *stops]
+        flat += [v for n in names for v in metric_sums[n]]
+        # the step's total weight (summed already) and the norm are the same on every process:
+        # they ride along, not summed again
+        same = [total_weight] + ([norm] if torch.is_tensor(norm) else [])
+        figures = torch.cat([reduce_sum(acc, flat), device_vector(same, acc.device)])
+        totals = figures.tolist()  # the step's one read
+        loss_sum, num_tokens = totals[0], int(totals[1])
+        interrupted, stop_asked, failed = (v > 0 for v in totals[2:5])
         metrics = {n: (totals[5 + 2 * j], totals[6 + 2 * j]) for j, n in enumerate(names)}
-        stop = "error" if totals[4] > 0 else "request" if totals[3] > 0 else None
+        total_weight = totals[len(flat)]
+        norm = totals[-1] if torch.is_tensor(norm) else norm
+        loss = loss_sum / max(total_weight, 1)
+        lr = self.scheduler.get_last_lr()[0]
+        update = apply_update(self, loss, norm)  # checked before it is applied
+        stop = "error" if failed else "request" if stop_asked else None
         return {
-            "loss_sum": totals[0], "weight": total_weight, "loss": loss,
-            "num_tokens": int(totals[1]), "learning_rate": lr, "interrupted": totals[2] > 0,
+            "loss_sum": loss_sum, "weight": total_weight, "loss": loss,
+            "num_tokens": num_tokens, "learning_rate": lr, "interrupted": interrupted,
             "stop": stop, **update, "metrics": metrics, "seconds": time.perf_counter() - start,
         }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from trainer_lib.data.packing import pack_documents
 from trainer_lib.data.padding import padded_collate
 from trainer_lib.methods.kto.loss import document_logps
 from trainer_lib.ops.cross_entropy import IGNORE_INDEX, lm_token_nll, shifted
+from trainer_lib.ops.documents import FULL_ROWS
 from trainer_lib.ops.head import Head, model_inputs
 
 
@@ -34,11 +36,12 @@ def kto_batch(examples: list[dict], kl_rows: list[dict], *, pad_token_id: int, s
         else:
             padded = padded_collate(docs + [docs[0]] * ((num_rows or len(docs)) - len(docs)),
                                     pad_token_id, seq_length if num_rows else None)
-            rows = {k: padded[k] for k in ("input_ids", "labels", "attention_mask")}
+            rows = {k: padded[k] for k in ("input_ids", "labels", "attention_mask", FULL_ROWS)}
             rows["document_index"] = torch.where(
                 padded["attention_mask"].bool() & (torch.arange(len(rows["input_ids"]))[:, None]
                                                    < len(docs)),
                 torch.arange(len(rows["input_ids"]))[:, None], -1)
+        rows.update(kept_positions(rows["labels"], rows["document_index"]))
         batch.update({prefix + k: v for k, v in rows.items()})
     desirable = [bool(ex["label"]) for ex in examples]
     batch["is_desirable"] = torch.tensor(desirable, dtype=torch.bool)
@@ -46,6 +49,20 @@ def kto_batch(examples: list[dict], kl_rows: list[dict], *, pad_token_id: int, s
     batch["num_desirable"] = sum(desirable)
     batch["num_tokens"] = sum(len(ex["input_ids"]) for ex in examples)
     return batch
+
+
+def kept_positions(labels: torch.Tensor, document_index: torch.Tensor) -> dict:
+    """`keep_index` (the flat positions of [B, T] rows that predict a completion token) and
+    `keep_documents` (the document of each), worked out on the host where the batch is built,
+    so that selecting them on the device reads nothing back."""
+    labels, index = labels.numpy(), document_index.numpy()
+    targets = np.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    documents = np.full_like(index, -1)
+    documents[:, :-1] = index[:, 1:]
+    keep = np.flatnonzero((targets != IGNORE_INDEX) & (documents >= 0))
+    return {"keep_index": torch.from_numpy(keep),
+            "keep_documents": torch.from_numpy(documents.reshape(-1)[keep])}
 
 
 def completion_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None,
@@ -61,15 +78,15 @@ def completion_logps(model, batch: dict, prefix: str = "", chunk_size: int | Non
     often. Per-sequence weights make the upstream gradient non-uniform, so the chunked loss
     recomputes logits in backward instead of precomputing uniform gradients (`fused_grads`).
     """
-    labels, index = batch[prefix + "labels"], batch[prefix + "document_index"]
     # position t predicts labels[t + 1], a token of document index[t + 1]; a document's first
     # label is -100, so no position predicts across documents
-    targets, documents = shifted(labels), shifted(index, -1)
-    keep = (targets != IGNORE_INDEX) & (documents >= 0)
+    targets = shifted(batch[prefix + "labels"])
+    keep = batch[prefix + "keep_index"]  # flat positions, found on the host (kept_positions)
     nll, out = lm_token_nll(model, model_inputs(batch, prefix), targets, head,
                             keep=keep if select else None, chunk_size=chunk_size,
                             fused_grads=False, **forward)
     if not select:
-        nll = nll[keep]
-    sums, counts = document_logps(-nll, documents[keep], int(batch["num_examples"]))
+        nll = nll.reshape(-1).index_select(0, keep)
+    sums, counts = document_logps(-nll, batch[prefix + "keep_documents"],
+                                  int(batch["num_examples"]))
     return sums, counts, out

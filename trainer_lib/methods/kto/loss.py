@@ -208,7 +208,10 @@ def class_balance(
     return False, message, (suggested_d, undesirable_weight)
 
 
-def sft_scale(num_examples: float, num_desirable: float) -> float:
+def sft_scale(num_examples, num_desirable):
     """What the summed `kto_sft_losses` are multiplied by so that, divided by `num_examples` (the
-    loop's normalisation), they give their mean over the `num_desirable` desirable examples."""
+    loop's normalisation), they give their mean over the `num_desirable` desirable examples.
+    Numbers or tensors (a step's totals, on the device: worked out there, unread)."""
+    if torch.is_tensor(num_desirable):
+        return torch.where(num_desirable > 0, num_examples / num_desirable.clamp(min=1), 0.0)
     return num_examples / num_desirable if num_desirable > 0 else 0.0

@@ -15,11 +15,14 @@ import torch
 from trainer_lib.data.packing import document_boundaries
 from trainer_lib.data.store import Groups
 from trainer_lib.errors import ConfigError
+from trainer_lib.methods.kto.batches import kept_positions
 from trainer_lib.model.dropout import disable_dropout
 from trainer_lib.model.loading import adapter_base, load_model
 from trainer_lib.model.lora import is_peft_model
 from trainer_lib.model.probe import attention_of, switch_attention
+from trainer_lib.ops.documents import host_documents, host_padding
 from trainer_lib.runtime.deepspeed import is_zero3, prepare_reference_model
+from trainer_lib.runtime.fsdp import reshard
 
 REFERENCE_ADAPTER = "reference"
 
@@ -125,7 +128,10 @@ class KTOReference:
         if self.mode == "precompute":
             return batch["ref_logps"], batch.get("kl_ref_logps")
         with self._reference() as model:
-            return self._pass(model, batch)
+            result = self._pass(model, batch)
+            if self.mode == "copy":
+                reshard(model)  # FSDP2 keeps the head gathered until a backward that never comes
+            return result
 
     def _pass(self, model, batch: dict):
         ref = self.trainer.completion_logps(model, batch)[0]
@@ -189,7 +195,10 @@ class KTOReference:
     def sync(self) -> None:
         """ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter."""
         acc, alpha = self.trainer.accelerator, self.trainer.method.ref_model_mixup_alpha
-        policy = list(acc.unwrap_model(self.trainer.model).parameters())
+        policy_model = acc.unwrap_model(self.trainer.model)
+        for model in (policy_model, self.model):
+            reshard(model)  # FSDP2: both as shards, the same slice of each parameter here
+        policy = list(policy_model.parameters())
         ref = list(getattr(self.model, "module", self.model).parameters())
 
         def mix():
@@ -236,7 +245,13 @@ def concat_batches(batches: list[dict]) -> dict:
                 parts.setdefault(key, []).append(value)
             offset += b["num_examples"]
         out.update({prefix + k: torch.cat(v) for k, v in parts.items()})
-        if prefix + "seq_idx" in batches[0]:  # the boundaries of the stacked rows
-            out.update({prefix + k: v for k, v in
-                        document_boundaries(out[prefix + "position_ids"]).items()})
+        found = kept_positions(out[prefix + "labels"], out[prefix + "document_index"])
+        if prefix + "attention_mask" in out:  # padded rows: whether any has padding
+            found.update(host_padding(out[prefix + "attention_mask"].numpy()))
+        if prefix + "position_ids" in out:  # packed rows: their documents, from the host
+            positions = out[prefix + "position_ids"].numpy()
+            found.update(host_documents(positions))
+            if prefix + "seq_idx" in batches[0]:  # the boundaries of the stacked rows
+                found.update(document_boundaries(positions))
+        out.update({prefix + k: v for k, v in found.items()})
     return out

@@ -239,7 +239,7 @@ class KTOTrainer(Trainer):
                 pairs += len(batch["kl_logps"])
             examples += batch["num_examples"]
             desirable += batch["num_desirable"]
-        return [float(ratio_sum), pairs, examples, desirable]  # one device-to-host copy
+        return [ratio_sum, pairs, examples, desirable]  # the sum stays on the device
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         m = self.method
@@ -268,8 +268,9 @@ class KTOTrainer(Trainer):
             loss_sum = loss_sum + self.loss_path.router.coef * batch["num_examples"] * aux
             figures["aux_loss"] = (aux.detach() * batch["num_examples"], batch["num_examples"])
         logps = policy.detach()
-        sums = torch.stack([rewards[desirable].sum(), rewards[~desirable].sum(),
-                            logps[desirable].sum(), logps[~desirable].sum()]).tolist()  # one sync
+        # sums by class, left on the device (the step reads them with its other figures)
+        sums = [torch.where(desirable, rewards, 0.0).sum(), torch.where(desirable, 0.0, rewards).sum(),
+                torch.where(desirable, logps, 0.0).sum(), torch.where(desirable, 0.0, logps).sum()]
         metrics = {
             "rewards/chosen": (sums[0], n_d), "rewards/rejected": (sums[1], n_u),
             "logps/chosen": (sums[2], n_d), "logps/rejected": (sums[3], n_u),
@@ -277,7 +278,7 @@ class KTOTrainer(Trainer):
             "count/chosen": (n_d, 0), "count/rejected": (n_u, 0),
         }
         if m.loss_type == "kto":
-            metrics["kl"] = (float(z), 1)
+            metrics["kl"] = (z, 1)
         return loss_sum, {**metrics, **figures}
 
     def _evaluation_terms(self, model, batch: dict):

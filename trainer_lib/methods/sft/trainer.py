@@ -167,8 +167,9 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         path = self.loss_path
+        # the loss is the NLL's plain sum (times the step's scale): a uniform upstream gradient
         nll, out = lm_token_nll(model, model_inputs(batch), shifted(batch["labels"]), path.head,
-                                chunk_size=self.method.loss_chunk_size,
+                                chunk_size=self.method.loss_chunk_size, fused_grads="uniform",
                                 **path.router.forward_kwargs)
         loss = nll.sum()
         if not path.router.coef:
@@ -178,6 +179,6 @@ class SFTTrainer(Trainer):
         # micro-batches and processes
         mask = batch.get("token_mask", batch.get("attention_mask"))
         aux = path.router.aux_loss(out, mask)
-        weight = float(self.loss_weight(batch))
+        weight = self.loss_weight(batch)
         loss = loss + path.router.coef * weight * aux
         return loss, {"aux_loss": (aux.detach() * weight, weight)}
