@@ -1,6 +1,7 @@
 """The docs' code runs as written: every ```python block of README.md and docs/*.md, each in a
 fresh process in a temporary folder, on the embedded tiny model instead of the hub models the
-pages name.
+pages name. The processes are forked from one that has imported trainer_lib already
+(tests/scripts/warm_python.py), so the imports are paid once.
 
 Conventions the pages follow (HTML comments, invisible when rendered):
 - `<!-- file: NAME -->` before a block: the block is a file the page's other blocks use (a
@@ -18,6 +19,7 @@ name exists.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -119,8 +121,34 @@ def check_output(expected: str, printed: str) -> None:
         at += 1
 
 
+@pytest.fixture(scope="module")
+def python():
+    """Runs a script as `python SCRIPT` in a folder, with more environment: (returncode, stdout,
+    stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
+               os.pathsep)}
+    warm = subprocess.Popen([sys.executable, str(REPO / "tests" / "scripts" / "warm_python.py")],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(script: Path, cwd: Path, more_env: dict) -> tuple[int, str, str]:
+        out, err = cwd.parent / "stdout.txt", cwd.parent / "stderr.txt"
+        warm.stdin.write(json.dumps({"script": str(script), "cwd": str(cwd), "env": more_env,
+                                     "timeout": TIMEOUT, "stdout": str(out),
+                                     "stderr": str(err)}) + "\n")
+        warm.stdin.flush()
+        answer = warm.stdout.readline()
+        assert answer, "the process that runs the blocks has died"
+        return (json.loads(answer)["returncode"], out.read_text(encoding="utf-8", errors="replace"),
+                err.read_text(encoding="utf-8", errors="replace"))
+
+    yield run
+    warm.stdin.close()
+    warm.wait(timeout=30)
+
+
 @pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
-def test_block_runs(block: Block, model_dir, tmp_path):
+def test_block_runs(block: Block, model_dir, python, tmp_path):
     if "print(" in block.code:
         assert block.output is not None, (
             f"{block.id} prints, but the page does not show what (a ```text block right after it)")
@@ -131,17 +159,12 @@ def test_block_runs(block: Block, model_dir, tmp_path):
             (work / other.file).write_text(substitute(other.code, model_dir), encoding="utf-8")
     script = work / (block.file or "snippet.py")
     script.write_text(substitute(block.code, model_dir), encoding="utf-8")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRAINER_LIB_CACHE": str(tmp_path / "cache"),
-           "TRAINER_LIB_DATA_CACHE": str(tmp_path / "data-cache"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
-               os.pathsep)}
-    proc = subprocess.run([sys.executable, script.name], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, (f"{block.id} exited with {proc.returncode}\n"
-                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    returncode, stdout, stderr = python(script, work, {
+        "TRAINER_LIB_CACHE": str(tmp_path / "cache"),
+        "TRAINER_LIB_DATA_CACHE": str(tmp_path / "data-cache")})
+    assert returncode == 0, f"{block.id} exited with {returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     if block.output is not None:
-        check_output(block.output, proc.stdout)
+        check_output(block.output, stdout)
 
 
 def test_blocks_not_run_say_why():
