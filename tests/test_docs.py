@@ -162,7 +162,8 @@ def test_block_runs(block: Block, model_dir, python, tmp_path):
     returncode, stdout, stderr = python(script, work, {
         "TRAINER_LIB_CACHE": str(tmp_path / "cache"),
         "TRAINER_LIB_DATA_CACHE": str(tmp_path / "data-cache")})
-    assert returncode == 0, f"{block.id} exited with {returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert returncode == 0, (f"{block.id} exited with {returncode}\n"
+                             f"{stdout[-3000:]}\n{stderr[-3000:]}")
     if block.output is not None:
         check_output(block.output, stdout)
 
