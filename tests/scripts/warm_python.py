@@ -36,10 +36,12 @@ def _child(request: dict) -> int:
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, int) and stop.code is not None:
+    except SystemExit as stop:  # sys.exit(None | int | message), as the interpreter reads it
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
             print(stop.code, file=sys.stderr)
+            code = 1
     except BaseException:  # what the interpreter prints for an uncaught exception, and exit 1
         traceback.print_exc()
         code = 1
